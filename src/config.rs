@@ -1,0 +1,146 @@
+//! The options a layer is built with: which daemon is acceptable and how the route behaves.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Which executable an acceptable daemon runs.
+///
+/// ```
+/// use tower_local_daemon::IdentityPolicy;
+///
+/// assert_eq!(IdentityPolicy::default(), IdentityPolicy::SameExecutable);
+/// let separate = IdentityPolicy::Executable("/usr/libexec/heddle-daemon".into());
+/// # let _ = separate;
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub enum IdentityPolicy {
+    /// The daemon runs the same executable file (device and inode) as this process: the usual
+    /// case of a CLI whose `agent serve` verb is the daemon.
+    #[default]
+    SameExecutable,
+    /// The daemon runs this executable file, for tools whose daemon is a separate binary.
+    Executable(PathBuf),
+}
+
+/// Whether the layer uses a daemon.
+///
+/// ```
+/// use tower_local_daemon::Mode;
+///
+/// assert_eq!("require".parse::<Mode>(), Ok(Mode::Require));
+/// assert!("sometimes".parse::<Mode>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Use the daemon when it passes every check; otherwise run in-process.
+    #[default]
+    Auto,
+    /// Never look for a daemon; always run in-process.
+    Off,
+    /// Always use the daemon: a call waits for one up to the deadline and otherwise fails with
+    /// `UNAVAILABLE`, naming the reason. Nothing runs in-process.
+    Require,
+}
+
+/// A mode string that is none of `auto`, `off` and `require`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidMode(pub String);
+
+impl fmt::Display for InvalidMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid local daemon mode {:?}: expected auto, off or require", self.0)
+    }
+}
+
+impl std::error::Error for InvalidMode {}
+
+impl FromStr for Mode {
+    type Err = InvalidMode;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "auto" => Ok(Self::Auto),
+            "off" => Ok(Self::Off),
+            "require" => Ok(Self::Require),
+            other => Err(InvalidMode(other.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Off => "off",
+            Self::Require => "require",
+        })
+    }
+}
+
+/// The default environment variable that overrides the mode.
+pub const DEFAULT_MODE_ENV: &str = "HEDDLE_LOCAL_DAEMON";
+
+/// Where the environment override comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ModeOverride {
+    /// Read this environment variable when the layer builds a service.
+    Var(String),
+    /// A value given as if it were the variable's (tests inject it this way).
+    Value(Option<String>),
+}
+
+impl ModeOverride {
+    /// The mode after the override: the environment beats the builder, and an invalid value is
+    /// logged and ignored.
+    pub(crate) fn apply(&self, builder_mode: Mode) -> Mode {
+        let value = match self {
+            Self::Var(name) => std::env::var(name).ok(),
+            Self::Value(value) => value.clone(),
+        };
+        match value.as_deref().map(str::parse::<Mode>) {
+            None => builder_mode,
+            Some(Ok(mode)) => mode,
+            Some(Err(e)) => {
+                tracing::warn!(source = ?self, "{e}; using {builder_mode}");
+                builder_mode
+            }
+        }
+    }
+}
+
+/// Everything that decides whether a daemon is acceptable and how its route behaves. Two layers
+/// with equal settings for the same directory share one registry entry.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Settings {
+    pub(crate) socket_path: Option<PathBuf>,
+    pub(crate) pidfile_path: Option<PathBuf>,
+    pub(crate) identity: IdentityPolicy,
+    pub(crate) required_services: Vec<String>,
+    pub(crate) accept_unimplemented_health: bool,
+    pub(crate) required_version: Option<String>,
+    pub(crate) mode: Mode,
+    pub(crate) deadline: Duration,
+    pub(crate) reprobe_interval: Duration,
+    pub(crate) keepalive_interval: Duration,
+    pub(crate) keepalive_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            socket_path: None,
+            pidfile_path: None,
+            identity: IdentityPolicy::SameExecutable,
+            required_services: vec![String::new()],
+            accept_unimplemented_health: false,
+            required_version: None,
+            mode: Mode::Auto,
+            deadline: Duration::from_millis(500),
+            reprobe_interval: Duration::from_secs(1),
+            keepalive_interval: Duration::from_secs(1),
+            keepalive_timeout: Duration::from_secs(2),
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! [`LocalDaemonLayer`]: the builder of the options, and the tower [`Layer`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower::Layer;
+
+use crate::config::{IdentityPolicy, Mode, ModeOverride, Settings, DEFAULT_MODE_ENV};
+use crate::service::{LocalDaemon, Shared};
+
+/// Routes each call to a repository directory's local daemon when one passes every check, and to
+/// the wrapped in-process service otherwise.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower::ServiceBuilder;
+/// use tower_local_daemon::{LocalDaemonLayer, Mode};
+/// # #[derive(Clone)] struct FooServer;
+/// # impl tower::Service<http::Request<tonic::body::Body>> for FooServer {
+/// #     type Response = http::Response<tonic::body::Body>;
+/// #     type Error = std::convert::Infallible;
+/// #     type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+/// #     fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> { std::task::Poll::Ready(Ok(())) }
+/// #     fn call(&mut self, _: http::Request<tonic::body::Body>) -> Self::Future { unimplemented!() }
+/// # }
+///
+/// let svc = ServiceBuilder::new()
+///     .layer(
+///         LocalDaemonLayer::new("/repo/.heddle")
+///             .deadline(Duration::from_millis(250))
+///             .required_services(["foo.v1.Foo"])
+///             .mode(Mode::Auto),
+///     )
+///     .service(FooServer);
+/// # let _ = svc;
+/// ```
+#[derive(Debug, Clone)]
+pub struct LocalDaemonLayer {
+    dir: PathBuf,
+    settings: Settings,
+    mode_override: ModeOverride,
+}
+
+impl LocalDaemonLayer {
+    /// A layer for the daemon of `heddle_dir`, whose files are under `<heddle_dir>/sockets/`.
+    ///
+    /// The defaults: mode `auto`, overridden by `HEDDLE_LOCAL_DAEMON`; a daemon running our own
+    /// executable as our effective uid; 500 ms for connect plus handshake; `Health/Check` of `""`
+    /// must answer SERVING; a negative decision is re-probed after a second; HTTP/2 keepalive
+    /// pings every second, also while idle, with a 2 s timeout.
+    pub fn new(heddle_dir: impl AsRef<Path>) -> Self {
+        Self {
+            dir: heddle_dir.as_ref().to_owned(),
+            settings: Settings::default(),
+            mode_override: ModeOverride::Var(DEFAULT_MODE_ENV.to_owned()),
+        }
+    }
+
+    /// Uses this socket path instead of `<dir>/sockets/grpc.sock`.
+    pub fn socket_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.settings.socket_path = Some(path.into());
+        self
+    }
+
+    /// Reads this pidfile instead of `<dir>/sockets/grpc.pid`.
+    pub fn pidfile_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.settings.pidfile_path = Some(path.into());
+        self
+    }
+
+    /// The one deadline for connect, peer check and health handshake together (default 500 ms).
+    /// In [`Mode::Require`] it is also how long a call waits for a daemon.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.settings.deadline = deadline;
+        self
+    }
+
+    /// The service names whose `Health/Check` must answer SERVING (default: `""`, the whole
+    /// server).
+    pub fn required_services<I, N>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = N>,
+        N: Into<String>,
+    {
+        self.settings.required_services = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Accepts a daemon that has no health service (`UNIMPLEMENTED`), as real heddle 0.10
+    /// daemons have none. Off by default: such a daemon gives
+    /// [`FallbackReason::HealthUnimplemented`](crate::FallbackReason::HealthUnimplemented).
+    pub fn accept_unimplemented_health(mut self, accept: bool) -> Self {
+        self.settings.accept_unimplemented_health = accept;
+        self
+    }
+
+    /// Requires the daemon to report exactly this version in
+    /// [`VERSION_METADATA_KEY`](crate::VERSION_METADATA_KEY) (default: any version).
+    pub fn required_version(mut self, version: impl Into<String>) -> Self {
+        self.settings.required_version = Some(version.into());
+        self
+    }
+
+    /// Which executable an acceptable daemon runs (default: our own).
+    pub fn identity(mut self, identity: IdentityPolicy) -> Self {
+        self.settings.identity = identity;
+        self
+    }
+
+    /// The mode when the environment does not set one (default [`Mode::Auto`]).
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.settings.mode = mode;
+        self
+    }
+
+    /// Reads the mode override from this environment variable instead of
+    /// [`DEFAULT_MODE_ENV`](crate::DEFAULT_MODE_ENV). The environment beats
+    /// [`mode`](Self::mode); an invalid value is logged and ignored.
+    pub fn mode_env_var(mut self, name: impl Into<String>) -> Self {
+        self.mode_override = ModeOverride::Var(name.into());
+        self
+    }
+
+    /// Takes this value as the environment override's, without reading the environment: for
+    /// tests, which should not mutate a process environment that other threads read.
+    pub fn mode_env_value(mut self, value: Option<&str>) -> Self {
+        self.mode_override = ModeOverride::Value(value.map(str::to_owned));
+        self
+    }
+
+    /// How long a negative decision stands before a call triggers a re-probe (default 1 s). In
+    /// [`Mode::Auto`] the re-probe runs in the background: no call waits for it.
+    pub fn reprobe_interval(mut self, interval: Duration) -> Self {
+        self.settings.reprobe_interval = interval;
+        self
+    }
+
+    /// HTTP/2 keepalive on the daemon connection: a ping every `interval`, also while idle, and
+    /// the connection is given up when a ping is not answered within `timeout`; calls then go
+    /// in-process. The defaults (1 s and 2 s) notice a hung daemon within about three seconds.
+    pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.settings.keepalive_interval = interval;
+        self.settings.keepalive_timeout = timeout;
+        self
+    }
+}
+
+impl<S> Layer<S> for LocalDaemonLayer {
+    type Service = LocalDaemon<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        let mut settings = self.settings.clone();
+        settings.mode = self.mode_override.apply(settings.mode);
+        LocalDaemon::new(inner, Arc::new(Shared::new(self.dir.clone(), settings)))
+    }
+}

@@ -1,0 +1,265 @@
+//! Why the daemon route was not taken: one typed reason for every check that can reject.
+
+use std::fmt;
+use std::io;
+
+use crate::PidfileError;
+
+/// Why a directory's daemon is not used, and calls go to the in-process service.
+///
+/// Each check rejects with its own variant, so a caller, a test or a `status` verb can tell
+/// exactly which check failed. [`Display`](fmt::Display) says what happened;
+/// [`remedy`](Self::remedy) says what to do about it.
+///
+/// # Which reason gives which [`LocalDaemonStatus`](crate::LocalDaemonStatus)
+///
+/// | stage | reason | status from [`probe`](crate::probe) |
+/// |---|---|---|
+/// | pidfile | [`NoPidfile`](Self::NoPidfile) | `Absent` |
+/// | pidfile | [`MalformedPidfile`](Self::MalformedPidfile) | `Absent` |
+/// | pidfile | [`UnreadablePidfile`](Self::UnreadablePidfile) | `Absent` |
+/// | process | [`ProcessGone`](Self::ProcessGone) (ESRCH or a zombie) | `Stale` |
+/// | process | [`ProcessUnreadable`](Self::ProcessUnreadable) | `Stale` |
+/// | process | [`ForeignProcess`](Self::ForeignProcess) (another uid) | `Stale` |
+/// | process | [`ExecutableMismatch`](Self::ExecutableMismatch) | `Stale` |
+/// | process | [`ExecutableReplaced`](Self::ExecutableReplaced) | `Stale` |
+/// | process | [`PidReused`](Self::PidReused) | `Stale` |
+/// | socket | [`NoSocket`](Self::NoSocket) | `Stale` |
+/// | socket | [`NotASocket`](Self::NotASocket) (a symlink, a regular file, a directory) | `Stale` |
+/// | socket | [`ForeignSocket`](Self::ForeignSocket) (owned by another uid) | `Stale` |
+///
+/// The probe never returns the reasons of the later stages (connect, peer credentials,
+/// handshake, the route itself); those come from
+/// [`try_connect_local_daemon_channel`](crate::try_connect_local_daemon_channel) and the layer.
+///
+/// ```
+/// use tower_local_daemon::FallbackReason;
+///
+/// let reason = FallbackReason::NoPidfile;
+/// assert_eq!(reason.to_string(), "no pidfile: no daemon is running for this directory");
+/// assert!(reason.remedy().contains("start"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FallbackReason {
+    // Stage 1: the pidfile.
+    /// There is no pidfile.
+    NoPidfile,
+    /// The pidfile's bytes are not in the pidfile format.
+    MalformedPidfile(PidfileError),
+    /// The pidfile could not be read: not a regular file (a symlink, FIFO or directory), or an
+    /// I/O error such as permission denied.
+    UnreadablePidfile {
+        /// `None` when the path is not a regular file; else the I/O error's kind.
+        error: Option<io::ErrorKind>,
+    },
+
+    // Stage 1: the process the pidfile names.
+    /// The process is gone: no such process, or a zombie.
+    ProcessGone,
+    /// The process exists but its uid or executable could not be read.
+    ProcessUnreadable {
+        /// The I/O error's kind.
+        error: io::ErrorKind,
+    },
+    /// The process runs as another user.
+    ForeignProcess {
+        /// The process's effective uid.
+        uid: u32,
+    },
+    /// The process runs another executable than the one the identity policy expects.
+    ExecutableMismatch,
+    /// The process runs an executable that was deleted or replaced on disk after it started.
+    ExecutableReplaced,
+    /// The process started after the pidfile was written: the pid was reused.
+    PidReused {
+        /// The process's start, in Unix seconds.
+        process_started_at: u64,
+        /// The pidfile's start time, in Unix seconds.
+        pidfile_started_at: u64,
+    },
+
+    // Stage 1: the socket file.
+    /// There is no socket file.
+    NoSocket,
+    /// The socket path is not a socket: a symlink, a regular file or a directory.
+    NotASocket,
+    /// The socket file belongs to another user.
+    ForeignSocket {
+        /// The socket file's owner.
+        uid: u32,
+    },
+
+    // Stage 2: connect and peer credentials.
+    /// Nobody listens on the socket (ECONNREFUSED).
+    ConnectionRefused,
+    /// The daemon's listen backlog is full.
+    Busy,
+    /// Connecting failed with another I/O error.
+    ConnectFailed {
+        /// The I/O error's kind.
+        error: io::ErrorKind,
+    },
+    /// The process on the other end of the socket runs as another user.
+    PeerUidMismatch {
+        /// Our effective uid.
+        expected: u32,
+        /// The peer's uid, as the kernel reports it.
+        actual: u32,
+    },
+    /// The process on the other end of the socket is not the one the pidfile names.
+    PeerPidMismatch {
+        /// The pidfile's pid.
+        expected: u32,
+        /// The peer's pid, as the kernel reports it.
+        actual: Option<i32>,
+    },
+
+    // Stage 3: the handshake.
+    /// The HTTP/2 or gRPC handshake failed: the socket does not speak gRPC.
+    HandshakeFailed {
+        /// What the transport said.
+        message: String,
+    },
+    /// Connect plus handshake did not finish within the deadline.
+    DeadlineExceeded,
+    /// `Health/Check` answered NOT_SERVING (or SERVICE_UNKNOWN or UNKNOWN) for a required name.
+    NotServing {
+        /// The service name checked (`""` is the whole server).
+        service: String,
+    },
+    /// The daemon does not host a required service (`Health/Check` answered NOT_FOUND).
+    ServiceNotHosted {
+        /// The service name checked.
+        service: String,
+    },
+    /// The daemon has no health service (UNIMPLEMENTED) and the layer does not accept that.
+    HealthUnimplemented,
+    /// The daemon reports another version than the one required.
+    VersionMismatch {
+        /// The required version.
+        expected: String,
+        /// The daemon's version, if it reported one.
+        actual: Option<String>,
+    },
+
+    // After the handshake.
+    /// The connection to the daemon ended; calls go in-process until a re-probe succeeds.
+    ConnectionLost,
+    /// The mode is `off`.
+    Disabled,
+    /// The platform has no implementation of a check.
+    Unsupported,
+}
+
+impl FallbackReason {
+    /// What to do about it, in one sentence for a person.
+    pub fn remedy(&self) -> &'static str {
+        use FallbackReason::*;
+        match self {
+            NoPidfile => "start the daemon if you want calls to use it",
+            MalformedPidfile(_) | UnreadablePidfile { .. } => {
+                "the pidfile was not written by a daemon of this format; stop whatever wrote it and start the daemon again"
+            }
+            ProcessGone | PidReused { .. } => {
+                "a stale pidfile: the daemon exited without cleaning up; start the daemon again"
+            }
+            ProcessUnreadable { .. } => {
+                "the process's /proc entry cannot be read (hidepid?); run the client as the daemon's user"
+            }
+            ForeignProcess { .. } | ForeignSocket { .. } | PeerUidMismatch { .. } => {
+                "the daemon belongs to another user; run it as yourself, or run the client as its user"
+            }
+            ExecutableMismatch => {
+                "the pidfile names a process of another executable: a stale pidfile, or a daemon of another tool; start the daemon again, or configure the identity policy"
+            }
+            ExecutableReplaced => {
+                "the daemon runs an older build of this executable, replaced on disk; stop it and start it again"
+            }
+            NoSocket | NotASocket => {
+                "the socket is missing or not a socket; stop the daemon and start it again"
+            }
+            ConnectionRefused => "nobody listens on the socket; start the daemon again",
+            Busy => "the daemon is overloaded (its listen backlog is full); retry later",
+            ConnectFailed { .. } => "check the socket's permissions, then start the daemon again",
+            PeerPidMismatch { .. } => {
+                "another process owns the socket than the pidfile names; stop both and start the daemon again"
+            }
+            HandshakeFailed { .. } => {
+                "the socket does not speak gRPC; stop whatever listens on it and start the daemon again"
+            }
+            DeadlineExceeded => {
+                "the daemon is hung or overloaded; check it, or stop it and start it again"
+            }
+            NotServing { .. } => "the daemon is starting or stopping; retry in a moment",
+            ServiceNotHosted { .. } | HealthUnimplemented | VersionMismatch { .. } => {
+                "the daemon is an older or other build; stop it and start it from this build"
+            }
+            ConnectionLost => "the daemon went away; the next re-probe picks up a new one",
+            Disabled => "set the mode to auto (for example HEDDLE_LOCAL_DAEMON=auto) to use a daemon",
+            Unsupported => "this platform is not supported yet; calls run in-process",
+        }
+    }
+}
+
+impl fmt::Display for FallbackReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use FallbackReason::*;
+        match self {
+            NoPidfile => f.write_str("no pidfile: no daemon is running for this directory"),
+            MalformedPidfile(e) => write!(f, "malformed pidfile: {e}"),
+            UnreadablePidfile { error: None } => {
+                f.write_str("the pidfile is not a regular file (a symlink, FIFO or directory)")
+            }
+            UnreadablePidfile { error: Some(e) } => write!(f, "the pidfile cannot be read: {e}"),
+            ProcessGone => f.write_str("the pidfile names a process that is gone"),
+            ProcessUnreadable { error } => {
+                write!(f, "the pidfile's process cannot be inspected: {error}")
+            }
+            ForeignProcess { uid } => {
+                write!(f, "the pidfile names a process of another user (uid {uid})")
+            }
+            ExecutableMismatch => {
+                f.write_str("the pidfile names a process that runs another executable")
+            }
+            ExecutableReplaced => f.write_str(
+                "the daemon runs an executable that was replaced on disk after it started",
+            ),
+            PidReused {
+                process_started_at,
+                pidfile_started_at,
+            } => write!(
+                f,
+                "the pid was reused: its process started at {process_started_at}, after the pidfile's {pidfile_started_at}"
+            ),
+            NoSocket => f.write_str("no socket file"),
+            NotASocket => f.write_str("the socket path is not a socket"),
+            ForeignSocket { uid } => write!(f, "the socket belongs to another user (uid {uid})"),
+            ConnectionRefused => f.write_str("connection refused: nobody listens on the socket"),
+            Busy => f.write_str("the daemon's listen backlog is full"),
+            ConnectFailed { error } => write!(f, "connecting to the socket failed: {error}"),
+            PeerUidMismatch { expected, actual } => write!(
+                f,
+                "the socket's peer runs as uid {actual}, not {expected}"
+            ),
+            PeerPidMismatch { expected, actual } => match actual {
+                Some(actual) => write!(f, "the socket's peer is pid {actual}, not {expected}"),
+                None => write!(f, "the socket's peer pid is unknown, not {expected}"),
+            },
+            HandshakeFailed { message } => write!(f, "the gRPC handshake failed: {message}"),
+            DeadlineExceeded => f.write_str("connect and handshake exceeded the deadline"),
+            NotServing { service } => write!(f, "health of {service:?} is not SERVING"),
+            ServiceNotHosted { service } => write!(f, "the daemon does not host {service:?}"),
+            HealthUnimplemented => f.write_str("the daemon has no health service"),
+            VersionMismatch { expected, actual } => match actual {
+                Some(actual) => write!(f, "the daemon is version {actual}, not {expected}"),
+                None => write!(f, "the daemon reports no version; {expected} is required"),
+            },
+            ConnectionLost => f.write_str("the connection to the daemon ended"),
+            Disabled => f.write_str("the local daemon is disabled (mode off)"),
+            Unsupported => f.write_str("this platform has no implementation of the checks"),
+        }
+    }
+}
+
+impl std::error::Error for FallbackReason {}

@@ -1,0 +1,428 @@
+//! The process-wide cache of routes: one entry per directory and settings, shared by every
+//! service that wears a layer with those settings.
+//!
+//! An entry runs the checks once for all concurrent first calls (single flight), caches the
+//! decision, positive or negative, and changes it only when something happens: the daemon's
+//! connection ends, a re-probe finds a daemon, or the entry is reset. Every change bumps the
+//! entry's generation, which is the one thing a warm call reads.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use crate::config::{Mode, Settings};
+use crate::connect::{establish, ConnectionEnd, LocalDaemonChannel};
+use crate::paths::DirIdentity;
+use crate::probe::{probe_files, UdsTarget};
+use crate::{DaemonPaths, FallbackReason};
+
+type Key = (DirIdentity, Settings);
+
+fn entries() -> MutexGuard<'static, HashMap<Key, Arc<Entry>>> {
+    static ENTRIES: OnceLock<Mutex<HashMap<Key, Arc<Entry>>>> = OnceLock::new();
+    ENTRIES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// The entry for a directory and settings, created on first use.
+pub(crate) fn entry_for(dir: &Path, settings: &Settings) -> Arc<Entry> {
+    let key = (DirIdentity::of(dir), settings.clone());
+    entries()
+        .entry(key)
+        .or_insert_with(|| Arc::new(Entry::new(dir, settings.clone())))
+        .clone()
+}
+
+/// Resets every entry for this directory, whatever its settings: the next call probes again.
+///
+/// ```
+/// tower_local_daemon::reset("/no/such/repo/.heddle");
+/// ```
+pub fn reset(heddle_dir: impl AsRef<Path>) {
+    let identity = DirIdentity::of(heddle_dir.as_ref());
+    let matching: Vec<Arc<Entry>> = entries()
+        .iter()
+        .filter(|((id, _), _)| *id == identity)
+        .map(|(_, entry)| entry.clone())
+        .collect();
+    for entry in matching {
+        entry.reset();
+    }
+}
+
+/// What an entry decided: the daemon, or in-process with the reason.
+#[derive(Debug, Clone)]
+pub(crate) enum Decision {
+    Daemon {
+        channel: LocalDaemonChannel,
+        /// Tells this channel's connection-end signal apart from a later channel's.
+        id: u64,
+    },
+    InProcess(FallbackReason),
+}
+
+#[derive(Debug)]
+enum State {
+    Unprobed,
+    /// Callers wait for this detection's result.
+    Detecting { id: u64, waiters: Vec<Waker> },
+    /// `reprobe` is the id of a background re-probe in flight, which no caller waits for.
+    Decided { decision: Decision, reprobe: Option<u64> },
+}
+
+/// The diagnostic counters of one entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RouteStats {
+    /// How many times the checks ran (first detection and re-probes).
+    pub probes: u64,
+    /// How many channels passed every check.
+    pub channels_built: u64,
+    /// Calls sent to the daemon.
+    pub daemon_calls: u64,
+    /// Calls served in-process.
+    pub in_process_calls: u64,
+    /// Decisions to run in-process, per reason (a decision, not a call).
+    pub fallbacks: Vec<(FallbackReason, u64)>,
+    /// The current decision: the daemon's target, or the reason calls run in-process; `None`
+    /// before the first decision.
+    pub route: Option<Result<UdsTarget, FallbackReason>>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    probes: AtomicU64,
+    channels_built: AtomicU64,
+    daemon_calls: AtomicU64,
+    in_process_calls: AtomicU64,
+    fallbacks: Mutex<Vec<(FallbackReason, u64)>>,
+}
+
+/// One directory's route, shared process-wide.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    dir: PathBuf,
+    socket: PathBuf,
+    pidfile: PathBuf,
+    settings: Settings,
+    /// Bumped under `state`'s lock on every change of decision.
+    generation: AtomicU64,
+    /// Set by a timer once a negative decision is old enough to be checked again.
+    reprobe_due: AtomicBool,
+    next_id: AtomicU64,
+    state: Mutex<State>,
+    counters: Counters,
+}
+
+impl Entry {
+    fn new(dir: &Path, settings: Settings) -> Self {
+        let paths = DaemonPaths::new(dir);
+        Self {
+            dir: dir.to_owned(),
+            socket: settings.socket_path.clone().unwrap_or(paths.socket),
+            pidfile: settings.pidfile_path.clone().unwrap_or(paths.pidfile),
+            settings,
+            generation: AtomicU64::new(0),
+            reprobe_due: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+            state: Mutex::new(State::Unprobed),
+            counters: Counters::default(),
+        }
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn reprobe_due(&self) -> bool {
+        self.reprobe_due.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_daemon_call(&self) {
+        self.counters.daemon_calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_in_process_call(&self) {
+        self.counters.in_process_calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current decision and its generation, starting the checks where none is usable yet.
+    /// The slow path of every call: the warm path compares generations and never gets here.
+    pub(crate) fn poll_decision(self: &Arc<Self>, cx: &mut Context<'_>) -> Poll<(u64, Decision)> {
+        let mut state = self.lock();
+        match &mut *state {
+            State::Unprobed => {
+                if self.settings.mode == Mode::Auto {
+                    // The pidfile and process checks are cheap syscalls: run them here, so that
+                    // the common "no daemon" case decides without a task or a wake-up.
+                    match self.probe() {
+                        Ok(target) => self.start_detection(&mut state, target, cx),
+                        Err(reason) => {
+                            self.decide(&mut state, Decision::InProcess(reason));
+                        }
+                    }
+                } else {
+                    self.start_waited_detection(&mut state, cx);
+                }
+            }
+            State::Detecting { waiters, .. } => {
+                if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                    waiters.push(cx.waker().clone());
+                }
+            }
+            State::Decided {
+                decision: Decision::InProcess(_),
+                reprobe,
+            } if reprobe.is_none() && self.reprobe_due.swap(false, Ordering::AcqRel) => {
+                if self.settings.mode == Mode::Auto {
+                    let id = self.next_id();
+                    *reprobe = Some(id);
+                    self.spawn_detection(id, None);
+                } else {
+                    self.start_waited_detection(&mut state, cx);
+                }
+            }
+            State::Decided { .. } => {}
+        }
+        match &*state {
+            State::Decided { decision, .. } => Poll::Ready((self.generation(), decision.clone())),
+            _ => Poll::Pending,
+        }
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn probe(&self) -> Result<UdsTarget, FallbackReason> {
+        self.counters.probes.fetch_add(1, Ordering::Relaxed);
+        let probed = probe_files(&self.socket, &self.pidfile, &self.settings.identity);
+        match probed.status.reason() {
+            None => Ok(probed.target().expect("a running status has a target")),
+            Some(reason) => {
+                tracing::debug!(dir = %self.dir.display(), %reason, "local daemon probe");
+                Err(reason.clone())
+            }
+        }
+    }
+
+    fn start_detection(
+        self: &Arc<Self>,
+        state: &mut State,
+        target: UdsTarget,
+        cx: &mut Context<'_>,
+    ) {
+        let id = self.next_id();
+        *state = State::Detecting {
+            id,
+            waiters: vec![cx.waker().clone()],
+        };
+        self.spawn_detection(id, Some(target));
+    }
+
+    /// Detection that callers wait for, probing from the start (require mode, or a re-probe
+    /// there).
+    fn start_waited_detection(self: &Arc<Self>, state: &mut State, cx: &mut Context<'_>) {
+        let id = self.next_id();
+        *state = State::Detecting {
+            id,
+            waiters: vec![cx.waker().clone()],
+        };
+        self.spawn_detection(id, None);
+    }
+
+    /// Runs the checks on a task of their own, so that a caller that gives up does not cancel
+    /// the work every other waiter shares. `target` is given when the probe already ran.
+    fn spawn_detection(self: &Arc<Self>, id: u64, target: Option<UdsTarget>) {
+        let entry = self.clone();
+        let task = async move {
+            let decision = entry.detect(target).await;
+            let mut state = entry.lock();
+            let current = match &*state {
+                State::Detecting { id, .. } => Some(*id),
+                State::Decided { reprobe, .. } => *reprobe,
+                State::Unprobed => None,
+            };
+            if current == Some(id) {
+                entry.decide(&mut state, decision);
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(task);
+            }
+            Err(_) => {
+                let mut state = self.lock();
+                let reason = FallbackReason::HandshakeFailed {
+                    message: "no Tokio runtime to run the connection on".into(),
+                };
+                self.decide(&mut state, Decision::InProcess(reason));
+            }
+        }
+    }
+
+    /// The whole chain: probe (unless done), connect, peer check, channel, health. In require
+    /// mode it tries again until the deadline.
+    async fn detect(self: &Arc<Self>, mut target: Option<UdsTarget>) -> Decision {
+        let start = Instant::now();
+        loop {
+            let probed = match target.take() {
+                Some(target) => Ok(target),
+                None => self.probe(),
+            };
+            let probe_time = start.elapsed();
+            let result = match probed {
+                Ok(target) => {
+                    let id = self.next_id();
+                    let on_end = self.connection_end(id);
+                    let established = establish(target, &self.settings, on_end.clone()).await;
+                    tracing::debug!(
+                        dir = %self.dir.display(),
+                        outcome = ?established.result.as_ref().map(|c| c.target.pid),
+                        probe_us = probe_time.as_micros() as u64,
+                        connect_us = established.timings.connect.as_micros() as u64,
+                        handshake_us = established.timings.handshake.as_micros() as u64,
+                        "local daemon detection"
+                    );
+                    established.result.and_then(|channel| {
+                        if on_end.has_fired() {
+                            Err(FallbackReason::ConnectionLost)
+                        } else {
+                            Ok(Decision::Daemon { channel, id })
+                        }
+                    })
+                }
+                Err(reason) => Err(reason),
+            };
+            match result {
+                Ok(decision) => return decision,
+                Err(reason) => {
+                    let elapsed = start.elapsed();
+                    if self.settings.mode != Mode::Require || elapsed >= self.settings.deadline {
+                        return Decision::InProcess(reason);
+                    }
+                    let pause = Duration::from_millis(20).min(self.settings.deadline - elapsed);
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+    }
+
+    fn connection_end(self: &Arc<Self>, id: u64) -> ConnectionEnd {
+        let entry: Weak<Self> = Arc::downgrade(self);
+        ConnectionEnd::new(move || {
+            if let Some(entry) = entry.upgrade() {
+                entry.connection_lost(id);
+            }
+        })
+    }
+
+    /// The daemon connection `id` ended: calls go in-process from now on.
+    pub(crate) fn connection_lost(self: &Arc<Self>, id: u64) {
+        let mut state = self.lock();
+        if let State::Decided {
+            decision: Decision::Daemon { id: current, .. },
+            ..
+        } = &*state
+        {
+            if *current == id {
+                tracing::info!(dir = %self.dir.display(), "local daemon connection ended; calls run in-process");
+                self.decide(&mut state, Decision::InProcess(FallbackReason::ConnectionLost));
+            }
+        }
+    }
+
+    /// Installs a decision, wakes whoever waited, and schedules a re-probe if it is negative.
+    fn decide(self: &Arc<Self>, state: &mut State, decision: Decision) {
+        match &decision {
+            Decision::Daemon { .. } => {
+                self.counters.channels_built.fetch_add(1, Ordering::Relaxed);
+            }
+            Decision::InProcess(reason) => {
+                let mut fallbacks = self.counters.fallbacks.lock().unwrap();
+                match fallbacks.iter_mut().find(|(r, _)| r == reason) {
+                    Some((_, n)) => *n += 1,
+                    None => fallbacks.push((reason.clone(), 1)),
+                }
+                drop(fallbacks);
+                self.schedule_reprobe();
+            }
+        }
+        let previous = std::mem::replace(state, State::Decided { decision, reprobe: None });
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        if let State::Detecting { waiters, .. } = previous {
+            waiters.into_iter().for_each(Waker::wake);
+        }
+    }
+
+    fn schedule_reprobe(self: &Arc<Self>) {
+        self.reprobe_due.store(false, Ordering::Release);
+        // Sets the flag when the interval has passed, or when the timer's runtime goes away
+        // first, so that an entry never stays negative for good.
+        struct SetOnDrop(Weak<Entry>);
+        impl Drop for SetOnDrop {
+            fn drop(&mut self) {
+                if let Some(entry) = self.0.upgrade() {
+                    entry.reprobe_due.store(true, Ordering::Release);
+                }
+            }
+        }
+        let guard = SetOnDrop(Arc::downgrade(self));
+        let interval = self.settings.reprobe_interval;
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move {
+                    tokio::time::sleep(interval).await;
+                    drop(guard);
+                });
+            }
+            Err(_) => drop(guard),
+        }
+    }
+
+    /// Forgets the decision and the counters: the next call probes again.
+    pub(crate) fn reset(self: &Arc<Self>) {
+        let mut state = self.lock();
+        let previous = std::mem::replace(&mut *state, State::Unprobed);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        for counter in [
+            &self.counters.probes,
+            &self.counters.channels_built,
+            &self.counters.daemon_calls,
+            &self.counters.in_process_calls,
+        ] {
+            counter.store(0, Ordering::Relaxed);
+        }
+        self.counters.fallbacks.lock().unwrap().clear();
+        if let State::Detecting { waiters, .. } = previous {
+            waiters.into_iter().for_each(Waker::wake);
+        }
+    }
+
+    pub(crate) fn stats(&self) -> RouteStats {
+        let route = match &*self.lock() {
+            State::Decided { decision, .. } => Some(match decision {
+                Decision::Daemon { channel, .. } => Ok(channel.target.clone()),
+                Decision::InProcess(reason) => Err(reason.clone()),
+            }),
+            _ => None,
+        };
+        RouteStats {
+            probes: self.counters.probes.load(Ordering::Relaxed),
+            channels_built: self.counters.channels_built.load(Ordering::Relaxed),
+            daemon_calls: self.counters.daemon_calls.load(Ordering::Relaxed),
+            in_process_calls: self.counters.in_process_calls.load(Ordering::Relaxed),
+            fallbacks: self.counters.fallbacks.lock().unwrap().clone(),
+            route,
+        }
+    }
+}
