@@ -55,6 +55,7 @@
 
 mod config;
 mod connect;
+pub mod daemon;
 mod future;
 mod layer;
 mod paths;
@@ -67,6 +68,7 @@ mod registry;
 mod service;
 
 pub use config::{DEFAULT_MODE_ENV, IdentityPolicy, InvalidMode, Mode};
+pub use daemon::Daemon;
 pub use connect::{
     LocalDaemonChannel, VERSION_METADATA_KEY, connect_local_daemon_channel,
     detect_local_daemon_with_connect_probe, try_connect_local_daemon_channel,

@@ -30,12 +30,21 @@ fn entries() -> MutexGuard<'static, HashMap<Key, Arc<Entry>>> {
 }
 
 /// The entry for a directory and settings, created on first use.
+///
+/// An entry found under the same identity is reused only while the directory it was made for
+/// still has that identity: a deleted directory's inode can be reused by a new one.
 pub(crate) fn entry_for(dir: &Path, settings: &Settings) -> Arc<Entry> {
-    let key = (DirIdentity::of(dir), settings.clone());
-    entries()
-        .entry(key)
-        .or_insert_with(|| Arc::new(Entry::new(dir, settings.clone())))
-        .clone()
+    let identity = DirIdentity::of(dir);
+    let key = (identity.clone(), settings.clone());
+    let mut entries = entries();
+    if let Some(entry) = entries.get(&key) {
+        if entry.dir == dir || DirIdentity::of(&entry.dir) == identity {
+            return entry.clone();
+        }
+    }
+    let entry = Arc::new(Entry::new(dir, settings.clone()));
+    entries.insert(key, entry.clone());
+    entry
 }
 
 /// Resets every entry for this directory, whatever its settings: the next call probes again.

@@ -1,0 +1,317 @@
+//! The layer against a real daemon in another process, through a tonic-generated client.
+
+mod support;
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use support::*;
+use tower_local_daemon::{FallbackReason, Mode, Pidfile, Route};
+
+/// Not a test: the entry point of this binary when it is re-executed as a daemon.
+#[test]
+fn daemon_entry_point() {
+    run_daemon_if_asked();
+}
+
+fn served_by(response: &tonic::Response<EchoReply>) -> (&str, Option<Route>) {
+    (
+        response.get_ref().served_by.as_str(),
+        response.extensions().get::<Route>().copied(),
+    )
+}
+
+#[tokio::test]
+async fn running_daemon_serves_calls_and_in_process_does_not() {
+    let dir = TestDir::new("daemon-route");
+    let daemon = DaemonProcess::start(dir.path());
+    let svc = layered(test_layer(dir.path()));
+    let mut client = EchoClient::new(svc.clone());
+
+    for id in 0..3 {
+        let response = echo(&mut client, id).await.unwrap();
+        assert_eq!(
+            served_by(&response),
+            ("daemon", Some(Route::Daemon { pid: daemon.pid() }))
+        );
+        assert_eq!(response.get_ref().pid, daemon.pid());
+    }
+    let stats = svc.stats().unwrap();
+    assert_eq!((stats.daemon_calls, stats.in_process_calls), (3, 0));
+    assert_eq!((stats.probes, stats.channels_built), (1, 1));
+}
+
+#[tokio::test]
+async fn no_daemon_serves_in_process_with_no_pidfile_reason() {
+    let dir = TestDir::new("no-daemon");
+    let svc = layered(test_layer(dir.path()));
+    let mut client = EchoClient::new(svc.clone());
+
+    let response = echo(&mut client, 1).await.unwrap();
+    assert_eq!(served_by(&response), ("in-process", Some(Route::InProcess)));
+    let stats = svc.stats().unwrap();
+    assert_eq!(stats.route, Some(Err(FallbackReason::NoPidfile)));
+    assert_eq!(stats.fallbacks, vec![(FallbackReason::NoPidfile, 1)]);
+    assert_eq!(stats.in_process_calls, 1);
+}
+
+#[tokio::test]
+async fn stale_pidfile_of_an_exited_process_serves_in_process_as_process_gone() {
+    let dir = TestDir::new("stale");
+    let mut exited = std::process::Command::new("true").spawn().unwrap();
+    let pid = exited.id();
+    exited.wait().unwrap();
+    std::fs::create_dir_all(dir.sockets()).unwrap();
+    let pidfile = Pidfile {
+        pid,
+        started_at: 1,
+    };
+    std::fs::write(dir.sockets().join("grpc.pid"), pidfile.render()).unwrap();
+
+    let svc = layered(test_layer(dir.path()));
+    let response = echo(&mut EchoClient::new(svc.clone()), 1).await.unwrap();
+    assert_eq!(served_by(&response), ("in-process", Some(Route::InProcess)));
+    assert_eq!(svc.stats().unwrap().route, Some(Err(FallbackReason::ProcessGone)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_concurrent_first_calls_share_one_probe_and_one_channel() {
+    let dir = TestDir::new("single-flight");
+    let daemon = DaemonProcess::start(dir.path());
+    let svc = layered(test_layer(dir.path()));
+
+    let calls: Vec<_> = (0..100)
+        .map(|id| {
+            let mut client = EchoClient::new(svc.clone());
+            tokio::spawn(async move { echo(&mut client, id).await })
+        })
+        .collect();
+    for call in calls {
+        let response = call.await.unwrap().unwrap();
+        assert_eq!(response.get_ref().pid, daemon.pid());
+    }
+    let stats = svc.stats().unwrap();
+    assert_eq!((stats.probes, stats.channels_built), (1, 1));
+    assert_eq!(stats.daemon_calls, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_concurrent_first_calls_without_daemon_share_one_probe() {
+    let dir = TestDir::new("single-flight-absent");
+    let svc = layered(test_layer(dir.path()).reprobe_interval(Duration::from_secs(3600)));
+
+    let calls: Vec<_> = (0..100)
+        .map(|id| {
+            let mut client = EchoClient::new(svc.clone());
+            tokio::spawn(async move { echo(&mut client, id).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let stats = svc.stats().unwrap();
+    assert_eq!(stats.probes, 1);
+    assert_eq!(stats.in_process_calls, 100);
+}
+
+#[tokio::test]
+async fn two_spellings_of_one_directory_share_one_entry() {
+    let dir = TestDir::new("spellings");
+    let a = layered(test_layer(dir.path()));
+    let b = layered(test_layer(&dir.path().join(".")));
+    echo(&mut EchoClient::new(a.clone()), 1).await.unwrap();
+    echo(&mut EchoClient::new(b.clone()), 2).await.unwrap();
+    assert_eq!(a.stats().unwrap().probes, 1);
+    assert_eq!(a.stats(), b.stats());
+}
+
+#[tokio::test]
+async fn killed_daemon_sends_later_calls_in_process_without_hanging() {
+    let dir = TestDir::new("killed");
+    let daemon = DaemonProcess::start(dir.path());
+    let svc = layered(test_layer(dir.path()).reprobe_interval(Duration::from_secs(3600)));
+    let mut client = EchoClient::new(svc.clone());
+    assert_eq!(echo(&mut client, 1).await.unwrap().get_ref().served_by, "daemon");
+
+    daemon.kill_now();
+    wait_until_async("the route is invalidated", || async {
+        svc.stats().unwrap().route == Some(Err(FallbackReason::ConnectionLost))
+    })
+    .await;
+    for id in 2..6 {
+        let response = echo(&mut client, id).await.unwrap();
+        assert_eq!(served_by(&response), ("in-process", Some(Route::InProcess)));
+    }
+    let stats = svc.stats().unwrap();
+    assert_eq!((stats.daemon_calls, stats.in_process_calls), (1, 4));
+}
+
+#[tokio::test]
+async fn restarted_daemon_is_picked_up_after_the_reprobe_interval() {
+    let dir = TestDir::new("restarted");
+    let first = DaemonProcess::start(dir.path());
+    let svc = layered(test_layer(dir.path()));
+    let mut client = EchoClient::new(svc.clone());
+    assert_eq!(echo(&mut client, 1).await.unwrap().get_ref().pid, first.pid());
+
+    first.kill_now();
+    wait_until_async("the route is invalidated", || async {
+        svc.stats().unwrap().route == Some(Err(FallbackReason::ConnectionLost))
+    })
+    .await;
+    let second = DaemonProcess::start(dir.path());
+    let second_pid = second.pid();
+    let mut id = 10;
+    wait_until_async("calls reach the new daemon", || {
+        id += 1;
+        let mut client = client.clone();
+        async move { echo(&mut client, id).await.unwrap().get_ref().pid == second_pid }
+    })
+    .await;
+    assert_eq!(svc.stats().unwrap().channels_built, 2);
+}
+
+#[tokio::test]
+async fn stream_whose_daemon_dies_mid_body_ends_with_unavailable() {
+    let dir = TestDir::new("mid-stream");
+    let daemon = DaemonProcess::start(dir.path());
+    let svc = layered(test_layer(dir.path()));
+    let mut client = EchoClient::new(svc);
+
+    let request = CountRequest {
+        count: 1000,
+        interval_ms: 5,
+    };
+    let mut stream = client.count(request).await.unwrap().into_inner();
+    for _ in 0..2 {
+        let reply = stream.message().await.unwrap().unwrap();
+        assert_eq!(reply.served_by, "daemon");
+    }
+    daemon.kill_now();
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(20), stream.message())
+            .await
+            .expect("the stream hung")
+        {
+            Ok(Some(_)) => continue, // replies already in flight
+            Ok(None) => panic!("the stream ended cleanly although the daemon died"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+}
+
+#[tokio::test]
+async fn hung_daemon_is_noticed_by_keepalive_and_calls_go_in_process() {
+    let dir = TestDir::new("hung");
+    let daemon = DaemonProcess::start(dir.path());
+    let svc = layered(
+        test_layer(dir.path())
+            .reprobe_interval(Duration::from_secs(3600))
+            .keepalive(Duration::from_millis(200), Duration::from_millis(300)),
+    );
+    let mut client = EchoClient::new(svc.clone());
+    assert_eq!(echo(&mut client, 1).await.unwrap().get_ref().served_by, "daemon");
+
+    daemon.signal(Signal::SIGSTOP);
+    wait_until_async("keepalive gives the connection up", || async {
+        svc.stats().unwrap().route == Some(Err(FallbackReason::ConnectionLost))
+    })
+    .await;
+    let response = echo(&mut client, 2).await.unwrap();
+    assert_eq!(served_by(&response), ("in-process", Some(Route::InProcess)));
+}
+
+#[tokio::test]
+async fn require_mode_without_daemon_fails_with_unavailable_naming_the_reason() {
+    let dir = TestDir::new("require");
+    let svc = layered(
+        test_layer(dir.path())
+            .mode(Mode::Require)
+            .deadline(Duration::from_millis(100)),
+    );
+    let status = echo(&mut EchoClient::new(svc.clone()), 1).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(status.message().contains("no pidfile"), "{}", status.message());
+    assert_eq!(svc.stats().unwrap().in_process_calls, 0);
+}
+
+#[tokio::test]
+async fn require_mode_uses_a_running_daemon() {
+    let dir = TestDir::new("require-ok");
+    let daemon = DaemonProcess::start(dir.path());
+    let svc = layered(test_layer(dir.path()).mode(Mode::Require));
+    let response = echo(&mut EchoClient::new(svc), 1).await.unwrap();
+    assert_eq!(response.get_ref().pid, daemon.pid());
+}
+
+#[tokio::test]
+async fn environment_value_beats_the_builder_and_an_invalid_one_is_ignored() {
+    let dir = TestDir::new("env");
+    let daemon = DaemonProcess::start(dir.path());
+
+    let off = layered(test_layer(dir.path()).mode_env_value(Some("off")));
+    assert_eq!(off.mode(), Mode::Off);
+    let response = echo(&mut EchoClient::new(off.clone()), 1).await.unwrap();
+    assert_eq!(served_by(&response), ("in-process", Some(Route::InProcess)));
+    assert!(off.stats().is_none(), "mode off never touches the registry");
+
+    let invalid = layered(test_layer(dir.path()).mode_env_value(Some("sometimes")));
+    assert_eq!(invalid.mode(), Mode::Auto);
+    let response = echo(&mut EchoClient::new(invalid), 2).await.unwrap();
+    assert_eq!(response.get_ref().pid, daemon.pid());
+}
+
+#[tokio::test]
+async fn version_mismatch_is_refused_and_a_match_accepted() {
+    let dir = TestDir::new("version");
+    let options = DaemonOptions {
+        version: Some("1.0.0".into()),
+        ..Default::default()
+    };
+    let daemon = DaemonProcess::start_with(dir.path(), options);
+
+    let wrong = layered(test_layer(dir.path()).required_version("2.0.0"));
+    let response = echo(&mut EchoClient::new(wrong.clone()), 1).await.unwrap();
+    assert_eq!(response.get_ref().served_by, "in-process");
+    assert_eq!(
+        wrong.stats().unwrap().route,
+        Some(Err(FallbackReason::VersionMismatch {
+            expected: "2.0.0".into(),
+            actual: Some("1.0.0".into()),
+        }))
+    );
+
+    let right = layered(test_layer(dir.path()).required_version("1.0.0"));
+    let response = echo(&mut EchoClient::new(right), 2).await.unwrap();
+    assert_eq!(response.get_ref().pid, daemon.pid());
+}
+
+#[tokio::test]
+async fn required_service_the_daemon_does_not_host_is_refused() {
+    let dir = TestDir::new("not-hosted");
+    let _daemon = DaemonProcess::start(dir.path());
+    let svc = layered(test_layer(dir.path()).required_services(["echo.v1.Echo", "foo.v1.Foo"]));
+    let response = echo(&mut EchoClient::new(svc.clone()), 1).await.unwrap();
+    assert_eq!(response.get_ref().served_by, "in-process");
+    assert_eq!(
+        svc.stats().unwrap().route,
+        Some(Err(FallbackReason::ServiceNotHosted {
+            service: "foo.v1.Foo".into()
+        }))
+    );
+}
+
+#[tokio::test]
+async fn reset_forgets_the_decision_and_the_next_call_probes_again() {
+    let dir = TestDir::new("reset");
+    let svc = layered(test_layer(dir.path()).reprobe_interval(Duration::from_secs(3600)));
+    let mut client = EchoClient::new(svc.clone());
+    echo(&mut client, 1).await.unwrap();
+    let daemon = DaemonProcess::start(dir.path());
+    svc.reset();
+    assert_eq!(svc.stats().unwrap().probes, 0);
+    let response = echo(&mut client, 2).await.unwrap();
+    assert_eq!(response.get_ref().pid, daemon.pid());
+    assert_eq!(svc.stats().unwrap().probes, 1);
+}

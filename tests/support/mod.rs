@@ -1,0 +1,261 @@
+//! What the integration tests share: throwaway directories, a real daemon process (this test
+//! binary re-executed), a client over the layer, and bounded waits.
+#![allow(dead_code)]
+
+#[path = "../../examples/demo/echo.rs"]
+pub mod echo;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tower::ServiceBuilder;
+use tower_local_daemon::{Daemon, LocalDaemon, LocalDaemonLayer, LocalDaemonStatus, probe};
+
+pub use echo::echo_client::EchoClient;
+pub use echo::echo_server::EchoServer;
+pub use echo::{CountRequest, EchoReply, EchoRequest, EchoService};
+
+/// The environment variable that turns a re-executed test binary into a daemon.
+pub const DAEMON_DIR_ENV: &str = "TLD_TEST_DAEMON_DIR";
+pub const DAEMON_VERSION_ENV: &str = "TLD_TEST_DAEMON_VERSION";
+pub const DAEMON_LOG_ENV: &str = "TLD_TEST_DAEMON_LOG";
+pub const DAEMON_GRACE_MS_ENV: &str = "TLD_TEST_DAEMON_GRACE_MS";
+pub const DAEMON_IDLE_MS_ENV: &str = "TLD_TEST_DAEMON_IDLE_MS";
+/// The name of the `#[test]` that each test binary uses as its daemon entry point.
+pub const DAEMON_ENTRY: &str = "daemon_entry_point";
+
+/// Runs the daemon when this process was re-executed as one, and exits; otherwise returns.
+///
+/// Each test binary that spawns daemons has a `#[test] fn daemon_entry_point()` calling this.
+pub fn run_daemon_if_asked() {
+    let Ok(dir) = std::env::var(DAEMON_DIR_ENV) else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let result = runtime.block_on(async {
+        let mut service = EchoService::new("daemon");
+        if let Ok(log) = std::env::var(DAEMON_LOG_ENV) {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap();
+            service = service.with_log(file);
+        }
+        let mut daemon = Daemon::new(&dir).add_service(EchoServer::new(service));
+        if let Ok(version) = std::env::var(DAEMON_VERSION_ENV) {
+            daemon = daemon.version(version);
+        }
+        if let Some(ms) = env_ms(DAEMON_GRACE_MS_ENV) {
+            daemon = daemon.grace_period(ms);
+        }
+        if let Some(ms) = env_ms(DAEMON_IDLE_MS_ENV) {
+            daemon = daemon.idle_timeout(ms);
+        }
+        daemon.serve(std::future::pending()).await
+    });
+    match result {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("daemon error: {e}");
+            std::process::exit(3)
+        }
+    }
+}
+
+fn env_ms(name: &str) -> Option<Duration> {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+}
+
+/// A directory under the system temp dir, removed when dropped.
+pub struct TestDir(PathBuf);
+
+impl TestDir {
+    pub fn new(name: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "tld-{name}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn sockets(&self) -> PathBuf {
+        self.0.join("sockets")
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Options for a daemon process.
+#[derive(Default, Clone)]
+pub struct DaemonOptions {
+    pub version: Option<String>,
+    pub log: Option<PathBuf>,
+    pub grace: Option<Duration>,
+    pub idle: Option<Duration>,
+}
+
+/// A daemon in another process: this test binary, re-executed. Killed when dropped.
+pub struct DaemonProcess {
+    pub child: Child,
+    pub dir: PathBuf,
+}
+
+impl DaemonProcess {
+    /// Starts a daemon for `dir` and waits until the probe sees it running.
+    pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, DaemonOptions::default())
+    }
+
+    pub fn start_with(dir: &Path, options: DaemonOptions) -> Self {
+        let daemon = Self::spawn(dir, &options);
+        let pid = daemon.pid();
+        wait_until("the daemon writes its pidfile", || {
+            matches!(probe(dir).status, LocalDaemonStatus::Running { pid: p } if p == pid)
+        });
+        daemon
+    }
+
+    /// Starts a daemon process without waiting for it.
+    pub fn spawn(dir: &Path, options: &DaemonOptions) -> Self {
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        command
+            .args(["--exact", DAEMON_ENTRY, "--nocapture", "--test-threads=1"])
+            .env(DAEMON_DIR_ENV, dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(v) = &options.version {
+            command.env(DAEMON_VERSION_ENV, v);
+        }
+        if let Some(log) = &options.log {
+            command.env(DAEMON_LOG_ENV, log);
+        }
+        if let Some(grace) = options.grace {
+            command.env(DAEMON_GRACE_MS_ENV, grace.as_millis().to_string());
+        }
+        if let Some(idle) = options.idle {
+            command.env(DAEMON_IDLE_MS_ENV, idle.as_millis().to_string());
+        }
+        Self {
+            child: command.spawn().unwrap(),
+            dir: dir.to_owned(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid() as i32), signal).unwrap();
+    }
+
+    /// Waits (bounded) for the process to exit; returns its exit code and stderr.
+    pub fn wait_exit(mut self) -> (Option<i32>, String) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = self.child.stderr.take() {
+                    use std::io::Read;
+                    let _ = pipe.read_to_string(&mut stderr);
+                }
+                return (status.code(), stderr);
+            }
+            assert!(Instant::now() < deadline, "daemon did not exit within 20 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills the daemon with SIGKILL and reaps it.
+    pub fn kill_now(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.pid() as i32), Signal::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The layered service over the in-process echo service.
+pub type Layered = LocalDaemon<EchoServer<EchoService>>;
+
+/// A layer for `dir` that ignores the environment, with short intervals for tests.
+pub fn test_layer(dir: &Path) -> LocalDaemonLayer {
+    LocalDaemonLayer::new(dir)
+        .mode_env_value(None)
+        .deadline(Duration::from_secs(5))
+        .reprobe_interval(Duration::from_millis(100))
+}
+
+pub fn layered(layer: LocalDaemonLayer) -> Layered {
+    ServiceBuilder::new()
+        .layer(layer)
+        .service(EchoServer::new(EchoService::new("in-process")))
+}
+
+/// One unary call, bounded by a generous timeout so that a hang fails the test instead of
+/// blocking it.
+pub async fn echo(
+    client: &mut EchoClient<Layered>,
+    id: u64,
+) -> Result<tonic::Response<EchoReply>, tonic::Status> {
+    let request = EchoRequest {
+        message: format!("hello {id}"),
+        id,
+        delay_ms: 0,
+    };
+    tokio::time::timeout(Duration::from_secs(20), client.echo(request))
+        .await
+        .expect("a call hung for 20 s")
+}
+
+/// Polls `condition` every 10 ms for up to 20 s; panics naming `what` if it never holds.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// [`wait_until`] for async conditions.
+pub async fn wait_until_async<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
