@@ -25,6 +25,10 @@ pub const DAEMON_VERSION_ENV: &str = "TLD_TEST_DAEMON_VERSION";
 pub const DAEMON_LOG_ENV: &str = "TLD_TEST_DAEMON_LOG";
 pub const DAEMON_GRACE_MS_ENV: &str = "TLD_TEST_DAEMON_GRACE_MS";
 pub const DAEMON_IDLE_MS_ENV: &str = "TLD_TEST_DAEMON_IDLE_MS";
+pub const DAEMON_UMASK_ENV: &str = "TLD_TEST_DAEMON_UMASK";
+/// Turns a re-executed test binary into a client that connects to this socket, waits for the
+/// other end to close, and exits 0 (1 if it could not connect).
+pub const CONNECT_ENV: &str = "TLD_TEST_CONNECT";
 /// The name of the `#[test]` that each test binary uses as its daemon entry point.
 pub const DAEMON_ENTRY: &str = "daemon_entry_point";
 
@@ -32,9 +36,16 @@ pub const DAEMON_ENTRY: &str = "daemon_entry_point";
 ///
 /// Each test binary that spawns daemons has a `#[test] fn daemon_entry_point()` calling this.
 pub fn run_daemon_if_asked() {
+    if let Ok(socket) = std::env::var(CONNECT_ENV) {
+        connect_and_wait(Path::new(&socket));
+    }
     let Ok(dir) = std::env::var(DAEMON_DIR_ENV) else {
         return;
     };
+    if let Ok(mask) = std::env::var(DAEMON_UMASK_ENV) {
+        let mask = u32::from_str_radix(&mask, 8).unwrap();
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -67,6 +78,56 @@ pub fn run_daemon_if_asked() {
             eprintln!("daemon error: {e}");
             std::process::exit(3)
         }
+    }
+}
+
+fn connect_and_wait(socket: &Path) -> ! {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::os::unix::net::UnixStream::connect(socket) else {
+        std::process::exit(1)
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(20)));
+    let _ = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    let mut buf = [0u8; 64];
+    while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+    std::process::exit(0)
+}
+
+/// A copy of this test binary that the user `nobody` can run: `nobody` cannot enter root's
+/// 0700 directories, so the copy lives in a world-readable temp directory.
+pub struct NobodyBinary {
+    dir: TestDir,
+    path: PathBuf,
+}
+
+impl NobodyBinary {
+    /// Panics unless run as root: under CI these tests must run, not skip.
+    pub fn new() -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "tests that act as another user run as root (CI runs as root)"
+        );
+        let dir = TestDir::new("nobody-bin");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("test-binary");
+        std::fs::copy(std::env::current_exe().unwrap(), &path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Self { dir, path }
+    }
+
+    /// The command that runs the copy as `nobody`, at its daemon entry point.
+    pub fn command(&self) -> Command {
+        use std::os::unix::process::CommandExt;
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+        let mut command = Command::new(&self.path);
+        command
+            .args(["--exact", DAEMON_ENTRY, "--nocapture", "--test-threads=1"])
+            .uid(nobody.uid.as_raw())
+            .gid(nobody.gid.as_raw())
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null());
+        command
     }
 }
 
@@ -115,6 +176,8 @@ pub struct DaemonOptions {
     pub log: Option<PathBuf>,
     pub grace: Option<Duration>,
     pub idle: Option<Duration>,
+    /// The umask the daemon process sets before it starts, in octal.
+    pub umask: Option<u32>,
 }
 
 /// A daemon in another process: this test binary, re-executed. Killed when dropped.
@@ -155,6 +218,9 @@ impl DaemonProcess {
         }
         if let Some(grace) = options.grace {
             command.env(DAEMON_GRACE_MS_ENV, grace.as_millis().to_string());
+        }
+        if let Some(mask) = options.umask {
+            command.env(DAEMON_UMASK_ENV, format!("{mask:o}"));
         }
         if let Some(idle) = options.idle {
             command.env(DAEMON_IDLE_MS_ENV, idle.as_millis().to_string());

@@ -1,0 +1,313 @@
+//! The daemon side, with real processes: lock, files, modes, shutdown, peers, health, paths.
+
+mod support;
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use support::*;
+use tokio_stream::StreamExt;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tower_local_daemon::daemon::DaemonError;
+use tower_local_daemon::{
+    Daemon, FallbackReason, LocalDaemonStatus, Route, connect_local_daemon_channel, probe,
+};
+
+/// Not a test: the entry point of this binary when it is re-executed as a daemon or client.
+#[test]
+fn daemon_entry_point() {
+    run_daemon_if_asked();
+}
+
+fn mode_of(path: &std::path::Path) -> u32 {
+    std::fs::symlink_metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn listing(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn two_daemons_started_together_exactly_one_serves_and_the_loser_names_the_holder() {
+    let dir = TestDir::new("lock-race");
+    let a = DaemonProcess::spawn(dir.path(), &DaemonOptions::default());
+    let b = DaemonProcess::spawn(dir.path(), &DaemonOptions::default());
+    let (a_pid, b_pid) = (a.pid(), b.pid());
+    wait_until("one daemon serves", || {
+        matches!(probe(dir.path()).status, LocalDaemonStatus::Running { .. })
+    });
+    let LocalDaemonStatus::Running { pid: winner } = probe(dir.path()).status else {
+        unreachable!()
+    };
+    let (winner_process, loser) = if winner == a_pid { (a, b) } else { (b, a) };
+    assert!(winner == a_pid || winner == b_pid);
+    let (code, stderr) = loser.wait_exit();
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(
+        stderr.contains(&format!("pid {winner} holds the lock")),
+        "the loser's error names the holder: {stderr}"
+    );
+    // The winner is still the one serving.
+    assert_eq!(probe(dir.path()).status, LocalDaemonStatus::Running { pid: winner });
+    drop(winner_process);
+}
+
+#[test]
+fn sigterm_stops_the_daemon_and_leaves_no_files() {
+    let dir = TestDir::new("sigterm");
+    let daemon = DaemonProcess::start(dir.path());
+    assert_eq!(listing(&dir.sockets()), ["grpc.lock", "grpc.pid", "grpc.sock"]);
+    daemon.signal(Signal::SIGTERM);
+    let (code, stderr) = daemon.wait_exit();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(listing(&dir.sockets()).is_empty(), "{:?}", listing(&dir.sockets()));
+}
+
+#[test]
+fn crash_leftovers_read_as_stale_and_the_next_daemon_starts_and_serves() {
+    let dir = TestDir::new("crash");
+    let crashed = DaemonProcess::start(dir.path());
+    let crashed_pid = crashed.pid();
+    crashed.kill_now();
+    assert_eq!(
+        probe(dir.path()).status,
+        LocalDaemonStatus::Stale {
+            pid: crashed_pid,
+            reason: FallbackReason::ProcessGone
+        }
+    );
+    let next = DaemonProcess::start(dir.path());
+    assert_eq!(probe(dir.path()).status, LocalDaemonStatus::Running { pid: next.pid() });
+}
+
+#[test]
+fn socket_and_directory_modes_hold_under_a_zero_umask() {
+    let dir = TestDir::new("umask");
+    let options = DaemonOptions {
+        umask: Some(0),
+        ..Default::default()
+    };
+    let _daemon = DaemonProcess::start_with(dir.path(), options);
+    assert_eq!(mode_of(&dir.sockets()), 0o700);
+    assert_eq!(mode_of(&dir.sockets().join("grpc.sock")), 0o600);
+    assert_eq!(mode_of(&dir.sockets().join("grpc.pid")), 0o600);
+    assert_eq!(mode_of(&dir.sockets().join("grpc.lock")), 0o600);
+}
+
+#[tokio::test]
+async fn connection_from_another_uid_is_dropped_and_counted() {
+    let nobody = NobodyBinary::new();
+    let dir = TestDir::new("foreign-peer");
+    let daemon = InProcessDaemon::start(dir.path(), Duration::from_secs(5)).await;
+    // Loosen the modes as an attacker past the permissions would find them.
+    for (path, mode) in [(dir.path().to_owned(), 0o755), (dir.sockets(), 0o755)] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let socket = dir.sockets().join("grpc.sock");
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777)).unwrap();
+
+    let mut client = nobody.command().env(CONNECT_ENV, &socket).spawn().unwrap();
+    let status = tokio::task::spawn_blocking(move || client.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "nobody connected, and the daemon hung up");
+    assert_eq!(daemon.counters.refused_peers(), 1);
+    assert_eq!(daemon.counters.calls(), 0);
+
+    daemon.stop.send(()).unwrap();
+    daemon.serving.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn watch_stream_opened_before_sigterm_sees_not_serving() {
+    let dir = TestDir::new("watch");
+    let daemon = DaemonProcess::start(dir.path());
+    let channel = connect_local_daemon_channel(dir.path(), Duration::from_secs(5))
+        .await
+        .expect("the daemon passes every check");
+    let mut health = HealthClient::new(channel.channel);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.next().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+
+    daemon.signal(Signal::SIGTERM);
+    let next = tokio::time::timeout(Duration::from_secs(20), watch.next())
+        .await
+        .expect("the watch stream hung");
+    assert_eq!(next.unwrap().unwrap().status, ServingStatus::NotServing as i32);
+    assert_eq!(daemon.wait_exit().0, Some(0));
+}
+
+#[tokio::test]
+async fn health_check_carries_the_version_metadata() {
+    let dir = TestDir::new("version-metadata");
+    let options = DaemonOptions {
+        version: Some("3.1.4".into()),
+        ..Default::default()
+    };
+    let _daemon = DaemonProcess::start_with(dir.path(), options);
+    let channel = connect_local_daemon_channel(dir.path(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(channel.version.as_deref(), Some("3.1.4"));
+    let response = HealthClient::new(channel.channel)
+        .check(HealthCheckRequest {
+            service: "echo.v1.Echo".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        response.metadata().get(tower_local_daemon::VERSION_METADATA_KEY).unwrap(),
+        "3.1.4"
+    );
+    assert_eq!(response.get_ref().status, ServingStatus::Serving as i32);
+}
+
+#[tokio::test]
+async fn socket_path_longer_than_sun_path_works_on_both_sides() {
+    let root = TestDir::new("long");
+    let deep = root
+        .path()
+        .join("a-directory-name-that-is-long-enough".repeat(3))
+        .join(".heddle");
+    let socket = deep.join("sockets").join("grpc.sock");
+    assert!(socket.as_os_str().len() > 107, "{}", socket.display());
+
+    let daemon = DaemonProcess::start(&deep);
+    assert!(std::fs::symlink_metadata(&socket).unwrap().file_type().is_socket());
+    let svc = layered(test_layer(&deep));
+    let response = echo(&mut EchoClient::new(svc), 1).await.unwrap();
+    assert_eq!(
+        response.extensions().get::<Route>(),
+        Some(&Route::Daemon { pid: daemon.pid() })
+    );
+}
+
+#[test]
+fn idle_daemon_exits_cleanly_by_itself() {
+    let dir = TestDir::new("idle");
+    let options = DaemonOptions {
+        idle: Some(Duration::from_millis(200)),
+        ..Default::default()
+    };
+    let daemon = DaemonProcess::start_with(dir.path(), options);
+    let (code, stderr) = daemon.wait_exit();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(listing(&dir.sockets()).is_empty());
+}
+
+#[test]
+fn a_live_socket_of_a_daemon_without_a_lock_is_never_unlinked() {
+    let dir = TestDir::new("no-lock-daemon");
+    std::fs::create_dir_all(dir.sockets()).unwrap();
+    let socket = dir.sockets().join("grpc.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+
+    let daemon = DaemonProcess::spawn(dir.path(), &DaemonOptions::default());
+    let (code, stderr) = daemon.wait_exit();
+    assert_eq!(code, Some(3));
+    assert!(stderr.contains("still answers"), "{stderr}");
+    assert!(socket.exists(), "the live socket is still there");
+}
+
+#[tokio::test]
+async fn sockets_directory_owned_by_another_user_is_refused() {
+    let dir = TestDir::new("foreign-dir");
+    std::fs::create_dir_all(dir.sockets()).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    nix::unistd::chown(&dir.sockets(), Some(nobody.uid), Some(nobody.gid)).unwrap();
+    let error = Daemon::new(dir.path()).bind().unwrap_err();
+    assert!(matches!(error, DaemonError::UnsafeDirectory { .. }), "{error}");
+}
+
+/// A daemon served by this test process, stopped by a shutdown future.
+struct InProcessDaemon {
+    counters: std::sync::Arc<tower_local_daemon::daemon::DaemonCounters>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    serving: tokio::task::JoinHandle<Result<(), DaemonError>>,
+}
+
+impl InProcessDaemon {
+    async fn start(dir: &std::path::Path, grace: Duration) -> Self {
+        let bound = Daemon::new(dir)
+            .handle_signals(false)
+            .grace_period(grace)
+            .add_service(EchoServer::new(EchoService::new("daemon")))
+            .bind()
+            .unwrap();
+        let counters = bound.counters();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(bound.serve(async {
+            let _ = stopped.await;
+        }));
+        let pidfile = dir.join("sockets").join("grpc.pid");
+        wait_until_async("the pidfile appears", || async { pidfile.exists() }).await;
+        Self {
+            counters,
+            stop,
+            serving,
+        }
+    }
+}
+
+async fn slow_call_in_flight(
+    dir: &std::path::Path,
+    daemon: &InProcessDaemon,
+    delay_ms: u32,
+) -> tokio::task::JoinHandle<Result<tonic::Response<EchoReply>, tonic::Status>> {
+    let mut client = EchoClient::new(layered(test_layer(dir)));
+    let call = tokio::spawn(async move {
+        client
+            .echo(EchoRequest {
+                message: "slow".into(),
+                id: 1,
+                delay_ms,
+            })
+            .await
+    });
+    wait_until_async("the slow call is in flight", || async {
+        daemon.counters.in_flight() == 1
+    })
+    .await;
+    call
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_call_finishes_within_the_grace_period() {
+    let dir = TestDir::new("grace");
+    let daemon = InProcessDaemon::start(dir.path(), Duration::from_secs(20)).await;
+    let call = slow_call_in_flight(dir.path(), &daemon, 300).await;
+
+    daemon.stop.send(()).unwrap();
+    let reply = call.await.unwrap().unwrap();
+    assert_eq!(reply.get_ref().served_by, "daemon");
+    daemon.serving.await.unwrap().unwrap();
+    assert!(listing(&dir.sockets()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_longer_than_the_grace_period_is_aborted_and_the_daemon_still_stops() {
+    let dir = TestDir::new("grace-over");
+    let daemon = InProcessDaemon::start(dir.path(), Duration::from_millis(100)).await;
+    let call = slow_call_in_flight(dir.path(), &daemon, 60_000).await;
+
+    daemon.stop.send(()).unwrap();
+    daemon.serving.await.unwrap().unwrap();
+    assert!(listing(&dir.sockets()).is_empty());
+    let status = call.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+}
