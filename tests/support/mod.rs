@@ -29,6 +29,11 @@ pub const DAEMON_UMASK_ENV: &str = "TLD_TEST_DAEMON_UMASK";
 /// Turns a re-executed test binary into a client that connects to this socket, waits for the
 /// other end to close, and exits 0 (1 if it could not connect).
 pub const CONNECT_ENV: &str = "TLD_TEST_CONNECT";
+/// Turns a re-executed test binary into a prober that prints the probe's status of a directory.
+pub const PROBE_ENV: &str = "TLD_TEST_PROBE";
+pub const PROBE_OUTPUT_PREFIX: &str = "probe status: ";
+/// Turns a re-executed test binary into a process that listens on this socket for a minute.
+pub const LISTEN_ENV: &str = "TLD_TEST_LISTEN";
 /// The name of the `#[test]` that each test binary uses as its daemon entry point.
 pub const DAEMON_ENTRY: &str = "daemon_entry_point";
 
@@ -38,6 +43,16 @@ pub const DAEMON_ENTRY: &str = "daemon_entry_point";
 pub fn run_daemon_if_asked() {
     if let Ok(socket) = std::env::var(CONNECT_ENV) {
         connect_and_wait(Path::new(&socket));
+    }
+    if let Ok(dir) = std::env::var(PROBE_ENV) {
+        println!("{PROBE_OUTPUT_PREFIX}{:?}", probe(&dir).status);
+        std::process::exit(0);
+    }
+    if let Ok(socket) = std::env::var(LISTEN_ENV) {
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        println!("listening");
+        std::thread::sleep(Duration::from_secs(60));
+        std::process::exit(0);
     }
     let Ok(dir) = std::env::var(DAEMON_DIR_ENV) else {
         return;
@@ -114,6 +129,17 @@ impl NobodyBinary {
         std::fs::copy(std::env::current_exe().unwrap(), &path).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         Self { dir, path }
+    }
+
+    /// Runs `probe(dir)` as `nobody` and returns the status's `Debug` text.
+    pub fn probe(&self, dir: &Path) -> String {
+        let output = self.command().env(PROBE_ENV, dir).output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        stdout
+            .lines()
+            .find_map(|l| l.split_once(PROBE_OUTPUT_PREFIX).map(|(_, status)| status))
+            .unwrap_or_else(|| panic!("no probe output: {stdout} {:?}", output.stderr))
+            .to_owned()
     }
 
     /// The command that runs the copy as `nobody`, at its daemon entry point.

@@ -1,0 +1,457 @@
+//! Every reason a check can give, each from a fixture that passes every earlier stage, so that
+//! the stage under test is the one that rejects it. Fixtures that need another user run the
+//! probing side as `nobody` (CI runs as root, and root's `kill` never sees EPERM).
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use support::*;
+use tower_local_daemon::{
+    FallbackReason, IdentityPolicy, LocalDaemonStatus, Pidfile, PidfileError, probe,
+    try_connect_local_daemon_channel, try_detect_local_daemon_with_connect_probe,
+};
+
+/// Not a test: the entry point of this binary when it is re-executed.
+#[test]
+fn daemon_entry_point() {
+    run_daemon_if_asked();
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// A repository directory with a `sockets/` directory, readable by everyone so that `nobody`
+/// can probe it.
+struct Fixture {
+    dir: TestDir,
+}
+
+impl Fixture {
+    fn new(name: &str) -> Self {
+        let dir = TestDir::new(name);
+        std::fs::create_dir_all(dir.sockets()).unwrap();
+        for path in [dir.path().to_owned(), dir.sockets()] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        Self { dir }
+    }
+
+    fn pidfile(&self) -> PathBuf {
+        self.dir.sockets().join("grpc.pid")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.sockets().join("grpc.sock")
+    }
+
+    fn write_pidfile(&self, pid: u32, started_at: u64) {
+        std::fs::write(self.pidfile(), Pidfile { pid, started_at }.render()).unwrap();
+        std::fs::set_permissions(self.pidfile(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+
+    /// A pidfile that names this very process: alive, our uid, our executable, started before
+    /// now. It passes every process check.
+    fn write_own_pidfile(&self) {
+        self.write_pidfile(std::process::id(), now());
+    }
+
+    fn status(&self) -> LocalDaemonStatus {
+        probe(self.dir.path()).status
+    }
+
+    fn stale(&self, pid: u32, reason: FallbackReason) -> LocalDaemonStatus {
+        LocalDaemonStatus::Stale { pid, reason }
+    }
+
+    async fn connect(&self, timeout: Duration) -> Result<(), FallbackReason> {
+        try_connect_local_daemon_channel(self.dir.path(), timeout)
+            .await
+            .map(drop)
+    }
+}
+
+fn absent(reason: FallbackReason) -> LocalDaemonStatus {
+    LocalDaemonStatus::Absent { reason }
+}
+
+// ---- Stage 1: the pidfile ----
+
+#[test]
+fn no_pidfile() {
+    let f = Fixture::new("r-no-pidfile");
+    assert_eq!(f.status(), absent(FallbackReason::NoPidfile));
+}
+
+#[test]
+fn malformed_pidfile() {
+    let f = Fixture::new("r-malformed");
+    std::fs::write(f.pidfile(), "4242\n").unwrap();
+    assert_eq!(
+        f.status(),
+        absent(FallbackReason::MalformedPidfile(PidfileError::LineCount { found: 1 }))
+    );
+}
+
+#[test]
+fn pidfile_that_is_a_fifo_a_directory_or_a_symlink_is_unreadable_without_blocking() {
+    let f = Fixture::new("r-fifo");
+    nix::unistd::mkfifo(&f.pidfile(), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    assert_eq!(f.status(), absent(FallbackReason::UnreadablePidfile { error: None }));
+
+    let f = Fixture::new("r-pid-dir");
+    std::fs::create_dir(f.pidfile()).unwrap();
+    assert_eq!(f.status(), absent(FallbackReason::UnreadablePidfile { error: None }));
+
+    for target in ["/dev/zero", "/dev/urandom"] {
+        let f = Fixture::new("r-pid-symlink");
+        std::os::unix::fs::symlink(target, f.pidfile()).unwrap();
+        assert_eq!(f.status(), absent(FallbackReason::UnreadablePidfile { error: None }));
+    }
+}
+
+#[test]
+fn pidfile_without_read_permission_probed_as_nobody() {
+    let nobody = NobodyBinary::new();
+    let f = Fixture::new("r-pid-perm");
+    f.write_own_pidfile();
+    std::fs::set_permissions(f.pidfile(), std::fs::Permissions::from_mode(0o000)).unwrap();
+    assert_eq!(
+        nobody.probe(f.dir.path()),
+        format!(
+            "{:?}",
+            absent(FallbackReason::UnreadablePidfile {
+                error: Some(std::io::ErrorKind::PermissionDenied)
+            })
+        )
+    );
+}
+
+// ---- Stage 1: the process ----
+
+#[test]
+fn process_gone() {
+    let f = Fixture::new("r-gone");
+    let mut child = Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    f.write_pidfile(pid, now());
+    assert_eq!(f.status(), f.stale(pid, FallbackReason::ProcessGone));
+}
+
+#[test]
+fn zombie_process_is_gone() {
+    let f = Fixture::new("r-zombie");
+    let mut child = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = child.id();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL)
+        .unwrap();
+    wait_until("the child is a zombie", || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .is_ok_and(|s| s.contains("State:\tZ"))
+    });
+    f.write_pidfile(pid, now());
+    assert_eq!(f.status(), f.stale(pid, FallbackReason::ProcessGone));
+    child.wait().unwrap();
+}
+
+#[test]
+fn process_of_another_uid_probed_as_nobody_is_foreign_not_dead() {
+    let nobody = NobodyBinary::new();
+    let f = Fixture::new("r-foreign-process");
+    f.write_own_pidfile(); // this root process: `kill(pid, 0)` gives nobody EPERM
+    assert_eq!(
+        nobody.probe(f.dir.path()),
+        format!(
+            "{:?}",
+            f.stale(std::process::id(), FallbackReason::ForeignProcess { uid: 0 })
+        )
+    );
+}
+
+#[test]
+fn live_unrelated_process_is_another_executable() {
+    let f = Fixture::new("r-unrelated");
+    let mut sleep = Command::new("sleep").arg("60").spawn().unwrap();
+    f.write_pidfile(sleep.id(), now() + 1);
+    assert_eq!(f.status(), f.stale(sleep.id(), FallbackReason::ExecutableMismatch));
+    sleep.kill().unwrap();
+    sleep.wait().unwrap();
+}
+
+#[tokio::test]
+async fn executable_replaced_on_disk_after_the_daemon_started() {
+    let f = Fixture::new("r-replaced");
+    let bin = f.dir.path().join("daemon-binary");
+    std::fs::copy("/bin/sleep", &bin).unwrap();
+    let mut daemon = Command::new(&bin).arg("60").spawn().unwrap();
+    f.write_pidfile(daemon.id(), now() + 1);
+    // An upgrade: a new file renamed over the path the daemon was started from.
+    let new = f.dir.path().join("daemon-binary.new");
+    std::fs::copy("/bin/sleep", &new).unwrap();
+    std::fs::rename(&new, &bin).unwrap();
+
+    let svc = layered(test_layer(f.dir.path()).identity(IdentityPolicy::Executable(bin)));
+    let response = echo(&mut EchoClient::new(svc.clone()), 1).await.unwrap();
+    assert_eq!(response.get_ref().served_by, "in-process");
+    assert_eq!(
+        svc.stats().unwrap().route,
+        Some(Err(FallbackReason::ExecutableReplaced))
+    );
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+}
+
+#[test]
+fn pid_reused_by_a_process_that_started_after_the_pidfile() {
+    let f = Fixture::new("r-reused");
+    let pidfile_time = now() - 3600;
+    f.write_pidfile(std::process::id(), pidfile_time);
+    let LocalDaemonStatus::Stale {
+        reason: FallbackReason::PidReused {
+            pidfile_started_at, ..
+        },
+        ..
+    } = f.status()
+    else {
+        panic!("{:?}", f.status());
+    };
+    assert_eq!(pidfile_started_at, pidfile_time);
+}
+
+#[test]
+fn daemon_that_wrote_its_pidfile_seconds_after_it_started_is_still_running() {
+    let f = Fixture::new("r-late-pidfile");
+    let daemon = DaemonProcess::start(f.dir.path());
+    f.write_pidfile(daemon.pid(), now() + 30);
+    assert_eq!(f.status(), LocalDaemonStatus::Running { pid: daemon.pid() });
+}
+
+// ---- Stage 1: the socket file ----
+
+#[test]
+fn no_socket() {
+    let f = Fixture::new("r-no-socket");
+    f.write_own_pidfile();
+    assert_eq!(f.status(), f.stale(std::process::id(), FallbackReason::NoSocket));
+}
+
+#[test]
+fn socket_path_that_is_a_regular_file_a_directory_or_a_symlink_is_not_a_socket() {
+    let real = Fixture::new("r-real-socket");
+    let _listener = std::os::unix::net::UnixListener::bind(real.socket()).unwrap();
+
+    let f = Fixture::new("r-socket-file");
+    f.write_own_pidfile();
+    std::fs::write(f.socket(), "").unwrap();
+    assert_eq!(f.status(), f.stale(std::process::id(), FallbackReason::NotASocket));
+
+    let f = Fixture::new("r-socket-dir");
+    f.write_own_pidfile();
+    std::fs::create_dir(f.socket()).unwrap();
+    assert_eq!(f.status(), f.stale(std::process::id(), FallbackReason::NotASocket));
+
+    let f = Fixture::new("r-socket-symlink");
+    f.write_own_pidfile();
+    std::os::unix::fs::symlink(real.socket(), f.socket()).unwrap();
+    assert_eq!(f.status(), f.stale(std::process::id(), FallbackReason::NotASocket));
+}
+
+#[test]
+fn socket_owned_by_another_uid() {
+    let f = Fixture::new("r-socket-owner");
+    f.write_own_pidfile();
+    let _listener = std::os::unix::net::UnixListener::bind(f.socket()).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    nix::unistd::chown(&f.socket(), Some(nobody.uid), None).unwrap();
+    assert_eq!(
+        f.status(),
+        f.stale(
+            std::process::id(),
+            FallbackReason::ForeignSocket {
+                uid: nobody.uid.as_raw()
+            }
+        )
+    );
+}
+
+// ---- Stage 2: connect and peer credentials ----
+
+#[tokio::test]
+async fn socket_nobody_listens_on_is_refused() {
+    let f = Fixture::new("r-refused");
+    f.write_own_pidfile();
+    drop(std::os::unix::net::UnixListener::bind(f.socket()).unwrap());
+    assert_eq!(
+        f.connect(Duration::from_secs(5)).await,
+        Err(FallbackReason::ConnectionRefused)
+    );
+}
+
+#[tokio::test]
+async fn full_backlog_is_busy() {
+    let f = Fixture::new("r-busy");
+    f.write_own_pidfile();
+    let listener = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::Stream,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    let addr = nix::sys::socket::UnixAddr::new(&f.socket()).unwrap();
+    use std::os::fd::AsRawFd;
+    nix::sys::socket::bind(listener.as_raw_fd(), &addr).unwrap();
+    nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::new(0).unwrap()).unwrap();
+    // Fill the backlog with connections nobody accepts.
+    let mut held = Vec::new();
+    loop {
+        match tokio::net::UnixStream::connect(f.socket()).await {
+            Ok(stream) => held.push(stream),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(held.len() < 1000, "the backlog never filled");
+    }
+    assert_eq!(
+        try_detect_local_daemon_with_connect_probe(f.dir.path(), Duration::from_secs(5)).await,
+        Err(FallbackReason::Busy)
+    );
+}
+
+#[tokio::test]
+async fn socket_listened_on_by_another_process_than_the_pidfile_names_is_a_peer_pid_mismatch() {
+    let real = Fixture::new("r-peer-pid-daemon");
+    let daemon = DaemonProcess::start(real.dir.path());
+    let f = Fixture::new("r-peer-pid");
+    f.write_pidfile(daemon.pid(), now() + 1); // a live process of our executable and uid
+    let _listener = std::os::unix::net::UnixListener::bind(f.socket()).unwrap(); // ours
+    assert_eq!(
+        f.connect(Duration::from_secs(5)).await,
+        Err(FallbackReason::PeerPidMismatch {
+            expected: daemon.pid(),
+            actual: Some(std::process::id() as i32)
+        })
+    );
+}
+
+#[tokio::test]
+async fn socket_listened_on_by_another_uid_is_a_peer_uid_mismatch() {
+    let nobody_bin = NobodyBinary::new();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let f = Fixture::new("r-peer-uid");
+    f.write_own_pidfile();
+    std::fs::set_permissions(f.dir.sockets(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut listener = nobody_bin
+        .command()
+        .env(LISTEN_ENV, f.socket())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // libtest prints its own lines first.
+    let mut stdout = BufReader::new(listener.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("listening") {
+        line.clear();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "the listener exited");
+    }
+    // The file is root's, so the socket-owner check passes; the peer is still nobody.
+    nix::unistd::chown(&f.socket(), Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+    assert_eq!(
+        f.connect(Duration::from_secs(5)).await,
+        Err(FallbackReason::PeerUidMismatch {
+            expected: 0,
+            actual: nobody.uid.as_raw()
+        })
+    );
+    listener.kill().unwrap();
+    listener.wait().unwrap();
+}
+
+// ---- Stage 3: the handshake ----
+
+/// A listener in this process (so the peer pid is the pidfile's) that answers each connection
+/// with `reply` and then keeps it open.
+fn listen_and_answer(f: &Fixture, reply: &'static [u8]) -> std::thread::JoinHandle<()> {
+    let listener = std::os::unix::net::UnixListener::bind(f.socket()).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().take(4) {
+            let mut stream = stream.unwrap();
+            let _ = stream.write_all(reply);
+            held.push(stream);
+        }
+    })
+}
+
+#[tokio::test]
+async fn listener_that_speaks_garbage_fails_the_handshake() {
+    let f = Fixture::new("r-garbage");
+    f.write_own_pidfile();
+    let _server = listen_and_answer(&f, b"SSH-2.0-OpenSSH_9.2\r\nthis is not HTTP/2 at all\r\n");
+    let result = f.connect(Duration::from_secs(5)).await;
+    assert!(
+        matches!(result, Err(FallbackReason::HandshakeFailed { .. })),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn listener_that_accepts_and_never_speaks_hits_the_deadline() {
+    let f = Fixture::new("r-silent");
+    f.write_own_pidfile();
+    let _server = listen_and_answer(&f, b"");
+    assert_eq!(
+        f.connect(Duration::from_millis(300)).await,
+        Err(FallbackReason::DeadlineExceeded)
+    );
+}
+
+/// A tonic server in this process on the fixture's socket, with the given routes.
+async fn serve_in_process(f: &Fixture, routes: tonic::service::Routes) {
+    let listener = tokio::net::UnixListener::bind(f.socket()).unwrap();
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming(incoming),
+    );
+}
+
+#[tokio::test]
+async fn health_not_serving_is_refused() {
+    let f = Fixture::new("r-not-serving");
+    f.write_own_pidfile();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    serve_in_process(&f, tonic::service::Routes::new(health)).await;
+    assert_eq!(
+        f.connect(Duration::from_secs(5)).await,
+        Err(FallbackReason::NotServing {
+            service: String::new()
+        })
+    );
+}
+
+#[tokio::test]
+async fn daemon_without_health_service_is_refused_unless_accepted() {
+    let f = Fixture::new("r-no-health");
+    f.write_own_pidfile();
+    let echo_only = tonic::service::Routes::new(EchoServer::new(EchoService::new("daemon")));
+    serve_in_process(&f, echo_only).await;
+    assert_eq!(
+        f.connect(Duration::from_secs(5)).await,
+        Err(FallbackReason::HealthUnimplemented)
+    );
+
+    let svc = layered(test_layer(f.dir.path()).accept_unimplemented_health(true));
+    let response = echo(&mut EchoClient::new(svc), 1).await.unwrap();
+    assert_eq!(response.get_ref().served_by, "daemon");
+}
