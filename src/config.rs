@@ -50,7 +50,11 @@ pub struct InvalidMode(pub String);
 
 impl fmt::Display for InvalidMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid local daemon mode {:?}: expected auto, off or require", self.0)
+        write!(
+            f,
+            "invalid local daemon mode {:?}: expected auto, off or require",
+            self.0
+        )
     }
 }
 

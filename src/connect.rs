@@ -9,7 +9,7 @@
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -18,14 +18,14 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 use crate::config::Settings;
 use crate::paths::SocketAddrPath;
 use crate::peer::PeerCredentials;
-use crate::probe::{probe_files, UdsTarget};
+use crate::probe::{UdsTarget, probe_files};
 use crate::{DaemonPaths, FallbackReason};
 
 /// The response metadata key under which a daemon built with this crate reports its version on
@@ -118,7 +118,9 @@ pub async fn try_connect_local_daemon_channel(
         ..Settings::default()
     };
     let target = probe_target(&paths, &settings)?;
-    establish(target, &settings, ConnectionEnd::ignored()).await.result
+    establish(target, &settings, ConnectionEnd::ignored())
+        .await
+        .result
 }
 
 fn probe_target(paths: &DaemonPaths, settings: &Settings) -> Result<UdsTarget, FallbackReason> {
@@ -150,18 +152,13 @@ pub(crate) async fn establish(
     settings: &Settings,
     on_end: ConnectionEnd,
 ) -> Established {
-    const CONNECT: u8 = 0;
-    const HANDSHAKE: u8 = 1;
-    let stage = AtomicU8::new(CONNECT);
     let start = Instant::now();
     let connect_done = Mutex::new(None::<Instant>);
 
     let attempt = async {
         let stream = connect_checked(&target).await?;
         *connect_done.lock().unwrap() = Some(Instant::now());
-        stage.store(HANDSHAKE, Ordering::Relaxed);
-        let channel = channel_over(stream, settings, on_end).await?;
-        let version = check_health(&channel, settings).await?;
+        let (channel, version) = handshake(stream, settings, on_end).await?;
         Ok(LocalDaemonChannel {
             target: target.clone(),
             channel,
@@ -181,6 +178,18 @@ pub(crate) async fn establish(
             handshake: end - connected,
         },
     }
+}
+
+/// Opens a channel over a checked connection and asks `Health/Check` for every required
+/// service; returns the channel and the daemon's version.
+pub(crate) async fn handshake(
+    stream: UnixStream,
+    settings: &Settings,
+    on_end: ConnectionEnd,
+) -> Result<(Channel, Option<String>), FallbackReason> {
+    let channel = channel_over(stream, settings, on_end).await?;
+    let version = check_health(&channel, settings).await?;
+    Ok((channel, version))
 }
 
 /// Connects to the target's socket and checks the kernel-reported peer credentials.
@@ -267,13 +276,13 @@ async fn check_health(
             },
         }
     }
-    if let Some(expected) = &settings.required_version {
-        if version.as_ref() != Some(expected) {
-            return Err(FallbackReason::VersionMismatch {
-                expected: expected.clone(),
-                actual: version,
-            });
-        }
+    if let Some(expected) = &settings.required_version
+        && version.as_ref() != Some(expected)
+    {
+        return Err(FallbackReason::VersionMismatch {
+            expected: expected.clone(),
+            actual: version,
+        });
     }
     Ok(version)
 }
@@ -290,32 +299,41 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     message
 }
 
+/// How a daemon connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EndCause {
+    /// The daemon closed it, or an I/O error broke it.
+    Daemon,
+    /// This process dropped it: keepalive gave up, or the runtime shut down.
+    Dropped,
+}
+
 /// Called once when a daemon connection ends.
 #[derive(Clone)]
 pub(crate) struct ConnectionEnd {
     fired: Arc<AtomicBool>,
-    callback: Arc<dyn Fn() + Send + Sync>,
+    callback: Arc<dyn Fn(EndCause) + Send + Sync>,
 }
 
 impl ConnectionEnd {
-    pub(crate) fn new(callback: impl Fn() + Send + Sync + 'static) -> Self {
+    pub(crate) fn new(callback: impl Fn(EndCause) + Send + Sync + 'static) -> Self {
         Self {
             fired: Arc::new(AtomicBool::new(false)),
             callback: Arc::new(callback),
         }
     }
 
-    fn ignored() -> Self {
-        Self::new(|| {})
+    pub(crate) fn ignored() -> Self {
+        Self::new(|_| {})
     }
 
     pub(crate) fn has_fired(&self) -> bool {
         self.fired.load(Ordering::Acquire)
     }
 
-    fn fire(&self) {
+    fn fire(&self, cause: EndCause) {
         if !self.fired.swap(true, Ordering::AcqRel) {
-            (self.callback)();
+            (self.callback)(cause);
         }
     }
 }
@@ -356,7 +374,7 @@ struct WatchedStream {
 impl WatchedStream {
     fn watch<T>(&self, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         if let Poll::Ready(Err(_)) = &poll {
-            self.on_end.fire();
+            self.on_end.fire(EndCause::Daemon);
         }
         poll
     }
@@ -364,7 +382,7 @@ impl WatchedStream {
 
 impl Drop for WatchedStream {
     fn drop(&mut self) {
-        self.on_end.fire();
+        self.on_end.fire(EndCause::Dropped);
     }
 }
 
@@ -376,9 +394,11 @@ impl AsyncRead for WatchedStream {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() == before && buf.remaining() > 0
+        if matches!(poll, Poll::Ready(Ok(())))
+            && buf.filled().len() == before
+            && buf.remaining() > 0
         {
-            self.on_end.fire(); // EOF
+            self.on_end.fire(EndCause::Daemon); // EOF
         }
         self.watch(poll)
     }

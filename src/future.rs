@@ -8,9 +8,9 @@ use std::task::{Context, Poll};
 
 use http_body::Frame;
 use pin_project_lite::pin_project;
+use tonic::Status;
 use tonic::body::Body;
 use tonic::transport::channel::ResponseFuture as ChannelFuture;
-use tonic::Status;
 use tower::BoxError;
 
 use crate::connect::error_chain;
@@ -62,7 +62,9 @@ impl<F> fmt::Debug for ResponseFuture<F> {
             Kind::InProcess { .. } => "in-process",
             Kind::Refused { .. } => "refused",
         };
-        f.debug_struct("ResponseFuture").field("route", &route).finish()
+        f.debug_struct("ResponseFuture")
+            .field("route", &route)
+            .finish()
     }
 }
 
@@ -79,8 +81,11 @@ where
                 let result = std::task::ready!(future.poll(cx));
                 Poll::Ready(match result {
                     Ok(response) => {
-                        let mut response = response.map(|body| Body::new(DaemonBody { inner: body }));
-                        response.extensions_mut().insert(Route::Daemon { pid: *pid });
+                        let mut response =
+                            response.map(|body| Body::new(DaemonBody { inner: body }));
+                        response
+                            .extensions_mut()
+                            .insert(Route::Daemon { pid: *pid });
                         Ok(response)
                     }
                     Err(e) => Err(unavailable(&*BoxError::from(e)).into()),
@@ -94,7 +99,9 @@ where
                 }))
             }
             KindProj::Refused { reason } => {
-                let reason = reason.take().expect("ResponseFuture polled after completion");
+                let reason = reason
+                    .take()
+                    .expect("ResponseFuture polled after completion");
                 Poll::Ready(Err(Status::unavailable(format!(
                     "local daemon required (mode require) but not usable: {reason}; {}",
                     reason.remedy()

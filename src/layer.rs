@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use tower::Layer;
 
-use crate::config::{IdentityPolicy, Mode, ModeOverride, Settings, DEFAULT_MODE_ENV};
+use crate::Report;
+use crate::config::{DEFAULT_MODE_ENV, IdentityPolicy, Mode, ModeOverride, Settings};
 use crate::service::{LocalDaemon, Shared};
 
 /// Routes each call to a repository directory's local daemon when one passes every check, and to
@@ -146,12 +147,26 @@ impl LocalDaemonLayer {
     }
 }
 
+impl LocalDaemonLayer {
+    /// Runs every check a service of this layer runs, in order, without caching anything, and
+    /// reports each one: for a tool's `status` verb. See [`Report`].
+    pub async fn diagnose(&self) -> Report {
+        crate::diagnose::run(&self.dir, &self.resolved_settings()).await
+    }
+
+    /// The settings after the environment override.
+    fn resolved_settings(&self) -> Settings {
+        let mut settings = self.settings.clone();
+        settings.mode = self.mode_override.apply(settings.mode);
+        settings
+    }
+}
+
 impl<S> Layer<S> for LocalDaemonLayer {
     type Service = LocalDaemon<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        let mut settings = self.settings.clone();
-        settings.mode = self.mode_override.apply(settings.mode);
-        LocalDaemon::new(inner, Arc::new(Shared::new(self.dir.clone(), settings)))
+        let shared = Shared::new(self.dir.clone(), self.resolved_settings());
+        LocalDaemon::new(inner, Arc::new(shared))
     }
 }

@@ -56,8 +56,10 @@
 mod config;
 mod connect;
 pub mod daemon;
+mod diagnose;
 mod future;
 mod layer;
+mod lazy;
 mod paths;
 mod peer;
 mod pidfile;
@@ -68,17 +70,21 @@ mod registry;
 mod service;
 
 pub use config::{DEFAULT_MODE_ENV, IdentityPolicy, InvalidMode, Mode};
-pub use daemon::Daemon;
 pub use connect::{
     LocalDaemonChannel, VERSION_METADATA_KEY, connect_local_daemon_channel,
     detect_local_daemon_with_connect_probe, try_connect_local_daemon_channel,
     try_detect_local_daemon_with_connect_probe,
 };
+pub use daemon::Daemon;
+pub use diagnose::{Check, CheckOutcome, Report, diagnose};
 pub use future::ResponseFuture;
 pub use layer::LocalDaemonLayer;
+pub use lazy::{LazyFallback, LazyFuture};
 pub use paths::{DaemonPaths, LOCK_FILE, PIDFILE_FILE, SOCKET_FILE, SOCKETS_DIR};
 pub use pidfile::{MAX_PIDFILE_LEN, PIDFILE_MARKER, Pidfile, PidfileError};
-pub use probe::{LocalDaemonProbe, LocalDaemonStatus, UdsTarget, DETECT_CACHE_TTL, detect_local_daemon, probe};
+pub use probe::{
+    DETECT_CACHE_TTL, LocalDaemonProbe, LocalDaemonStatus, UdsTarget, detect_local_daemon, probe,
+};
 pub use reason::FallbackReason;
 pub use registry::{RouteStats, reset};
 pub use service::{LocalDaemon, Route};

@@ -63,7 +63,10 @@ impl DaemonPaths {
 /// What identifies a directory across spellings: its device and inode when it exists.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum DirIdentity {
-    Inode { dev: u64, ino: u64 },
+    Inode {
+        dev: u64,
+        ino: u64,
+    },
     /// The directory could not be stat-ed; the path as given stands for it.
     Path(PathBuf),
 }
@@ -107,7 +110,10 @@ impl SocketAddrPath {
         use std::os::fd::AsRawFd;
 
         let (Some(parent), Some(name)) = (socket.parent(), socket.file_name()) else {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "socket path has no parent"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "socket path has no parent",
+            ));
         };
         let dir = File::open(parent)?;
         let path = Path::new("/proc/self/fd")

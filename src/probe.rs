@@ -1,7 +1,7 @@
 //! The first check: what the files on disk and the kernel say, with syscalls only.
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::collections::HashMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -94,7 +94,11 @@ impl LocalDaemonProbe {
 /// ```
 pub fn probe(heddle_dir: impl AsRef<Path>) -> LocalDaemonProbe {
     let paths = DaemonPaths::new(heddle_dir);
-    probe_files(&paths.socket, &paths.pidfile, &IdentityPolicy::SameExecutable)
+    probe_files(
+        &paths.socket,
+        &paths.pidfile,
+        &IdentityPolicy::SameExecutable,
+    )
 }
 
 /// [`probe`], cached per directory for [`DETECT_CACHE_TTL`]: the target when the daemon is
@@ -116,10 +120,10 @@ pub fn detect_local_daemon(heddle_dir: impl AsRef<Path>) -> Option<UdsTarget> {
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    if let Some((at, target)) = cache.get(&key) {
-        if at.elapsed() < DETECT_CACHE_TTL {
-            return target.clone();
-        }
+    if let Some((at, target)) = cache.get(&key)
+        && at.elapsed() < DETECT_CACHE_TTL
+    {
+        return target.clone();
     }
     let target = probe(dir).target();
     cache.insert(key, (Instant::now(), target.clone()));
@@ -143,17 +147,9 @@ pub(crate) fn probe_files(
 }
 
 fn status_of(socket_path: &Path, pid_path: &Path, identity: &IdentityPolicy) -> LocalDaemonStatus {
-    let pidfile = match Pidfile::read(pid_path) {
+    let pidfile = match read_pidfile(pid_path) {
         Ok(pidfile) => pidfile,
-        Err(e) => {
-            let reason = match e {
-                ReadError::Missing => FallbackReason::NoPidfile,
-                ReadError::Malformed(e) => FallbackReason::MalformedPidfile(e),
-                ReadError::NotRegularFile => FallbackReason::UnreadablePidfile { error: None },
-                ReadError::Io(kind) => FallbackReason::UnreadablePidfile { error: Some(kind) },
-            };
-            return LocalDaemonStatus::Absent { reason };
-        }
+        Err(reason) => return LocalDaemonStatus::Absent { reason },
     };
     let pid = pidfile.pid;
     match check_process(&pidfile, identity).and_then(|()| check_socket(socket_path)) {
@@ -162,7 +158,21 @@ fn status_of(socket_path: &Path, pid_path: &Path, identity: &IdentityPolicy) -> 
     }
 }
 
-fn check_process(pidfile: &Pidfile, identity: &IdentityPolicy) -> Result<(), FallbackReason> {
+/// The pidfile stage.
+pub(crate) fn read_pidfile(pid_path: &Path) -> Result<Pidfile, FallbackReason> {
+    Pidfile::read(pid_path).map_err(|e| match e {
+        ReadError::Missing => FallbackReason::NoPidfile,
+        ReadError::Malformed(e) => FallbackReason::MalformedPidfile(e),
+        ReadError::NotRegularFile => FallbackReason::UnreadablePidfile { error: None },
+        ReadError::Io(kind) => FallbackReason::UnreadablePidfile { error: Some(kind) },
+    })
+}
+
+/// The process stage: alive, our uid, the expected executable, not a reused pid.
+pub(crate) fn check_process(
+    pidfile: &Pidfile,
+    identity: &IdentityPolicy,
+) -> Result<(), FallbackReason> {
     let info = process::check_alive(pidfile.pid).map_err(process_reason)?;
     let uid = info.effective_uid().map_err(process_reason)?;
     if uid != nix::unistd::geteuid().as_raw() {
@@ -200,7 +210,8 @@ fn process_reason(e: ProcessError) -> FallbackReason {
     }
 }
 
-fn check_socket(socket_path: &Path) -> Result<(), FallbackReason> {
+/// The socket stage: a socket (not a symlink) owned by our effective uid.
+pub(crate) fn check_socket(socket_path: &Path) -> Result<(), FallbackReason> {
     let metadata = std::fs::symlink_metadata(socket_path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => FallbackReason::NoSocket,
         error => FallbackReason::ConnectFailed { error },

@@ -98,7 +98,12 @@ mod imp {
                 kind => ProcessError::Unreadable(kind),
             })?;
             let deleted = std::fs::read_link(&link)
-                .map(|target| target.as_os_str().as_encoded_bytes().ends_with(b" (deleted)"))
+                .map(|target| {
+                    target
+                        .as_os_str()
+                        .as_encoded_bytes()
+                        .ends_with(b" (deleted)")
+                })
                 .unwrap_or(false);
             Ok((id, deleted))
         }

@@ -196,7 +196,9 @@ impl FallbackReason {
                 "the daemon is an older or other build; stop it and start it from this build"
             }
             ConnectionLost => "the daemon went away; the next re-probe picks up a new one",
-            Disabled => "set the mode to auto (for example HEDDLE_LOCAL_DAEMON=auto) to use a daemon",
+            Disabled => {
+                "set the mode to auto (for example HEDDLE_LOCAL_DAEMON=auto) to use a daemon"
+            }
             Unsupported => "this platform is not supported yet; calls run in-process",
         }
     }
@@ -238,10 +240,9 @@ impl fmt::Display for FallbackReason {
             ConnectionRefused => f.write_str("connection refused: nobody listens on the socket"),
             Busy => f.write_str("the daemon's listen backlog is full"),
             ConnectFailed { error } => write!(f, "connecting to the socket failed: {error}"),
-            PeerUidMismatch { expected, actual } => write!(
-                f,
-                "the socket's peer runs as uid {actual}, not {expected}"
-            ),
+            PeerUidMismatch { expected, actual } => {
+                write!(f, "the socket's peer runs as uid {actual}, not {expected}")
+            }
             PeerPidMismatch { expected, actual } => match actual {
                 Some(actual) => write!(f, "the socket's peer is pid {actual}, not {expected}"),
                 None => write!(f, "the socket's peer pid is unknown, not {expected}"),

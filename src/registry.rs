@@ -14,9 +14,9 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use crate::config::{Mode, Settings};
-use crate::connect::{establish, ConnectionEnd, LocalDaemonChannel};
+use crate::connect::{ConnectionEnd, EndCause, LocalDaemonChannel, establish};
 use crate::paths::DirIdentity;
-use crate::probe::{probe_files, UdsTarget};
+use crate::probe::{UdsTarget, probe_files};
 use crate::{DaemonPaths, FallbackReason};
 
 type Key = (DirIdentity, Settings);
@@ -37,10 +37,10 @@ pub(crate) fn entry_for(dir: &Path, settings: &Settings) -> Arc<Entry> {
     let identity = DirIdentity::of(dir);
     let key = (identity.clone(), settings.clone());
     let mut entries = entries();
-    if let Some(entry) = entries.get(&key) {
-        if entry.dir == dir || DirIdentity::of(&entry.dir) == identity {
-            return entry.clone();
-        }
+    if let Some(entry) = entries.get(&key)
+        && (entry.dir == dir || DirIdentity::of(&entry.dir) == identity)
+    {
+        return entry.clone();
     }
     let entry = Arc::new(Entry::new(dir, settings.clone()));
     entries.insert(key, entry.clone());
@@ -79,9 +79,15 @@ pub(crate) enum Decision {
 enum State {
     Unprobed,
     /// Callers wait for this detection's result.
-    Detecting { id: u64, waiters: Vec<Waker> },
+    Detecting {
+        id: u64,
+        waiters: Vec<Waker>,
+    },
     /// `reprobe` is the id of a background re-probe in flight, which no caller waits for.
-    Decided { decision: Decision, reprobe: Option<u64> },
+    Decided {
+        decision: Decision,
+        reprobe: Option<u64>,
+    },
 }
 
 /// The diagnostic counters of one entry.
@@ -157,7 +163,9 @@ impl Entry {
     }
 
     pub(crate) fn count_in_process_call(&self) {
-        self.counters.in_process_calls.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .in_process_calls
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -173,8 +181,12 @@ impl Entry {
                 if self.settings.mode == Mode::Auto {
                     // The pidfile and process checks are cheap syscalls: run them here, so that
                     // the common "no daemon" case decides without a task or a wake-up.
+                    let start = Instant::now();
                     match self.probe() {
-                        Ok(target) => self.start_detection(&mut state, target, cx),
+                        Ok(target) => {
+                            let probed = (target, start.elapsed());
+                            self.start_detection(&mut state, probed, cx);
+                        }
                         Err(reason) => {
                             self.decide(&mut state, Decision::InProcess(reason));
                         }
@@ -227,7 +239,7 @@ impl Entry {
     fn start_detection(
         self: &Arc<Self>,
         state: &mut State,
-        target: UdsTarget,
+        probed: (UdsTarget, Duration),
         cx: &mut Context<'_>,
     ) {
         let id = self.next_id();
@@ -235,7 +247,7 @@ impl Entry {
             id,
             waiters: vec![cx.waker().clone()],
         };
-        self.spawn_detection(id, Some(target));
+        self.spawn_detection(id, Some(probed));
     }
 
     /// Detection that callers wait for, probing from the start (require mode, or a re-probe
@@ -251,10 +263,10 @@ impl Entry {
 
     /// Runs the checks on a task of their own, so that a caller that gives up does not cancel
     /// the work every other waiter shares. `target` is given when the probe already ran.
-    fn spawn_detection(self: &Arc<Self>, id: u64, target: Option<UdsTarget>) {
+    fn spawn_detection(self: &Arc<Self>, id: u64, probed: Option<(UdsTarget, Duration)>) {
         let entry = self.clone();
         let task = async move {
-            let decision = entry.detect(target).await;
+            let decision = entry.detect(probed).await;
             let mut state = entry.lock();
             let current = match &*state {
                 State::Detecting { id, .. } => Some(*id),
@@ -281,14 +293,16 @@ impl Entry {
 
     /// The whole chain: probe (unless done), connect, peer check, channel, health. In require
     /// mode it tries again until the deadline.
-    async fn detect(self: &Arc<Self>, mut target: Option<UdsTarget>) -> Decision {
+    async fn detect(self: &Arc<Self>, mut probed: Option<(UdsTarget, Duration)>) -> Decision {
         let start = Instant::now();
         loop {
-            let probed = match target.take() {
-                Some(target) => Ok(target),
-                None => self.probe(),
+            let (probed, probe_time) = match probed.take() {
+                Some((target, probe_time)) => (Ok(target), probe_time),
+                None => {
+                    let probe_start = Instant::now();
+                    (self.probe(), probe_start.elapsed())
+                }
             };
-            let probe_time = start.elapsed();
             let result = match probed {
                 Ok(target) => {
                     let id = self.next_id();
@@ -328,25 +342,36 @@ impl Entry {
 
     fn connection_end(self: &Arc<Self>, id: u64) -> ConnectionEnd {
         let entry: Weak<Self> = Arc::downgrade(self);
-        ConnectionEnd::new(move || {
+        ConnectionEnd::new(move |cause| {
             if let Some(entry) = entry.upgrade() {
-                entry.connection_lost(id);
+                entry.connection_lost(id, cause);
             }
         })
     }
 
     /// The daemon connection `id` ended: calls go in-process from now on.
-    pub(crate) fn connection_lost(self: &Arc<Self>, id: u64) {
+    pub(crate) fn connection_lost(self: &Arc<Self>, id: u64, cause: EndCause) {
         let mut state = self.lock();
         if let State::Decided {
             decision: Decision::Daemon { id: current, .. },
             ..
         } = &*state
+            && *current == id
         {
-            if *current == id {
-                tracing::info!(dir = %self.dir.display(), "local daemon connection ended; calls run in-process");
-                self.decide(&mut state, Decision::InProcess(FallbackReason::ConnectionLost));
+            match cause {
+                EndCause::Daemon => tracing::info!(
+                    dir = %self.dir.display(),
+                    "local daemon connection ended; calls run in-process"
+                ),
+                EndCause::Dropped => tracing::debug!(
+                    dir = %self.dir.display(),
+                    "local daemon connection dropped; calls run in-process"
+                ),
             }
+            self.decide(
+                &mut state,
+                Decision::InProcess(FallbackReason::ConnectionLost),
+            );
         }
     }
 
@@ -366,7 +391,13 @@ impl Entry {
                 self.schedule_reprobe();
             }
         }
-        let previous = std::mem::replace(state, State::Decided { decision, reprobe: None });
+        let previous = std::mem::replace(
+            state,
+            State::Decided {
+                decision,
+                reprobe: None,
+            },
+        );
         self.generation.fetch_add(1, Ordering::AcqRel);
         if let State::Detecting { waiters, .. } = previous {
             waiters.into_iter().for_each(Waker::wake);

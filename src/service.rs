@@ -9,10 +9,11 @@ use tonic::body::Body;
 use tonic::transport::Channel;
 use tower::{BoxError, Service};
 
+use crate::FallbackReason;
 use crate::config::{Mode, Settings};
+use crate::connect::EndCause;
 use crate::future::ResponseFuture;
 use crate::registry::{self, Decision, Entry, RouteStats};
-use crate::FallbackReason;
 
 /// Which route served a response: found in the response's extensions.
 ///
@@ -75,7 +76,11 @@ struct CachedRoute {
 
 #[derive(Debug, Clone)]
 enum CachedKind {
-    Daemon { channel: Channel, pid: u32, id: u64 },
+    Daemon {
+        channel: Channel,
+        pid: u32,
+        id: u64,
+    },
     InProcess,
     /// Require mode without a usable daemon.
     Refused(FallbackReason),
@@ -238,7 +243,7 @@ where
                         let id = *id;
                         self.cached = None;
                         if let Some(entry) = self.shared.entry() {
-                            entry.connection_lost(id);
+                            entry.connection_lost(id, EndCause::Daemon);
                         }
                         continue;
                     }

@@ -8,9 +8,9 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use support::*;
 use tokio_stream::StreamExt;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 use tower_local_daemon::daemon::DaemonError;
 use tower_local_daemon::{
     Daemon, FallbackReason, LocalDaemonStatus, Route, connect_local_daemon_channel, probe,
@@ -23,7 +23,11 @@ fn daemon_entry_point() {
 }
 
 fn mode_of(path: &std::path::Path) -> u32 {
-    std::fs::symlink_metadata(path).unwrap().permissions().mode() & 0o777
+    std::fs::symlink_metadata(path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777
 }
 
 fn listing(dir: &std::path::Path) -> Vec<String> {
@@ -56,7 +60,10 @@ fn two_daemons_started_together_exactly_one_serves_and_the_loser_names_the_holde
         "the loser's error names the holder: {stderr}"
     );
     // The winner is still the one serving.
-    assert_eq!(probe(dir.path()).status, LocalDaemonStatus::Running { pid: winner });
+    assert_eq!(
+        probe(dir.path()).status,
+        LocalDaemonStatus::Running { pid: winner }
+    );
     drop(winner_process);
 }
 
@@ -64,11 +71,18 @@ fn two_daemons_started_together_exactly_one_serves_and_the_loser_names_the_holde
 fn sigterm_stops_the_daemon_and_leaves_no_files() {
     let dir = TestDir::new("sigterm");
     let daemon = DaemonProcess::start(dir.path());
-    assert_eq!(listing(&dir.sockets()), ["grpc.lock", "grpc.pid", "grpc.sock"]);
+    assert_eq!(
+        listing(&dir.sockets()),
+        ["grpc.lock", "grpc.pid", "grpc.sock"]
+    );
     daemon.signal(Signal::SIGTERM);
     let (code, stderr) = daemon.wait_exit();
     assert_eq!(code, Some(0), "{stderr}");
-    assert!(listing(&dir.sockets()).is_empty(), "{:?}", listing(&dir.sockets()));
+    assert!(
+        listing(&dir.sockets()).is_empty(),
+        "{:?}",
+        listing(&dir.sockets())
+    );
 }
 
 #[test]
@@ -85,7 +99,10 @@ fn crash_leftovers_read_as_stale_and_the_next_daemon_starts_and_serves() {
         }
     );
     let next = DaemonProcess::start(dir.path());
-    assert_eq!(probe(dir.path()).status, LocalDaemonStatus::Running { pid: next.pid() });
+    assert_eq!(
+        probe(dir.path()).status,
+        LocalDaemonStatus::Running { pid: next.pid() }
+    );
 }
 
 #[test]
@@ -118,7 +135,11 @@ async fn connection_from_another_uid_is_dropped_and_counted() {
     let status = tokio::task::spawn_blocking(move || client.wait().unwrap())
         .await
         .unwrap();
-    assert_eq!(status.code(), Some(0), "nobody connected, and the daemon hung up");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "nobody connected, and the daemon hung up"
+    );
     assert_eq!(daemon.counters.refused_peers(), 1);
     assert_eq!(daemon.counters.calls(), 0);
 
@@ -148,7 +169,10 @@ async fn watch_stream_opened_before_sigterm_sees_not_serving() {
     let next = tokio::time::timeout(Duration::from_secs(20), watch.next())
         .await
         .expect("the watch stream hung");
-    assert_eq!(next.unwrap().unwrap().status, ServingStatus::NotServing as i32);
+    assert_eq!(
+        next.unwrap().unwrap().status,
+        ServingStatus::NotServing as i32
+    );
     assert_eq!(daemon.wait_exit().0, Some(0));
 }
 
@@ -171,7 +195,10 @@ async fn health_check_carries_the_version_metadata() {
         .await
         .unwrap();
     assert_eq!(
-        response.metadata().get(tower_local_daemon::VERSION_METADATA_KEY).unwrap(),
+        response
+            .metadata()
+            .get(tower_local_daemon::VERSION_METADATA_KEY)
+            .unwrap(),
         "3.1.4"
     );
     assert_eq!(response.get_ref().status, ServingStatus::Serving as i32);
@@ -188,7 +215,12 @@ async fn socket_path_longer_than_sun_path_works_on_both_sides() {
     assert!(socket.as_os_str().len() > 107, "{}", socket.display());
 
     let daemon = DaemonProcess::start(&deep);
-    assert!(std::fs::symlink_metadata(&socket).unwrap().file_type().is_socket());
+    assert!(
+        std::fs::symlink_metadata(&socket)
+            .unwrap()
+            .file_type()
+            .is_socket()
+    );
     let svc = layered(test_layer(&deep));
     let response = echo(&mut EchoClient::new(svc), 1).await.unwrap();
     assert_eq!(
@@ -231,7 +263,10 @@ async fn sockets_directory_owned_by_another_user_is_refused() {
     let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
     nix::unistd::chown(&dir.sockets(), Some(nobody.uid), Some(nobody.gid)).unwrap();
     let error = Daemon::new(dir.path()).bind().unwrap_err();
-    assert!(matches!(error, DaemonError::UnsafeDirectory { .. }), "{error}");
+    assert!(
+        matches!(error, DaemonError::UnsafeDirectory { .. }),
+        "{error}"
+    );
 }
 
 /// A daemon served by this test process, stopped by a shutdown future.

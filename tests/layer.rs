@@ -62,16 +62,16 @@ async fn stale_pidfile_of_an_exited_process_serves_in_process_as_process_gone() 
     let pid = exited.id();
     exited.wait().unwrap();
     std::fs::create_dir_all(dir.sockets()).unwrap();
-    let pidfile = Pidfile {
-        pid,
-        started_at: 1,
-    };
+    let pidfile = Pidfile { pid, started_at: 1 };
     std::fs::write(dir.sockets().join("grpc.pid"), pidfile.render()).unwrap();
 
     let svc = layered(test_layer(dir.path()));
     let response = echo(&mut EchoClient::new(svc.clone()), 1).await.unwrap();
     assert_eq!(served_by(&response), ("in-process", Some(Route::InProcess)));
-    assert_eq!(svc.stats().unwrap().route, Some(Err(FallbackReason::ProcessGone)));
+    assert_eq!(
+        svc.stats().unwrap().route,
+        Some(Err(FallbackReason::ProcessGone))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,7 +131,10 @@ async fn killed_daemon_sends_later_calls_in_process_without_hanging() {
     let daemon = DaemonProcess::start(dir.path());
     let svc = layered(test_layer(dir.path()).reprobe_interval(Duration::from_secs(3600)));
     let mut client = EchoClient::new(svc.clone());
-    assert_eq!(echo(&mut client, 1).await.unwrap().get_ref().served_by, "daemon");
+    assert_eq!(
+        echo(&mut client, 1).await.unwrap().get_ref().served_by,
+        "daemon"
+    );
 
     daemon.kill_now();
     wait_until_async("the route is invalidated", || async {
@@ -152,7 +155,10 @@ async fn restarted_daemon_is_picked_up_after_the_reprobe_interval() {
     let first = DaemonProcess::start(dir.path());
     let svc = layered(test_layer(dir.path()));
     let mut client = EchoClient::new(svc.clone());
-    assert_eq!(echo(&mut client, 1).await.unwrap().get_ref().pid, first.pid());
+    assert_eq!(
+        echo(&mut client, 1).await.unwrap().get_ref().pid,
+        first.pid()
+    );
 
     first.kill_now();
     wait_until_async("the route is invalidated", || async {
@@ -211,7 +217,10 @@ async fn hung_daemon_is_noticed_by_keepalive_and_calls_go_in_process() {
             .keepalive(Duration::from_millis(200), Duration::from_millis(300)),
     );
     let mut client = EchoClient::new(svc.clone());
-    assert_eq!(echo(&mut client, 1).await.unwrap().get_ref().served_by, "daemon");
+    assert_eq!(
+        echo(&mut client, 1).await.unwrap().get_ref().served_by,
+        "daemon"
+    );
 
     daemon.signal(Signal::SIGSTOP);
     wait_until_async("keepalive gives the connection up", || async {
@@ -230,9 +239,15 @@ async fn require_mode_without_daemon_fails_with_unavailable_naming_the_reason() 
             .mode(Mode::Require)
             .deadline(Duration::from_millis(100)),
     );
-    let status = echo(&mut EchoClient::new(svc.clone()), 1).await.unwrap_err();
+    let status = echo(&mut EchoClient::new(svc.clone()), 1)
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable);
-    assert!(status.message().contains("no pidfile"), "{}", status.message());
+    assert!(
+        status.message().contains("no pidfile"),
+        "{}",
+        status.message()
+    );
     assert_eq!(svc.stats().unwrap().in_process_calls, 0);
 }
 

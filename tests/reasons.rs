@@ -23,7 +23,10 @@ fn daemon_entry_point() {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 /// A repository directory with a `sockets/` directory, readable by everyone so that `nobody`
@@ -94,24 +97,39 @@ fn malformed_pidfile() {
     std::fs::write(f.pidfile(), "4242\n").unwrap();
     assert_eq!(
         f.status(),
-        absent(FallbackReason::MalformedPidfile(PidfileError::LineCount { found: 1 }))
+        absent(FallbackReason::MalformedPidfile(PidfileError::LineCount {
+            found: 1
+        }))
     );
 }
 
 #[test]
 fn pidfile_that_is_a_fifo_a_directory_or_a_symlink_is_unreadable_without_blocking() {
     let f = Fixture::new("r-fifo");
-    nix::unistd::mkfifo(&f.pidfile(), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
-    assert_eq!(f.status(), absent(FallbackReason::UnreadablePidfile { error: None }));
+    nix::unistd::mkfifo(
+        &f.pidfile(),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    assert_eq!(
+        f.status(),
+        absent(FallbackReason::UnreadablePidfile { error: None })
+    );
 
     let f = Fixture::new("r-pid-dir");
     std::fs::create_dir(f.pidfile()).unwrap();
-    assert_eq!(f.status(), absent(FallbackReason::UnreadablePidfile { error: None }));
+    assert_eq!(
+        f.status(),
+        absent(FallbackReason::UnreadablePidfile { error: None })
+    );
 
     for target in ["/dev/zero", "/dev/urandom"] {
         let f = Fixture::new("r-pid-symlink");
         std::os::unix::fs::symlink(target, f.pidfile()).unwrap();
-        assert_eq!(f.status(), absent(FallbackReason::UnreadablePidfile { error: None }));
+        assert_eq!(
+            f.status(),
+            absent(FallbackReason::UnreadablePidfile { error: None })
+        );
     }
 }
 
@@ -149,8 +167,11 @@ fn zombie_process_is_gone() {
     let f = Fixture::new("r-zombie");
     let mut child = Command::new("sleep").arg("60").spawn().unwrap();
     let pid = child.id();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL)
-        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::SIGKILL,
+    )
+    .unwrap();
     wait_until("the child is a zombie", || {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
             .is_ok_and(|s| s.contains("State:\tZ"))
@@ -169,7 +190,10 @@ fn process_of_another_uid_probed_as_nobody_is_foreign_not_dead() {
         nobody.probe(f.dir.path()),
         format!(
             "{:?}",
-            f.stale(std::process::id(), FallbackReason::ForeignProcess { uid: 0 })
+            f.stale(
+                std::process::id(),
+                FallbackReason::ForeignProcess { uid: 0 }
+            )
         )
     );
 }
@@ -179,7 +203,10 @@ fn live_unrelated_process_is_another_executable() {
     let f = Fixture::new("r-unrelated");
     let mut sleep = Command::new("sleep").arg("60").spawn().unwrap();
     f.write_pidfile(sleep.id(), now() + 1);
-    assert_eq!(f.status(), f.stale(sleep.id(), FallbackReason::ExecutableMismatch));
+    assert_eq!(
+        f.status(),
+        f.stale(sleep.id(), FallbackReason::ExecutableMismatch)
+    );
     sleep.kill().unwrap();
     sleep.wait().unwrap();
 }
@@ -238,7 +265,10 @@ fn daemon_that_wrote_its_pidfile_seconds_after_it_started_is_still_running() {
 fn no_socket() {
     let f = Fixture::new("r-no-socket");
     f.write_own_pidfile();
-    assert_eq!(f.status(), f.stale(std::process::id(), FallbackReason::NoSocket));
+    assert_eq!(
+        f.status(),
+        f.stale(std::process::id(), FallbackReason::NoSocket)
+    );
 }
 
 #[test]
@@ -249,17 +279,26 @@ fn socket_path_that_is_a_regular_file_a_directory_or_a_symlink_is_not_a_socket()
     let f = Fixture::new("r-socket-file");
     f.write_own_pidfile();
     std::fs::write(f.socket(), "").unwrap();
-    assert_eq!(f.status(), f.stale(std::process::id(), FallbackReason::NotASocket));
+    assert_eq!(
+        f.status(),
+        f.stale(std::process::id(), FallbackReason::NotASocket)
+    );
 
     let f = Fixture::new("r-socket-dir");
     f.write_own_pidfile();
     std::fs::create_dir(f.socket()).unwrap();
-    assert_eq!(f.status(), f.stale(std::process::id(), FallbackReason::NotASocket));
+    assert_eq!(
+        f.status(),
+        f.stale(std::process::id(), FallbackReason::NotASocket)
+    );
 
     let f = Fixture::new("r-socket-symlink");
     f.write_own_pidfile();
     std::os::unix::fs::symlink(real.socket(), f.socket()).unwrap();
-    assert_eq!(f.status(), f.stale(std::process::id(), FallbackReason::NotASocket));
+    assert_eq!(
+        f.status(),
+        f.stale(std::process::id(), FallbackReason::NotASocket)
+    );
 }
 
 #[test]
@@ -358,7 +397,10 @@ async fn socket_listened_on_by_another_uid_is_a_peer_uid_mismatch() {
     let mut line = String::new();
     while !line.contains("listening") {
         line.clear();
-        assert!(stdout.read_line(&mut line).unwrap() > 0, "the listener exited");
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "the listener exited"
+        );
     }
     // The file is root's, so the socket-owner check passes; the peer is still nobody.
     nix::unistd::chown(&f.socket(), Some(nix::unistd::Uid::from_raw(0)), None).unwrap();

@@ -105,7 +105,9 @@ impl echo_server::Echo for EchoService {
                 tokio::time::sleep(Duration::from_millis(interval_ms.into())).await;
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
@@ -117,10 +119,10 @@ pub mod echo_client {
         dead_code,
         missing_docs,
         clippy::wildcard_imports,
-        clippy::let_unit_value,
+        clippy::let_unit_value
     )]
-    use tonic::codegen::*;
     use tonic::codegen::http::Uri;
+    use tonic::codegen::*;
     #[derive(Debug, Clone)]
     pub struct EchoClient<T> {
         inner: tonic::client::Grpc<T>,
@@ -151,22 +153,18 @@ pub mod echo_client {
             let inner = tonic::client::Grpc::with_origin(inner, origin);
             Self { inner }
         }
-        pub fn with_interceptor<F>(
-            inner: T,
-            interceptor: F,
-        ) -> EchoClient<InterceptedService<T, F>>
+        pub fn with_interceptor<F>(inner: T, interceptor: F) -> EchoClient<InterceptedService<T, F>>
         where
             F: tonic::service::Interceptor,
             T::ResponseBody: Default,
             T: tonic::codegen::Service<
-                http::Request<tonic::body::Body>,
-                Response = http::Response<
-                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                    http::Request<tonic::body::Body>,
+                    Response = http::Response<
+                        <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                    >,
                 >,
-            >,
-            <T as tonic::codegen::Service<
-                http::Request<tonic::body::Body>,
-            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+            <T as tonic::codegen::Service<http::Request<tonic::body::Body>>>::Error:
+                Into<StdError> + std::marker::Send + std::marker::Sync,
         {
             EchoClient::new(InterceptedService::new(inner, interceptor))
         }
@@ -205,18 +203,14 @@ pub mod echo_client {
             &mut self,
             request: impl tonic::IntoRequest<super::EchoRequest>,
         ) -> std::result::Result<tonic::Response<super::EchoReply>, tonic::Status> {
-            self.inner
-                .ready()
-                .await
-                .map_err(|e| {
-                    tonic::Status::unknown(
-                        format!("Service was not ready: {}", e.into()),
-                    )
-                })?;
+            self.inner.ready().await.map_err(|e| {
+                tonic::Status::unknown(format!("Service was not ready: {}", e.into()))
+            })?;
             let codec = tonic_prost::ProstCodec::default();
             let path = http::uri::PathAndQuery::from_static("/echo.v1.Echo/Echo");
             let mut req = request.into_request();
-            req.extensions_mut().insert(GrpcMethod::new("echo.v1.Echo", "Echo"));
+            req.extensions_mut()
+                .insert(GrpcMethod::new("echo.v1.Echo", "Echo"));
             self.inner.unary(req, path, codec).await
         }
         pub async fn count(
@@ -226,18 +220,14 @@ pub mod echo_client {
             tonic::Response<tonic::codec::Streaming<super::EchoReply>>,
             tonic::Status,
         > {
-            self.inner
-                .ready()
-                .await
-                .map_err(|e| {
-                    tonic::Status::unknown(
-                        format!("Service was not ready: {}", e.into()),
-                    )
-                })?;
+            self.inner.ready().await.map_err(|e| {
+                tonic::Status::unknown(format!("Service was not ready: {}", e.into()))
+            })?;
             let codec = tonic_prost::ProstCodec::default();
             let path = http::uri::PathAndQuery::from_static("/echo.v1.Echo/Count");
             let mut req = request.into_request();
-            req.extensions_mut().insert(GrpcMethod::new("echo.v1.Echo", "Count"));
+            req.extensions_mut()
+                .insert(GrpcMethod::new("echo.v1.Echo", "Count"));
             self.inner.server_streaming(req, path, codec).await
         }
     }
@@ -249,7 +239,7 @@ pub mod echo_server {
         dead_code,
         missing_docs,
         clippy::wildcard_imports,
-        clippy::let_unit_value,
+        clippy::let_unit_value
     )]
     use tonic::codegen::*;
     /// Generated trait containing gRPC methods that should be implemented for use with EchoServer.
@@ -262,8 +252,7 @@ pub mod echo_server {
         /// Server streaming response type for the Count method.
         type CountStream: tonic::codegen::tokio_stream::Stream<
                 Item = std::result::Result<super::EchoReply, tonic::Status>,
-            >
-            + std::marker::Send
+            > + std::marker::Send
             + 'static;
         async fn count(
             &self,
@@ -291,10 +280,7 @@ pub mod echo_server {
                 max_encoding_message_size: None,
             }
         }
-        pub fn with_interceptor<F>(
-            inner: T,
-            interceptor: F,
-        ) -> InterceptedService<Self, F>
+        pub fn with_interceptor<F>(inner: T, interceptor: F) -> InterceptedService<Self, F>
         where
             F: tonic::service::Interceptor,
         {
@@ -349,21 +335,15 @@ pub mod echo_server {
                 "/echo.v1.Echo/Echo" => {
                     #[allow(non_camel_case_types)]
                     struct EchoSvc<T: Echo>(pub Arc<T>);
-                    impl<T: Echo> tonic::server::UnaryService<super::EchoRequest>
-                    for EchoSvc<T> {
+                    impl<T: Echo> tonic::server::UnaryService<super::EchoRequest> for EchoSvc<T> {
                         type Response = super::EchoReply;
-                        type Future = BoxFuture<
-                            tonic::Response<Self::Response>,
-                            tonic::Status,
-                        >;
+                        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
                         fn call(
                             &mut self,
                             request: tonic::Request<super::EchoRequest>,
                         ) -> Self::Future {
                             let inner = Arc::clone(&self.0);
-                            let fut = async move {
-                                <T as Echo>::echo(&inner, request).await
-                            };
+                            let fut = async move { <T as Echo>::echo(&inner, request).await };
                             Box::pin(fut)
                         }
                     }
@@ -392,24 +372,17 @@ pub mod echo_server {
                 "/echo.v1.Echo/Count" => {
                     #[allow(non_camel_case_types)]
                     struct CountSvc<T: Echo>(pub Arc<T>);
-                    impl<
-                        T: Echo,
-                    > tonic::server::ServerStreamingService<super::CountRequest>
-                    for CountSvc<T> {
+                    impl<T: Echo> tonic::server::ServerStreamingService<super::CountRequest> for CountSvc<T> {
                         type Response = super::EchoReply;
                         type ResponseStream = T::CountStream;
-                        type Future = BoxFuture<
-                            tonic::Response<Self::ResponseStream>,
-                            tonic::Status,
-                        >;
+                        type Future =
+                            BoxFuture<tonic::Response<Self::ResponseStream>, tonic::Status>;
                         fn call(
                             &mut self,
                             request: tonic::Request<super::CountRequest>,
                         ) -> Self::Future {
                             let inner = Arc::clone(&self.0);
-                            let fut = async move {
-                                <T as Echo>::count(&inner, request).await
-                            };
+                            let fut = async move { <T as Echo>::count(&inner, request).await };
                             Box::pin(fut)
                         }
                     }
@@ -435,25 +408,19 @@ pub mod echo_server {
                     };
                     Box::pin(fut)
                 }
-                _ => {
-                    Box::pin(async move {
-                        let mut response = http::Response::new(
-                            tonic::body::Body::default(),
-                        );
-                        let headers = response.headers_mut();
-                        headers
-                            .insert(
-                                tonic::Status::GRPC_STATUS,
-                                (tonic::Code::Unimplemented as i32).into(),
-                            );
-                        headers
-                            .insert(
-                                http::header::CONTENT_TYPE,
-                                tonic::metadata::GRPC_CONTENT_TYPE,
-                            );
-                        Ok(response)
-                    })
-                }
+                _ => Box::pin(async move {
+                    let mut response = http::Response::new(tonic::body::Body::default());
+                    let headers = response.headers_mut();
+                    headers.insert(
+                        tonic::Status::GRPC_STATUS,
+                        (tonic::Code::Unimplemented as i32).into(),
+                    );
+                    headers.insert(
+                        http::header::CONTENT_TYPE,
+                        tonic::metadata::GRPC_CONTENT_TYPE,
+                    );
+                    Ok(response)
+                }),
             }
         }
     }

@@ -76,10 +76,11 @@ impl LifetimeLock {
 fn read_holder(mut file: File) -> Option<u32> {
     for _ in 0..20 {
         let mut text = String::new();
-        if file.rewind().is_ok() && file.read_to_string(&mut text).is_ok() {
-            if let Ok(pid) = text.trim().parse() {
-                return Some(pid);
-            }
+        if file.rewind().is_ok()
+            && file.read_to_string(&mut text).is_ok()
+            && let Ok(pid) = text.trim().parse()
+        {
+            return Some(pid);
         }
         std::thread::sleep(Duration::from_millis(5));
     }

@@ -21,7 +21,7 @@
 //! | `<dir>/sockets/` | directory, mode `0700`, owned by the daemon's effective uid | created at start |
 //! | `<dir>/sockets/grpc.lock` | the holder's pid and a newline; `flock`-ed for the daemon's life | at start |
 //! | `<dir>/sockets/grpc.sock` | the listening socket, mode `0600` from the moment it exists | after the lock |
-//! | `<dir>/sockets/grpc.pid` | the [`Pidfile`](crate::Pidfile), written atomically | once serving |
+//! | `<dir>/sockets/grpc.pid` | the [`Pidfile`], written atomically | once serving |
 //!
 //! The start, in order: take the lock (or fail with [`DaemonError::AlreadyRunning`] naming the
 //! holder), remove leftovers of a crashed daemon (never a socket someone still answers on),
@@ -328,7 +328,9 @@ impl BoundDaemon {
         } = self;
         let paths = daemon.paths.clone();
         let (reporter, health) = tonic_health::server::health_reporter();
-        let names: Vec<&'static str> = std::iter::once("").chain(daemon.services.iter().copied()).collect();
+        let names: Vec<&'static str> = std::iter::once("")
+            .chain(daemon.services.iter().copied())
+            .collect();
         set_all(&reporter, &names, ServingStatus::NotServing).await;
 
         let routes = match daemon.routes {
@@ -375,7 +377,12 @@ impl BoundDaemon {
         }
         tracing::info!(socket = %paths.socket.display(), pid = pidfile.pid, "local daemon serving");
 
-        let stop = stop_signal(shutdown, daemon.handle_signals, daemon.idle_timeout, &daemon.counters);
+        let stop = stop_signal(
+            shutdown,
+            daemon.handle_signals,
+            daemon.idle_timeout,
+            &daemon.counters,
+        );
         let served_to_end = tokio::select! {
             result = &mut server => Some(result),
             why = stop => {
@@ -434,7 +441,9 @@ async fn stop_signal(
                 _ = int.recv() => "SIGINT",
             },
             _ => {
-                tracing::warn!("could not install signal handlers; only the shutdown future stops the daemon");
+                tracing::warn!(
+                    "could not install signal handlers; only the shutdown future stops the daemon"
+                );
                 std::future::pending().await
             }
         }
@@ -548,10 +557,10 @@ fn socket_answers(socket: &Path) -> bool {
 /// Removes the pidfile, the socket and the lock file, in that order, while the lock is held.
 fn remove_files(paths: &DaemonPaths, lock: LifetimeLock) {
     for path in [&paths.pidfile, &paths.socket] {
-        if let Err(e) = std::fs::remove_file(path) {
-            if e.kind() != io::ErrorKind::NotFound {
-                tracing::warn!(path = %path.display(), error = %e, "could not remove");
-            }
+        if let Err(e) = std::fs::remove_file(path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove");
         }
     }
     lock.remove();

@@ -1,6 +1,6 @@
 //! What the integration tests share: throwaway directories, a real daemon process (this test
 //! binary re-executed), a client over the layer, and bounded waits.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 #[path = "../../examples/demo/echo.rs"]
 pub mod echo;
@@ -221,9 +221,10 @@ impl DaemonProcess {
     pub fn start_with(dir: &Path, options: DaemonOptions) -> Self {
         let daemon = Self::spawn(dir, &options);
         let pid = daemon.pid();
-        wait_until("the daemon writes its pidfile", || {
-            matches!(probe(dir).status, LocalDaemonStatus::Running { pid: p } if p == pid)
-        });
+        wait_until(
+            "the daemon writes its pidfile",
+            || matches!(probe(dir).status, LocalDaemonStatus::Running { pid: p } if p == pid),
+        );
         daemon
     }
 

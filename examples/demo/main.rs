@@ -1,0 +1,212 @@
+//! The demo: one binary that is both the CLI and its daemon, so the default identity check
+//! (the daemon runs our own executable) holds between them.
+//!
+//! ```text
+//! cargo run --example demo                 # the tour: in-process, daemon, in-process again
+//! cargo run --example demo -- serve DIR    # run a daemon for DIR until SIGTERM or Ctrl-C
+//! cargo run --example demo -- call DIR     # one call through the layer, then exit
+//! cargo run --example demo -- status DIR   # every check, its outcome and what to do
+//! ```
+//!
+//! `RUST_LOG=tower_local_daemon=debug` shows each routing decision with its reason and timings.
+//! `DEMO_FALLBACK_BUILD_MS=20` makes building the in-process service take that long, like
+//! opening a large repository.
+
+#[allow(clippy::all)]
+mod echo;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use echo::echo_client::EchoClient;
+use echo::echo_server::EchoServer;
+use echo::{EchoRequest, EchoService};
+use tower::ServiceBuilder;
+use tower_local_daemon::{Daemon, LazyFallback, LocalDaemonLayer, LocalDaemonStatus, Route, probe};
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime");
+    match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        [] => tour(),
+        ["serve", dir] => runtime.block_on(serve(Path::new(dir))),
+        ["call", dir] => runtime.block_on(call(Path::new(dir))),
+        ["status", dir] => runtime.block_on(status(Path::new(dir))),
+        _ => {
+            eprintln!("usage: demo [serve DIR | call DIR | status DIR]");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs a daemon for `dir` until SIGTERM, SIGINT or Ctrl-C.
+async fn serve(dir: &Path) -> ExitCode {
+    eprintln!("serving {} as pid {}", dir.display(), std::process::id());
+    let result = Daemon::new(dir)
+        .version(env!("CARGO_PKG_VERSION"))
+        .add_service(EchoServer::new(EchoService::new("daemon")))
+        .serve(std::future::pending())
+        .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One call through the layer, the way a CLI verb makes it: a fresh process, a fresh layer.
+async fn call(dir: &Path) -> ExitCode {
+    let build_cost = std::env::var("DEMO_FALLBACK_BUILD_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or_default();
+    let svc = ServiceBuilder::new()
+        .layer(LocalDaemonLayer::new(dir))
+        .service(LazyFallback::new(move || async move {
+            // Stands for opening the repository: paid only when a call runs in-process.
+            tokio::time::sleep(build_cost).await;
+            Ok::<_, std::convert::Infallible>(EchoServer::new(EchoService::new("in-process")))
+        }));
+    let mut client = EchoClient::new(svc.clone());
+
+    let start = Instant::now();
+    let result = client
+        .echo(EchoRequest {
+            message: "hello".into(),
+            id: 1,
+            delay_ms: 0,
+        })
+        .await;
+    let latency = start.elapsed();
+    let response = match result {
+        Ok(response) => response,
+        Err(status) => {
+            println!("call failed: {status}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let route = match response.extensions().get::<Route>() {
+        Some(Route::Daemon { pid }) => format!("daemon (pid {pid})"),
+        Some(Route::InProcess) => "in-process".to_owned(),
+        None => "unknown".to_owned(),
+    };
+    let reason = match svc.stats().and_then(|s| s.route) {
+        Some(Ok(_)) => "every check passed".to_owned(),
+        Some(Err(reason)) => reason.to_string(),
+        None => format!("mode {}", svc.mode()),
+    };
+    println!("route:   {route}");
+    println!("latency: {latency:.2?} (the whole first call, checks included)");
+    println!("reason:  {reason}");
+    println!(
+        "reply:   {:?} from {}",
+        response.get_ref().message,
+        response.get_ref().served_by
+    );
+    ExitCode::SUCCESS
+}
+
+/// The doctor report: exit 0 when a client would use the daemon.
+async fn status(dir: &Path) -> ExitCode {
+    let report = LocalDaemonLayer::new(dir).diagnose().await;
+    println!("{report}");
+    if report.usable() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// No arguments: a throwaway repository, a call without a daemon, with one, and after it.
+fn tour() -> ExitCode {
+    let dir = std::env::temp_dir()
+        .join(format!("tower-local-daemon-demo-{}", std::process::id()))
+        .join(".heddle");
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    println!("A throwaway repository directory: {}\n", dir.display());
+    let code = run_tour(&dir);
+    let _ = std::fs::remove_dir_all(dir.parent().expect("the directory has a parent"));
+    code
+}
+
+fn run_tour(dir: &Path) -> ExitCode {
+    let exe = std::env::current_exe().expect("our own executable");
+    println!("1. No daemon is running. A call runs in-process:");
+    demo_call(&exe, dir);
+
+    println!("2. Start a daemon for it (this same binary, `demo serve DIR`), then call again:");
+    let mut daemon = DaemonChild(
+        Command::new(&exe)
+            .arg("serve")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the daemon starts"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(probe(dir).status, LocalDaemonStatus::Running { .. }) {
+        if Instant::now() > deadline {
+            eprintln!("the daemon did not start within 10 s");
+            return ExitCode::FAILURE;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!("   (daemon pid {})", daemon.0.id());
+    demo_call(&exe, dir);
+
+    println!("3. Stop the daemon (SIGTERM: it removes its files), then call again:");
+    daemon.stop();
+    demo_call(&exe, dir);
+    println!("`cargo run --example demo -- status DIR` explains a decision check by check.");
+    ExitCode::SUCCESS
+}
+
+/// Runs `demo call DIR` as its own process, as a CLI verb would run, and indents its output.
+fn demo_call(exe: &PathBuf, dir: &Path) {
+    let output = Command::new(exe)
+        .arg("call")
+        .arg(dir)
+        .output()
+        .expect("the call runs");
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        println!("   {line}");
+    }
+    println!();
+}
+
+/// The tour's daemon: stopped with SIGTERM, and killed if the tour ends early.
+struct DaemonChild(std::process::Child);
+
+impl DaemonChild {
+    fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for DaemonChild {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! [`LazyFallback`]: an in-process service built on the first call that needs it.
+//!
+//! In a real CLI, building the in-process service is the expensive part: it opens the
+//! repository. Wrapping an already built `FooServer` pays that even when the daemon serves every
+//! call. Under a [`LocalDaemon`](crate::LocalDaemon), the in-process service is polled only when
+//! a call routes in-process, so a `LazyFallback` there costs nothing on the daemon route.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use pin_project_lite::pin_project;
+use tonic::Status;
+use tower::{BoxError, Service};
+
+/// A service built by an async factory on the first call that reaches it, then shared by every
+/// clone.
+///
+/// The build runs once for all concurrent callers, on a task of its own. A build error fails
+/// the calls that waited for that build with `UNAVAILABLE` naming the error, and the next call
+/// builds again.
+///
+/// ```
+/// use tower::ServiceBuilder;
+/// use tower_local_daemon::{LazyFallback, LocalDaemonLayer};
+/// # type FooServer = tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>;
+/// # async fn open_repository() -> Result<FooServer, std::io::Error> {
+/// #     use tonic_health::server::{HealthReporter, HealthService};
+/// #     Ok(FooServer::new(HealthService::from_health_reporter(HealthReporter::new())))
+/// # }
+///
+/// let svc = ServiceBuilder::new()
+///     .layer(LocalDaemonLayer::new(".heddle"))
+///     .service(LazyFallback::new(|| async {
+///         // Runs only if a call goes in-process.
+///         open_repository().await
+///     }));
+/// # let _ = svc;
+/// ```
+pub struct LazyFallback<F, S> {
+    shared: Arc<Shared<F, S>>,
+    local: Local<S>,
+}
+
+struct Shared<F, S> {
+    factory: F,
+    state: Mutex<Build<S>>,
+}
+
+enum Build<S> {
+    NotStarted,
+    Building { waiters: Vec<Waker> },
+    Failed { id: u64, message: String },
+    Built(S),
+}
+
+/// What this clone has.
+enum Local<S> {
+    Empty,
+    /// This clone's call waits for build `id`.
+    Waiting(u64),
+    /// The build this clone waited for failed: the next call fails with this.
+    Failed(Status),
+    Ready(S),
+}
+
+impl<F, S: Clone> Clone for LazyFallback<F, S> {
+    fn clone(&self) -> Self {
+        let local = match &self.local {
+            Local::Ready(service) => Local::Ready(service.clone()),
+            _ => Local::Empty,
+        };
+        Self {
+            shared: self.shared.clone(),
+            local,
+        }
+    }
+}
+
+impl<F, S> fmt::Debug for LazyFallback<F, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &*self.shared.lock() {
+            Build::NotStarted => "not started",
+            Build::Building { .. } => "building",
+            Build::Failed { .. } => "failed",
+            Build::Built(_) => "built",
+        };
+        f.debug_struct("LazyFallback")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl<F, S> Shared<F, S> {
+    fn lock(&self) -> MutexGuard<'_, Build<S>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<F, Fut, S, E> LazyFallback<F, S>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<S, E>> + Send + 'static,
+    S: Clone + Send + 'static,
+    E: fmt::Display,
+{
+    /// A service that `factory` builds on the first call that reaches it.
+    pub fn new(factory: F) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                factory,
+                state: Mutex::new(Build::NotStarted),
+            }),
+            local: Local::Empty,
+        }
+    }
+
+    /// Whether the service has been built.
+    pub fn is_built(&self) -> bool {
+        matches!(*self.shared.lock(), Build::Built(_))
+    }
+
+    /// Moves this clone on: `Ready(())` once it has a service or a failure for its call.
+    fn poll_build(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if matches!(self.local, Local::Ready(_) | Local::Failed(_)) {
+            return Poll::Ready(());
+        }
+        let mut state = self.shared.lock();
+        match &mut *state {
+            Build::Built(service) => {
+                self.local = Local::Ready(service.clone());
+                return Poll::Ready(());
+            }
+            Build::Failed { id, message } if matches!(self.local, Local::Waiting(w) if w == *id) => {
+                self.local = Local::Failed(Status::unavailable(format!(
+                    "building the in-process service failed: {message}"
+                )));
+                return Poll::Ready(());
+            }
+            Build::Building { waiters, .. } => {
+                waiters.push(cx.waker().clone());
+                return Poll::Pending;
+            }
+            Build::NotStarted | Build::Failed { .. } => {}
+        }
+        let id = match &*state {
+            Build::Failed { id, .. } => id + 1,
+            _ => 0,
+        };
+        *state = Build::Building {
+            waiters: vec![cx.waker().clone()],
+        };
+        drop(state);
+        self.local = Local::Waiting(id);
+        let shared = self.shared.clone();
+        let build = (self.shared.factory)();
+        tokio::spawn(async move {
+            let built = match build.await {
+                Ok(service) => Build::Built(service),
+                Err(e) => Build::Failed {
+                    id,
+                    message: e.to_string(),
+                },
+            };
+            let previous = std::mem::replace(&mut *shared.lock(), built);
+            if let Build::Building { waiters, .. } = previous {
+                waiters.into_iter().for_each(Waker::wake);
+            }
+        });
+        Poll::Pending
+    }
+}
+
+impl<F, Fut, S, E, Request> Service<Request> for LazyFallback<F, S>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<S, E>> + Send + 'static,
+    S: Service<Request> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    E: fmt::Display,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = LazyFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        std::task::ready!(self.poll_build(cx));
+        match &mut self.local {
+            Local::Ready(service) => service.poll_ready(cx).map_err(Into::into),
+            // A build failure fails the call, not readiness: clients report a readiness error
+            // as "Service was not ready".
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        match std::mem::replace(&mut self.local, Local::Empty) {
+            Local::Ready(mut service) => {
+                let future = service.call(request);
+                self.local = Local::Ready(service);
+                LazyFuture::call(future)
+            }
+            Local::Failed(status) => LazyFuture::failed(status),
+            Local::Empty | Local::Waiting(_) => {
+                panic!("LazyFallback::call was called before poll_ready returned Ready(Ok)")
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`LazyFallback`].
+    pub struct LazyFuture<F> {
+        #[pin]
+        kind: Kind<F>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F> {
+        Call { #[pin] future: F },
+        Failed { status: Option<Status> },
+    }
+}
+
+impl<F> LazyFuture<F> {
+    fn call(future: F) -> Self {
+        Self {
+            kind: Kind::Call { future },
+        }
+    }
+
+    fn failed(status: Status) -> Self {
+        Self {
+            kind: Kind::Failed {
+                status: Some(status),
+            },
+        }
+    }
+}
+
+impl<F> fmt::Debug for LazyFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Call { .. } => f.write_str("LazyFuture::Call"),
+            Kind::Failed { status } => f.debug_tuple("LazyFuture::Failed").field(status).finish(),
+        }
+    }
+}
+
+impl<F, T, E> Future for LazyFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Call { future } => future.poll(cx).map_err(Into::into),
+            KindProj::Failed { status } => Poll::Ready(Err(status
+                .take()
+                .expect("LazyFuture polled after completion")
+                .into())),
+        }
+    }
+}
