@@ -1,0 +1,482 @@
+//! Both routes measured against their baselines, each comparison in one group with an A/A
+//! control (the layered side measured a second time, after the baseline) so the noise floor is
+//! visible. `scripts/bench` runs these quickly and prints one table of medians and ratios.
+//!
+//! The daemon is this bench binary re-executed (so the same-executable check passes); the
+//! whole-process group runs the `demo` example's `call` subcommand, built by `scripts/bench`.
+
+#[path = "../examples/demo/echo.rs"]
+#[allow(clippy::all)]
+mod echo;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::hint::black_box;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkGroup, Criterion, measurement::WallTime};
+use echo::echo_client::EchoClient;
+use echo::echo_server::EchoServer;
+use echo::{EchoRequest, EchoService};
+use tokio::runtime::Runtime;
+use tonic::body::Body;
+use tonic::transport::{Channel, Endpoint};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower_local_daemon::{
+    Daemon, LocalDaemonLayer, LocalDaemonStatus, connect_local_daemon_channel, probe, reset,
+};
+
+const DAEMON_DIR_ENV: &str = "TLD_BENCH_DAEMON_DIR";
+const TCP_PORT_FILE: &str = "tcp-port";
+const RAW_ECHO_SOCKET: &str = "raw-echo.sock";
+/// About the bytes one unary echo call moves each way over HTTP/2 once HPACK is warm.
+const RAW_ECHO_BYTES: usize = 100;
+
+fn main() {
+    if let Ok(dir) = std::env::var(DAEMON_DIR_ENV) {
+        return serve(Path::new(&dir));
+    }
+    let fixture = Fixture::start();
+    let mut c = Criterion::default().configure_from_args();
+    warm_in_process(&mut c);
+    warm_daemon(&mut c, &fixture);
+    floors(&mut c, &fixture);
+    first_call_without_daemon(&mut c);
+    first_call_with_daemon(&mut c, &fixture);
+    concurrent(&mut c, &fixture);
+    whole_process(&mut c, &fixture);
+    c.final_summary();
+}
+
+// ---- The daemon process ----
+
+/// The daemon: the echo service on the repository socket, the same service on TCP loopback,
+/// and a raw Unix-socket echo.
+fn serve(dir: &Path) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(EchoServer::new(EchoService::new("tcp")))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(tcp)),
+        );
+        let raw = tokio::net::UnixListener::bind(dir.join(RAW_ECHO_SOCKET)).unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = raw.accept().await.unwrap();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = [0u8; RAW_ECHO_BYTES];
+                    while stream.read_exact(&mut buf).await.is_ok() {
+                        if stream.write_all(&buf).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        std::fs::write(dir.join(TCP_PORT_FILE), port.to_string()).unwrap();
+        Daemon::new(dir)
+            .add_service(EchoServer::new(EchoService::new("daemon")))
+            .serve(std::future::pending())
+            .await
+            .unwrap();
+    });
+}
+
+struct Fixture {
+    dir: PathBuf,
+    daemon: Child,
+    demo_daemon_dir: PathBuf,
+    demo_daemon: Option<Child>,
+    tcp_port: u16,
+}
+
+impl Fixture {
+    fn start() -> Self {
+        let root = std::env::temp_dir().join(format!("tld-bench-{}", std::process::id()));
+        let dir = root.join("repo");
+        std::fs::create_dir_all(&dir).unwrap();
+        let daemon = Command::new(std::env::current_exe().unwrap())
+            .env(DAEMON_DIR_ENV, &dir)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_running(&dir);
+        let port_file = dir.join(TCP_PORT_FILE);
+        let tcp_port = std::fs::read_to_string(port_file).unwrap().parse().unwrap();
+
+        let demo_daemon_dir = root.join("demo-repo");
+        std::fs::create_dir_all(&demo_daemon_dir).unwrap();
+        let demo_daemon = demo_binary().map(|demo| {
+            let child = Command::new(demo)
+                .arg("serve")
+                .arg(&demo_daemon_dir)
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            // The demo daemon is another executable than this bench: wait for its pidfile.
+            let pidfile = demo_daemon_dir.join("sockets/grpc.pid");
+            wait_for("the demo daemon", || pidfile.exists());
+            child
+        });
+        Self {
+            dir,
+            daemon,
+            demo_daemon_dir,
+            demo_daemon,
+            tcp_port,
+        }
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        for child in std::iter::once(&mut self.daemon).chain(self.demo_daemon.as_mut()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(root) = self.dir.parent() {
+            let _ = std::fs::remove_dir_all(root);
+        }
+    }
+}
+
+fn wait_running(dir: &Path) {
+    wait_for("the bench daemon", || {
+        matches!(probe(dir).status, LocalDaemonStatus::Running { .. })
+    });
+}
+
+fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready() {
+        assert!(Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The release build of the demo example, which `scripts/bench` builds first.
+fn demo_binary() -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/examples/demo");
+    path.exists().then_some(path)
+}
+
+// ---- Helpers ----
+
+fn current_thread() -> Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn multi_thread() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn request() -> EchoRequest {
+    EchoRequest {
+        message: "hello".into(),
+        id: 1,
+        delay_ms: 0,
+    }
+}
+
+fn in_process() -> EchoServer<EchoService> {
+    EchoServer::new(EchoService::new("in-process"))
+}
+
+fn layer(dir: &Path) -> LocalDaemonLayer {
+    LocalDaemonLayer::new(dir).mode_env_value(None)
+}
+
+/// Times `iters` sequential calls on `client` inside one `block_on`.
+fn bench_calls<T>(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, rt: &Runtime, client: EchoClient<T>)
+where
+    T: tonic::client::GrpcService<Body> + Clone,
+    T::Error: Into<tower::BoxError>,
+    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error: Into<tower::BoxError> + Send,
+{
+    group.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let mut client = client.clone();
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    black_box(client.echo(request()).await.unwrap());
+                }
+                start.elapsed()
+            })
+        })
+    });
+}
+
+/// A warm channel to the bench daemon, with the checks done.
+fn daemon_channel(rt: &Runtime, dir: &Path) -> Channel {
+    rt.block_on(connect_local_daemon_channel(dir, Duration::from_secs(5)))
+        .expect("the bench daemon passes every check")
+        .channel
+}
+
+// ---- 1. Warm call, in-process ----
+
+fn warm_in_process(c: &mut Criterion) {
+    let rt = current_thread();
+    let empty = std::env::temp_dir().join("tld-bench-no-daemon");
+    let layered = ServiceBuilder::new().layer(layer(&empty)).service(in_process());
+    let mut group = c.benchmark_group("1 warm in-process call");
+    bench_calls(&mut group, "layer", &rt, EchoClient::new(layered.clone()));
+    bench_calls(&mut group, "bare", &rt, EchoClient::new(in_process()));
+    bench_calls(&mut group, "layer (A/A)", &rt, EchoClient::new(layered));
+    group.finish();
+
+    // The layer's own floor: poll_ready and call over a service that does nothing.
+    let trivial = tower::service_fn(|_: http::Request<Body>| async {
+        Ok::<_, Infallible>(http::Response::new(Body::empty()))
+    });
+    let mut layered = layer(&empty).layer(trivial);
+    rt.block_on(async { layered.ready().await.unwrap().call(http::Request::new(Body::empty())).await.unwrap() });
+    let mut group = c.benchmark_group("1 layer floor, trivial service");
+    for (name, use_layer) in [("layer", true), ("bare", false), ("layer (A/A)", true)] {
+        let mut layered = layered.clone();
+        let mut bare = trivial;
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        if use_layer {
+                            black_box(poll_call(&mut layered).await);
+                        } else {
+                            black_box(poll_call(&mut bare).await);
+                        }
+                    }
+                    start.elapsed()
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+async fn poll_call<S>(svc: &mut S) -> S::Response
+where
+    S: Service<http::Request<Body>>,
+    S::Error: std::fmt::Debug,
+{
+    std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+    svc.call(http::Request::new(Body::empty())).await.unwrap()
+}
+
+// ---- 2. Warm call, daemon route ----
+
+fn warm_daemon(c: &mut Criterion, fixture: &Fixture) {
+    let rt = current_thread();
+    let layered = ServiceBuilder::new().layer(layer(&fixture.dir)).service(in_process());
+    let channel = daemon_channel(&rt, &fixture.dir);
+    let mut group = c.benchmark_group("2 warm daemon call");
+    bench_calls(&mut group, "layer", &rt, EchoClient::new(layered.clone()));
+    bench_calls(&mut group, "bare channel", &rt, EchoClient::new(channel));
+    bench_calls(&mut group, "layer (A/A)", &rt, EchoClient::new(layered));
+    group.finish();
+}
+
+// ---- 3. Floors and alternatives, per runtime flavour ----
+
+fn floors(c: &mut Criterion, fixture: &Fixture) {
+    for (flavour, rt) in [("current_thread", current_thread()), ("multi_thread", multi_thread())] {
+        let layered = rt.block_on(async {
+            ServiceBuilder::new().layer(layer(&fixture.dir)).service(in_process())
+        });
+        let tcp = rt.block_on(async {
+            Endpoint::from_shared(format!("http://127.0.0.1:{}", fixture.tcp_port))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap()
+        });
+        let mut group = c.benchmark_group(format!("3 floors, {flavour} client"));
+        bench_calls(&mut group, "daemon route", &rt, EchoClient::new(layered));
+        bench_calls(&mut group, "tcp loopback channel", &rt, EchoClient::new(tcp));
+        let socket = fixture.dir.join(RAW_ECHO_SOCKET);
+        group.bench_function("raw unix echo", |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+                    let mut buf = [7u8; RAW_ECHO_BYTES];
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        stream.write_all(&buf).await.unwrap();
+                        stream.read_exact(&mut buf).await.unwrap();
+                    }
+                    start.elapsed()
+                })
+            })
+        });
+        group.finish();
+    }
+}
+
+// ---- 4. First call, no daemon ----
+
+fn first_call_without_daemon(c: &mut Criterion) {
+    let rt = current_thread();
+    // A deep path, as repositories have.
+    let empty = std::env::temp_dir().join("tld-bench/a/b/c/d/e/f/g/h/.heddle");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut group = c.benchmark_group("4 first call, no daemon");
+    group.bench_function("fresh layer", |b| {
+        b.iter_custom(|iters| {
+            time_each(&rt, iters, || reset(&empty), || async {
+                let svc = ServiceBuilder::new().layer(layer(&empty)).service(in_process());
+                EchoClient::new(svc).echo(request()).await.unwrap();
+            })
+        })
+    });
+    group.bench_function("bare", |b| {
+        b.iter_custom(|iters| {
+            time_each(&rt, iters, || (), || async {
+                EchoClient::new(in_process()).echo(request()).await.unwrap();
+            })
+        })
+    });
+    group.finish();
+}
+
+/// Times `iters` runs of `run`, each after an untimed `setup`.
+fn time_each<Fut>(rt: &Runtime, iters: u64, mut setup: impl FnMut(), mut run: impl FnMut() -> Fut) -> Duration
+where
+    Fut: Future<Output = ()>,
+{
+    rt.block_on(async {
+        let mut total = Duration::ZERO;
+        for _ in 0..iters {
+            setup();
+            let start = Instant::now();
+            run().await;
+            total += start.elapsed();
+        }
+        total
+    })
+}
+
+// ---- 5. First call, daemon ----
+
+fn first_call_with_daemon(c: &mut Criterion, fixture: &Fixture) {
+    let rt = current_thread();
+    let dir = &fixture.dir;
+    let mut group = c.benchmark_group("5 first call, daemon");
+    group.bench_function("fresh layer (checks + call)", |b| {
+        b.iter_custom(|iters| {
+            time_each(&rt, iters, || reset(dir), || async {
+                let svc = ServiceBuilder::new().layer(layer(dir)).service(in_process());
+                let reply = EchoClient::new(svc).echo(request()).await.unwrap();
+                assert_eq!(reply.get_ref().served_by, "daemon");
+            })
+        })
+    });
+    let warm = ServiceBuilder::new().layer(layer(dir)).service(in_process());
+    bench_calls(&mut group, "warm call", &rt, EchoClient::new(warm));
+    group.finish();
+}
+
+// ---- 6. 64 concurrent callers ----
+
+fn concurrent(c: &mut Criterion, fixture: &Fixture) {
+    const CALLERS: u64 = 64;
+    let rt = multi_thread();
+    let layered = rt.block_on(async {
+        ServiceBuilder::new().layer(layer(&fixture.dir)).service(in_process())
+    });
+    let channel = daemon_channel(&rt, &fixture.dir);
+    let mut group = c.benchmark_group("6 64 concurrent callers, time per call");
+    for (name, use_layer) in [("layer", true), ("bare channel", false), ("layer (A/A)", true)] {
+        let layered = layered.clone();
+        let channel = channel.clone();
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let per_caller = iters.div_ceil(CALLERS);
+                rt.block_on(async {
+                    let start = Instant::now();
+                    let tasks: Vec<_> = (0..CALLERS)
+                        .map(|_| {
+                            let layered = layered.clone();
+                            let channel = channel.clone();
+                            tokio::spawn(async move {
+                                if use_layer {
+                                    let mut client = EchoClient::new(layered);
+                                    for _ in 0..per_caller {
+                                        client.echo(request()).await.unwrap();
+                                    }
+                                } else {
+                                    let mut client = EchoClient::new(channel);
+                                    for _ in 0..per_caller {
+                                        client.echo(request()).await.unwrap();
+                                    }
+                                }
+                            })
+                        })
+                        .collect();
+                    for task in tasks {
+                        task.await.unwrap();
+                    }
+                    start.elapsed().mul_f64(iters as f64 / (per_caller * CALLERS) as f64)
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+// ---- 7. The whole process ----
+
+fn whole_process(c: &mut Criterion, fixture: &Fixture) {
+    let Some(demo) = demo_binary() else {
+        panic!("build the demo first: cargo build --release --example demo (scripts/bench does)");
+    };
+    let empty = fixture.dir.parent().unwrap().join("demo-no-daemon");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut group = c.benchmark_group("7 whole process, demo call");
+    group.sample_size(20);
+    let cases = [
+        ("daemon route", &fixture.demo_daemon_dir, "0"),
+        ("in-process, cheap fallback", &empty, "0"),
+        ("in-process, 20 ms fallback", &empty, "20"),
+    ];
+    for (name, dir, build_ms) in cases {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let output = Command::new(&demo)
+                    .arg("call")
+                    .arg(dir)
+                    .env("DEMO_FALLBACK_BUILD_MS", build_ms)
+                    .env_remove("HEDDLE_LOCAL_DAEMON")
+                    .stderr(Stdio::null())
+                    .output()
+                    .unwrap();
+                assert!(output.status.success());
+                let mut stdout = String::new();
+                output.stdout.as_slice().read_to_string(&mut stdout).unwrap();
+                assert_eq!(stdout.contains("route:   daemon"), name == "daemon route", "{stdout}");
+            })
+        });
+    }
+    group.finish();
+    let _ = std::io::stdout().flush();
+}
