@@ -30,6 +30,8 @@ use tower_local_daemon::{
 };
 
 const DAEMON_DIR_ENV: &str = "TLD_BENCH_DAEMON_DIR";
+/// `layer:N` or `bare:N`: make N warm calls on the trivial service and exit, for callgrind.
+const CALLS_ENV: &str = "TLD_BENCH_CALLS";
 const TCP_PORT_FILE: &str = "tcp-port";
 const RAW_ECHO_SOCKET: &str = "raw-echo.sock";
 /// About the bytes one unary echo call moves each way over HTTP/2 once HPACK is warm.
@@ -38,6 +40,9 @@ const RAW_ECHO_BYTES: usize = 100;
 fn main() {
     if let Ok(dir) = std::env::var(DAEMON_DIR_ENV) {
         return serve(Path::new(&dir));
+    }
+    if let Ok(spec) = std::env::var(CALLS_ENV) {
+        return count_calls(&spec);
     }
     let fixture = Fixture::start();
     let mut c = Criterion::default().configure_from_args();
@@ -205,8 +210,12 @@ fn layer(dir: &Path) -> LocalDaemonLayer {
 }
 
 /// Times `iters` sequential calls on `client` inside one `block_on`.
-fn bench_calls<T>(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, rt: &Runtime, client: EchoClient<T>)
-where
+fn bench_calls<T>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    rt: &Runtime,
+    client: EchoClient<T>,
+) where
     T: tonic::client::GrpcService<Body> + Clone,
     T::Error: Into<tower::BoxError>,
     T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
@@ -226,6 +235,30 @@ where
     });
 }
 
+/// A layered service over the bench daemon, called until it serves on the daemon route: a
+/// channel lives on the runtime that made it, so each runtime's first calls may run in-process
+/// until the re-probe after the previous runtime's connection ended.
+fn layered_on_daemon(
+    rt: &Runtime,
+    dir: &Path,
+) -> tower_local_daemon::LocalDaemon<EchoServer<EchoService>> {
+    rt.block_on(async {
+        let layered = ServiceBuilder::new()
+            .layer(layer(dir))
+            .service(in_process());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut client = EchoClient::new(layered.clone());
+        while client.echo(request()).await.unwrap().get_ref().served_by != "daemon" {
+            assert!(
+                Instant::now() < deadline,
+                "the layer never took the daemon route"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        layered
+    })
+}
+
 /// A warm channel to the bench daemon, with the checks done.
 fn daemon_channel(rt: &Runtime, dir: &Path) -> Channel {
     rt.block_on(connect_local_daemon_channel(dir, Duration::from_secs(5)))
@@ -238,7 +271,9 @@ fn daemon_channel(rt: &Runtime, dir: &Path) -> Channel {
 fn warm_in_process(c: &mut Criterion) {
     let rt = current_thread();
     let empty = std::env::temp_dir().join("tld-bench-no-daemon");
-    let layered = ServiceBuilder::new().layer(layer(&empty)).service(in_process());
+    let layered = ServiceBuilder::new()
+        .layer(layer(&empty))
+        .service(in_process());
     let mut group = c.benchmark_group("1 warm in-process call");
     bench_calls(&mut group, "layer", &rt, EchoClient::new(layered.clone()));
     bench_calls(&mut group, "bare", &rt, EchoClient::new(in_process()));
@@ -246,15 +281,20 @@ fn warm_in_process(c: &mut Criterion) {
     group.finish();
 
     // The layer's own floor: poll_ready and call over a service that does nothing.
-    let trivial = tower::service_fn(|_: http::Request<Body>| async {
-        Ok::<_, Infallible>(http::Response::new(Body::empty()))
+    let mut layered = layer(&empty).layer(trivial());
+    rt.block_on(async {
+        layered
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(Body::empty()))
+            .await
+            .unwrap()
     });
-    let mut layered = layer(&empty).layer(trivial);
-    rt.block_on(async { layered.ready().await.unwrap().call(http::Request::new(Body::empty())).await.unwrap() });
     let mut group = c.benchmark_group("1 layer floor, trivial service");
     for (name, use_layer) in [("layer", true), ("bare", false), ("layer (A/A)", true)] {
         let mut layered = layered.clone();
-        let mut bare = trivial;
+        let mut bare = trivial();
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 rt.block_on(async {
@@ -274,6 +314,38 @@ fn warm_in_process(c: &mut Criterion) {
     group.finish();
 }
 
+/// Makes N calls on the trivial service, with or without the layer, for an instruction count.
+fn count_calls(spec: &str) {
+    let (side, n) = spec.split_once(':').expect("layer:N or bare:N");
+    let n: u64 = n.parse().unwrap();
+    let rt = current_thread();
+    let empty = std::env::temp_dir().join("tld-bench-no-daemon");
+    let mut bare = trivial();
+    let mut layered = layer(&empty).layer(trivial());
+    rt.block_on(async {
+        for _ in 0..n {
+            match side {
+                "layer" => drop(black_box(poll_call(&mut layered).await)),
+                _ => drop(black_box(poll_call(&mut bare).await)),
+            }
+        }
+    });
+}
+
+type Trivial = tower::util::ServiceFn<
+    fn(http::Request<Body>) -> std::future::Ready<Result<http::Response<Body>, Infallible>>,
+>;
+
+/// A service that does nothing: what is left of a call is the layer's own cost.
+fn trivial() -> Trivial {
+    fn respond(
+        _: http::Request<Body>,
+    ) -> std::future::Ready<Result<http::Response<Body>, Infallible>> {
+        std::future::ready(Ok(http::Response::new(Body::empty())))
+    }
+    tower::service_fn(respond as fn(_) -> _)
+}
+
 async fn poll_call<S>(svc: &mut S) -> S::Response
 where
     S: Service<http::Request<Body>>,
@@ -287,7 +359,7 @@ where
 
 fn warm_daemon(c: &mut Criterion, fixture: &Fixture) {
     let rt = current_thread();
-    let layered = ServiceBuilder::new().layer(layer(&fixture.dir)).service(in_process());
+    let layered = layered_on_daemon(&rt, &fixture.dir);
     let channel = daemon_channel(&rt, &fixture.dir);
     let mut group = c.benchmark_group("2 warm daemon call");
     bench_calls(&mut group, "layer", &rt, EchoClient::new(layered.clone()));
@@ -299,10 +371,11 @@ fn warm_daemon(c: &mut Criterion, fixture: &Fixture) {
 // ---- 3. Floors and alternatives, per runtime flavour ----
 
 fn floors(c: &mut Criterion, fixture: &Fixture) {
-    for (flavour, rt) in [("current_thread", current_thread()), ("multi_thread", multi_thread())] {
-        let layered = rt.block_on(async {
-            ServiceBuilder::new().layer(layer(&fixture.dir)).service(in_process())
-        });
+    for (flavour, rt) in [
+        ("current_thread", current_thread()),
+        ("multi_thread", multi_thread()),
+    ] {
+        let layered = layered_on_daemon(&rt, &fixture.dir);
         let tcp = rt.block_on(async {
             Endpoint::from_shared(format!("http://127.0.0.1:{}", fixture.tcp_port))
                 .unwrap()
@@ -312,7 +385,12 @@ fn floors(c: &mut Criterion, fixture: &Fixture) {
         });
         let mut group = c.benchmark_group(format!("3 floors, {flavour} client"));
         bench_calls(&mut group, "daemon route", &rt, EchoClient::new(layered));
-        bench_calls(&mut group, "tcp loopback channel", &rt, EchoClient::new(tcp));
+        bench_calls(
+            &mut group,
+            "tcp loopback channel",
+            &rt,
+            EchoClient::new(tcp),
+        );
         let socket = fixture.dir.join(RAW_ECHO_SOCKET);
         group.bench_function("raw unix echo", |b| {
             b.iter_custom(|iters| {
@@ -343,24 +421,41 @@ fn first_call_without_daemon(c: &mut Criterion) {
     let mut group = c.benchmark_group("4 first call, no daemon");
     group.bench_function("fresh layer", |b| {
         b.iter_custom(|iters| {
-            time_each(&rt, iters, || reset(&empty), || async {
-                let svc = ServiceBuilder::new().layer(layer(&empty)).service(in_process());
-                EchoClient::new(svc).echo(request()).await.unwrap();
-            })
+            time_each(
+                &rt,
+                iters,
+                || reset(&empty),
+                || async {
+                    let svc = ServiceBuilder::new()
+                        .layer(layer(&empty))
+                        .service(in_process());
+                    EchoClient::new(svc).echo(request()).await.unwrap();
+                },
+            )
         })
     });
     group.bench_function("bare", |b| {
         b.iter_custom(|iters| {
-            time_each(&rt, iters, || (), || async {
-                EchoClient::new(in_process()).echo(request()).await.unwrap();
-            })
+            time_each(
+                &rt,
+                iters,
+                || (),
+                || async {
+                    EchoClient::new(in_process()).echo(request()).await.unwrap();
+                },
+            )
         })
     });
     group.finish();
 }
 
 /// Times `iters` runs of `run`, each after an untimed `setup`.
-fn time_each<Fut>(rt: &Runtime, iters: u64, mut setup: impl FnMut(), mut run: impl FnMut() -> Fut) -> Duration
+fn time_each<Fut>(
+    rt: &Runtime,
+    iters: u64,
+    mut setup: impl FnMut(),
+    mut run: impl FnMut() -> Fut,
+) -> Duration
 where
     Fut: Future<Output = ()>,
 {
@@ -384,14 +479,21 @@ fn first_call_with_daemon(c: &mut Criterion, fixture: &Fixture) {
     let mut group = c.benchmark_group("5 first call, daemon");
     group.bench_function("fresh layer (checks + call)", |b| {
         b.iter_custom(|iters| {
-            time_each(&rt, iters, || reset(dir), || async {
-                let svc = ServiceBuilder::new().layer(layer(dir)).service(in_process());
-                let reply = EchoClient::new(svc).echo(request()).await.unwrap();
-                assert_eq!(reply.get_ref().served_by, "daemon");
-            })
+            time_each(
+                &rt,
+                iters,
+                || reset(dir),
+                || async {
+                    let svc = ServiceBuilder::new()
+                        .layer(layer(dir))
+                        .service(in_process());
+                    let reply = EchoClient::new(svc).echo(request()).await.unwrap();
+                    assert_eq!(reply.get_ref().served_by, "daemon");
+                },
+            )
         })
     });
-    let warm = ServiceBuilder::new().layer(layer(dir)).service(in_process());
+    let warm = layered_on_daemon(&rt, dir);
     bench_calls(&mut group, "warm call", &rt, EchoClient::new(warm));
     group.finish();
 }
@@ -401,12 +503,14 @@ fn first_call_with_daemon(c: &mut Criterion, fixture: &Fixture) {
 fn concurrent(c: &mut Criterion, fixture: &Fixture) {
     const CALLERS: u64 = 64;
     let rt = multi_thread();
-    let layered = rt.block_on(async {
-        ServiceBuilder::new().layer(layer(&fixture.dir)).service(in_process())
-    });
+    let layered = layered_on_daemon(&rt, &fixture.dir);
     let channel = daemon_channel(&rt, &fixture.dir);
     let mut group = c.benchmark_group("6 64 concurrent callers, time per call");
-    for (name, use_layer) in [("layer", true), ("bare channel", false), ("layer (A/A)", true)] {
+    for (name, use_layer) in [
+        ("layer", true),
+        ("bare channel", false),
+        ("layer (A/A)", true),
+    ] {
         let layered = layered.clone();
         let channel = channel.clone();
         group.bench_function(name, |b| {
@@ -436,7 +540,9 @@ fn concurrent(c: &mut Criterion, fixture: &Fixture) {
                     for task in tasks {
                         task.await.unwrap();
                     }
-                    start.elapsed().mul_f64(iters as f64 / (per_caller * CALLERS) as f64)
+                    start
+                        .elapsed()
+                        .mul_f64(iters as f64 / (per_caller * CALLERS) as f64)
                 })
             })
         });
@@ -472,8 +578,16 @@ fn whole_process(c: &mut Criterion, fixture: &Fixture) {
                     .unwrap();
                 assert!(output.status.success());
                 let mut stdout = String::new();
-                output.stdout.as_slice().read_to_string(&mut stdout).unwrap();
-                assert_eq!(stdout.contains("route:   daemon"), name == "daemon route", "{stdout}");
+                output
+                    .stdout
+                    .as_slice()
+                    .read_to_string(&mut stdout)
+                    .unwrap();
+                assert_eq!(
+                    stdout.contains("route:   daemon"),
+                    name == "daemon route",
+                    "{stdout}"
+                );
             })
         });
     }

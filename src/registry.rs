@@ -109,7 +109,10 @@ pub struct RouteStats {
     pub route: Option<Result<UdsTarget, FallbackReason>>,
 }
 
+/// Kept on cache lines of their own: every call writes one of them, and every warm call reads
+/// the entry's generation, which must not share a line with them.
 #[derive(Debug, Default)]
+#[repr(align(128))]
 struct Counters {
     probes: AtomicU64,
     channels_built: AtomicU64,

@@ -82,8 +82,11 @@ impl echo_server::Echo for EchoService {
             tokio::time::sleep(Duration::from_millis(request.delay_ms.into())).await;
         }
         if let Some(log) = &self.log {
+            // One write per line: several daemon processes append to the same file.
+            let line = format!("{}\n", request.id);
             let mut log = log.lock().unwrap();
-            writeln!(log, "{}", request.id).map_err(|e| Status::internal(e.to_string()))?;
+            log.write_all(line.as_bytes())
+                .map_err(|e| Status::internal(e.to_string()))?;
         }
         Ok(Response::new(self.reply(request.message)))
     }
