@@ -221,8 +221,9 @@ async fn channel_over(
     let connector = OneShotConnector {
         stream: Arc::new(Mutex::new(Some(WatchedStream {
             inner: stream,
-            on_end,
+            on_end: on_end.clone(),
         }))),
+        on_end,
     };
     // The URI only gives the `:authority`; the connector decides where bytes go.
     Endpoint::from_static("http://localhost")
@@ -339,9 +340,14 @@ impl ConnectionEnd {
 }
 
 /// Hands the one checked connection to the channel, and refuses to dial again.
+///
+/// A second dial means the connection can take no more requests (the daemon sent GOAWAY, or
+/// the connection broke): that ends the route at once, before the socket closes, so that later
+/// calls go in-process instead of failing one after another until it does.
 #[derive(Clone)]
 struct OneShotConnector {
     stream: Arc<Mutex<Option<WatchedStream>>>,
+    on_end: ConnectionEnd,
 }
 
 impl tower::Service<Uri> for OneShotConnector {
@@ -356,10 +362,13 @@ impl tower::Service<Uri> for OneShotConnector {
     fn call(&mut self, _uri: Uri) -> Self::Future {
         std::future::ready(match self.stream.lock().unwrap().take() {
             Some(stream) => Ok(TokioIo::new(stream)),
-            None => Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "the local daemon connection ended; a new one must pass the checks again",
-            )),
+            None => {
+                self.on_end.fire(EndCause::Daemon);
+                Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "the local daemon connection ended; a new one must pass the checks again",
+                ))
+            }
         })
     }
 }

@@ -150,6 +150,12 @@ pub enum FallbackReason {
     Disabled,
     /// The platform has no implementation of a check.
     Unsupported,
+    /// The checks could not run on the caller's runtime: none is running, or it has no time
+    /// driver, or it shut down.
+    RuntimeUnusable {
+        /// What went wrong.
+        message: String,
+    },
 }
 
 impl FallbackReason {
@@ -200,6 +206,9 @@ impl FallbackReason {
                 "set the mode to auto (for example HEDDLE_LOCAL_DAEMON=auto) to use a daemon"
             }
             Unsupported => "this platform is not supported yet; calls run in-process",
+            RuntimeUnusable { .. } => {
+                "call from a Tokio runtime built with `enable_all()` (I/O and time drivers)"
+            }
         }
     }
 }
@@ -259,6 +268,7 @@ impl fmt::Display for FallbackReason {
             ConnectionLost => f.write_str("the connection to the daemon ended"),
             Disabled => f.write_str("the local daemon is disabled (mode off)"),
             Unsupported => f.write_str("this platform has no implementation of the checks"),
+            RuntimeUnusable { message } => write!(f, "the checks could not run: {message}"),
         }
     }
 }

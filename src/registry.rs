@@ -90,6 +90,35 @@ enum State {
     },
 }
 
+/// Installs a detection's decision when its task ends, however it ends.
+struct FinishDetection {
+    entry: Arc<Entry>,
+    id: u64,
+    decision: Option<Decision>,
+}
+
+impl Drop for FinishDetection {
+    fn drop(&mut self) {
+        let decision = self.decision.take().unwrap_or_else(|| {
+            Decision::InProcess(FallbackReason::RuntimeUnusable {
+                message: "the checks' task stopped before it finished: a runtime without the \
+                          time driver (enable it with `enable_all` or `enable_time`), or a \
+                          runtime that shut down"
+                    .into(),
+            })
+        });
+        let mut state = self.entry.lock();
+        let current = match &*state {
+            State::Detecting { id, .. } => Some(*id),
+            State::Decided { reprobe, .. } => *reprobe,
+            State::Unprobed => None,
+        };
+        if current == Some(self.id) {
+            self.entry.decide(&mut state, decision);
+        }
+    }
+}
+
 /// The diagnostic counters of one entry.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -179,25 +208,21 @@ impl Entry {
     /// The slow path of every call: the warm path compares generations and never gets here.
     pub(crate) fn poll_decision(self: &Arc<Self>, cx: &mut Context<'_>) -> Poll<(u64, Decision)> {
         let mut state = self.lock();
+        let mut detection = None;
         match &mut *state {
-            State::Unprobed => {
-                if self.settings.mode == Mode::Auto {
-                    // The pidfile and process checks are cheap syscalls: run them here, so that
-                    // the common "no daemon" case decides without a task or a wake-up.
-                    let start = Instant::now();
-                    match self.probe() {
-                        Ok(target) => {
-                            let probed = (target, start.elapsed());
-                            self.start_detection(&mut state, probed, cx);
-                        }
-                        Err(reason) => {
-                            self.decide(&mut state, Decision::InProcess(reason));
-                        }
+            State::Unprobed if self.settings.mode == Mode::Auto => {
+                // The pidfile and process checks are cheap syscalls: run them here, so that the
+                // common "no daemon" case decides without a task or a wake-up.
+                let start = Instant::now();
+                match self.probe() {
+                    Ok(target) => {
+                        let probed = (target, start.elapsed());
+                        detection = Some(self.wait_for_detection(&mut state, Some(probed), cx));
                     }
-                } else {
-                    self.start_waited_detection(&mut state, cx);
+                    Err(reason) => self.decide(&mut state, Decision::InProcess(reason)),
                 }
             }
+            State::Unprobed => detection = Some(self.wait_for_detection(&mut state, None, cx)),
             State::Detecting { waiters, .. } => {
                 if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
                     waiters.push(cx.waker().clone());
@@ -208,18 +233,27 @@ impl Entry {
                 reprobe,
             } if reprobe.is_none() && self.reprobe_due.swap(false, Ordering::AcqRel) => {
                 if self.settings.mode == Mode::Auto {
+                    // In the background: this call and the next ones go on in-process.
                     let id = self.next_id();
                     *reprobe = Some(id);
-                    self.spawn_detection(id, None);
+                    detection = Some((id, None));
                 } else {
-                    self.start_waited_detection(&mut state, cx);
+                    detection = Some(self.wait_for_detection(&mut state, None, cx));
                 }
             }
             State::Decided { .. } => {}
         }
-        match &*state {
-            State::Decided { decision, .. } => Poll::Ready((self.generation(), decision.clone())),
-            _ => Poll::Pending,
+        let ready = match &*state {
+            State::Decided { decision, .. } => Some((self.generation(), decision.clone())),
+            _ => None,
+        };
+        drop(state);
+        if let Some((id, probed)) = detection {
+            self.spawn_detection(id, probed);
+        }
+        match ready {
+            Some(ready) => Poll::Ready(ready),
+            None => Poll::Pending,
         }
     }
 
@@ -239,59 +273,42 @@ impl Entry {
         }
     }
 
-    fn start_detection(
-        self: &Arc<Self>,
+    /// Marks a detection that callers wait for; the caller spawns it once the lock is released.
+    fn wait_for_detection(
+        &self,
         state: &mut State,
-        probed: (UdsTarget, Duration),
+        probed: Option<(UdsTarget, Duration)>,
         cx: &mut Context<'_>,
-    ) {
+    ) -> (u64, Option<(UdsTarget, Duration)>) {
         let id = self.next_id();
         *state = State::Detecting {
             id,
             waiters: vec![cx.waker().clone()],
         };
-        self.spawn_detection(id, Some(probed));
-    }
-
-    /// Detection that callers wait for, probing from the start (require mode, or a re-probe
-    /// there).
-    fn start_waited_detection(self: &Arc<Self>, state: &mut State, cx: &mut Context<'_>) {
-        let id = self.next_id();
-        *state = State::Detecting {
-            id,
-            waiters: vec![cx.waker().clone()],
-        };
-        self.spawn_detection(id, None);
+        (id, probed)
     }
 
     /// Runs the checks on a task of their own, so that a caller that gives up does not cancel
-    /// the work every other waiter shares. `target` is given when the probe already ran.
+    /// the work every other waiter shares. `probed` is given when the probe already ran. Called
+    /// without the state lock: the task's end takes it.
     fn spawn_detection(self: &Arc<Self>, id: u64, probed: Option<(UdsTarget, Duration)>) {
-        let entry = self.clone();
-        let task = async move {
-            let decision = entry.detect(probed).await;
-            let mut state = entry.lock();
-            let current = match &*state {
-                State::Detecting { id, .. } => Some(*id),
-                State::Decided { reprobe, .. } => *reprobe,
-                State::Unprobed => None,
-            };
-            if current == Some(id) {
-                entry.decide(&mut state, decision);
-            }
+        // Whatever happens to the task (a panic, or its runtime shutting down), whoever waits
+        // for this detection gets a decision.
+        let mut finish = FinishDetection {
+            entry: self.clone(),
+            id,
+            decision: None,
         };
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn(task);
-            }
-            Err(_) => {
-                let mut state = self.lock();
-                let reason = FallbackReason::HandshakeFailed {
-                    message: "no Tokio runtime to run the connection on".into(),
-                };
-                self.decide(&mut state, Decision::InProcess(reason));
-            }
-        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            finish.decision = Some(Decision::InProcess(FallbackReason::RuntimeUnusable {
+                message: "no Tokio runtime is running".into(),
+            }));
+            return;
+        };
+        runtime.spawn(async move {
+            let mut finish = finish;
+            finish.decision = Some(finish.entry.detect(probed).await);
+        });
     }
 
     /// The whole chain: probe (unless done), connect, peer check, channel, health. In require
