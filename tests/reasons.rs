@@ -64,18 +64,49 @@ impl Fixture {
         self.write_pidfile(std::process::id(), now());
     }
 
+    /// Every file under `sockets/` with its type, size, mode and modification time.
+    fn snapshot(&self) -> Vec<(PathBuf, String)> {
+        use std::os::unix::fs::MetadataExt;
+        let mut files: Vec<_> = std::fs::read_dir(self.dir.sockets())
+            .unwrap()
+            .map(|e| {
+                let path = e.unwrap().path();
+                let m = std::fs::symlink_metadata(&path).unwrap();
+                let facts = format!(
+                    "{:?} {} {:o} {} {}",
+                    m.file_type(),
+                    m.len(),
+                    m.mode(),
+                    m.mtime(),
+                    m.mtime_nsec()
+                );
+                (path, facts)
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// The probe's status; the probe changes nothing on disk.
     fn status(&self) -> LocalDaemonStatus {
-        probe(self.dir.path()).status
+        let before = self.snapshot();
+        let status = probe(self.dir.path()).status;
+        assert_eq!(self.snapshot(), before, "the probe changed the directory");
+        status
     }
 
     fn stale(&self, pid: u32, reason: FallbackReason) -> LocalDaemonStatus {
         LocalDaemonStatus::Stale { pid, reason }
     }
 
+    /// Probe, connect and handshake; they change nothing on disk.
     async fn connect(&self, timeout: Duration) -> Result<(), FallbackReason> {
-        try_connect_local_daemon_channel(self.dir.path(), timeout)
+        let before = self.snapshot();
+        let result = try_connect_local_daemon_channel(self.dir.path(), timeout)
             .await
-            .map(drop)
+            .map(drop);
+        assert_eq!(self.snapshot(), before, "the checks changed the directory");
+        result
     }
 }
 
@@ -92,14 +123,61 @@ fn no_pidfile() {
 }
 
 #[test]
-fn malformed_pidfile() {
-    let f = Fixture::new("r-malformed");
-    std::fs::write(f.pidfile(), "4242\n").unwrap();
-    assert_eq!(
-        f.status(),
-        absent(FallbackReason::MalformedPidfile(PidfileError::LineCount {
-            found: 1
-        }))
+fn malformed_pidfiles_each_give_their_reason() {
+    use PidfileError::*;
+    let now = now();
+    let cases: Vec<(Vec<u8>, PidfileError)> = vec![
+        (b"".to_vec(), MissingFinalNewline),
+        (b"\n\n\n".to_vec(), InvalidPid),
+        (b"1\r\nheddle-agent\r\n1\r\n".to_vec(), InvalidPid),
+        (b" 42 \nheddle-agent\n1\n".to_vec(), InvalidPid),
+        (b"0\nheddle-agent\n1\n".to_vec(), InvalidPid),
+        (b"-5\nheddle-agent\n1\n".to_vec(), InvalidPid),
+        (b"2147483648\nheddle-agent\n1\n".to_vec(), InvalidPid),
+        (b"007\nheddle-agent\n1\n".to_vec(), InvalidPid),
+        (b"+7\nheddle-agent\n1\n".to_vec(), InvalidPid),
+        (b"7\nheddle-daemon\n1\n".to_vec(), InvalidMarker),
+        (
+            b"7\nheddle-agent\n1\nextra\n".to_vec(),
+            LineCount { found: 4 },
+        ),
+        (
+            format!("7\nheddle-agent\n{now}").into_bytes(),
+            MissingFinalNewline,
+        ),
+        (b"7\0\nheddle-agent\n1\n".to_vec(), InvalidPid),
+        (b"7\nheddle-\xffagent\n1\n".to_vec(), InvalidMarker),
+        (vec![b'7'; 10 * 1024 * 1024], TooLong),
+        (b"4242\n".to_vec(), LineCount { found: 1 }),
+    ];
+    for (bytes, expected) in cases {
+        let f = Fixture::new("r-malformed");
+        std::fs::write(f.pidfile(), &bytes).unwrap();
+        assert_eq!(
+            f.status(),
+            absent(FallbackReason::MalformedPidfile(expected)),
+            "{:?}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(40)])
+        );
+    }
+}
+
+#[test]
+fn pid_one_is_rejected_at_the_process_stage() {
+    let f = Fixture::new("r-pid-one");
+    f.write_pidfile(1, now());
+    // Init runs another executable; in a sandbox even root may not read its /proc entry.
+    let status = f.status();
+    assert!(
+        status == f.stale(1, FallbackReason::ExecutableMismatch)
+            || matches!(
+                &status,
+                LocalDaemonStatus::Stale {
+                    pid: 1,
+                    reason: FallbackReason::ProcessUnreadable { .. }
+                }
+            ),
+        "{status:?}"
     );
 }
 
@@ -196,6 +274,35 @@ fn process_of_another_uid_probed_as_nobody_is_foreign_not_dead() {
             )
         )
     );
+}
+
+#[test]
+fn daemon_of_another_uid_is_foreign() {
+    let nobody_bin = NobodyBinary::new();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let dir = TestDir::new("r-nobody-daemon");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut daemon = nobody_bin
+        .command()
+        .env(DAEMON_DIR_ENV, dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pidfile = dir.sockets().join("grpc.pid");
+    wait_until("the nobody daemon writes its pidfile", || pidfile.exists());
+    let pid = daemon.id();
+    assert_eq!(
+        probe(dir.path()).status,
+        LocalDaemonStatus::Stale {
+            pid,
+            reason: FallbackReason::ForeignProcess {
+                uid: nobody.uid.as_raw()
+            }
+        }
+    );
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
 }
 
 #[test]
@@ -479,6 +586,48 @@ async fn health_not_serving_is_refused() {
         Err(FallbackReason::NotServing {
             service: String::new()
         })
+    );
+}
+
+/// A health service that answers SERVING after `delay`.
+#[derive(Clone)]
+struct SlowHealth(Duration);
+
+#[tonic::async_trait]
+impl tonic_health::pb::health_server::Health for SlowHealth {
+    async fn check(
+        &self,
+        _: tonic::Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<tonic::Response<tonic_health::pb::HealthCheckResponse>, tonic::Status> {
+        tokio::time::sleep(self.0).await;
+        Ok(tonic::Response::new(
+            tonic_health::pb::HealthCheckResponse {
+                status: tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            },
+        ))
+    }
+
+    type WatchStream =
+        tokio_stream::Empty<Result<tonic_health::pb::HealthCheckResponse, tonic::Status>>;
+
+    async fn watch(
+        &self,
+        _: tonic::Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        Ok(tonic::Response::new(tokio_stream::empty()))
+    }
+}
+
+#[tokio::test]
+async fn health_that_answers_after_the_deadline_hits_the_deadline() {
+    let f = Fixture::new("r-slow-health");
+    f.write_own_pidfile();
+    let slow =
+        tonic_health::pb::health_server::HealthServer::new(SlowHealth(Duration::from_secs(5)));
+    serve_in_process(&f, tonic::service::Routes::new(slow)).await;
+    assert_eq!(
+        f.connect(Duration::from_millis(300)).await,
+        Err(FallbackReason::DeadlineExceeded)
     );
 }
 
