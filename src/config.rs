@@ -39,8 +39,10 @@ pub enum Mode {
     Auto,
     /// Never look for a daemon; always run in-process.
     Off,
-    /// Always use the daemon: a call waits for one up to the deadline and otherwise fails with
-    /// `UNAVAILABLE`, naming the reason. Nothing runs in-process.
+    /// Always use the daemon; nothing runs in-process. The first call, and the first call after
+    /// each re-probe interval, waits for a daemon up to the deadline; a call with no usable
+    /// daemon fails with `UNAVAILABLE` naming the reason. Between re-probes, calls fail at once
+    /// with the last reason.
     Require,
 }
 

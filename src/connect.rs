@@ -316,6 +316,14 @@ pub(crate) struct ConnectionEnd {
     callback: Arc<dyn Fn(EndCause) + Send + Sync>,
 }
 
+impl std::fmt::Debug for ConnectionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionEnd")
+            .field("fired", &self.has_fired())
+            .finish()
+    }
+}
+
 impl ConnectionEnd {
     pub(crate) fn new(callback: impl Fn(EndCause) + Send + Sync + 'static) -> Self {
         Self {

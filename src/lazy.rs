@@ -51,7 +51,7 @@ struct Shared<F, S> {
 
 enum Build<S> {
     NotStarted,
-    Building { waiters: Vec<Waker> },
+    Building { id: u64, waiters: Vec<Waker> },
     Failed { id: u64, message: String },
     Built(S),
 }
@@ -128,7 +128,7 @@ where
             return Poll::Ready(());
         }
         let mut state = self.shared.lock();
-        match &mut *state {
+        let id = match &mut *state {
             Build::Built(service) => {
                 self.local = Local::Ready(service.clone());
                 return Poll::Ready(());
@@ -139,37 +139,76 @@ where
                 )));
                 return Poll::Ready(());
             }
-            Build::Building { waiters, .. } => {
-                waiters.push(cx.waker().clone());
+            Build::Building { id, waiters } => {
+                self.local = Local::Waiting(*id);
+                if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                    waiters.push(cx.waker().clone());
+                }
                 return Poll::Pending;
             }
-            Build::NotStarted | Build::Failed { .. } => {}
-        }
-        let id = match &*state {
-            Build::Failed { id, .. } => id + 1,
-            _ => 0,
+            // A call after a failed build builds again.
+            Build::Failed { id, .. } => *id + 1,
+            Build::NotStarted => 0,
         };
         *state = Build::Building {
+            id,
             waiters: vec![cx.waker().clone()],
         };
         drop(state);
         self.local = Local::Waiting(id);
-        let shared = self.shared.clone();
-        let build = (self.shared.factory)();
-        tokio::spawn(async move {
-            let built = match build.await {
-                Ok(service) => Build::Built(service),
-                Err(e) => Build::Failed {
-                    id,
-                    message: e.to_string(),
-                },
-            };
-            let previous = std::mem::replace(&mut *shared.lock(), built);
-            if let Build::Building { waiters, .. } = previous {
-                waiters.into_iter().for_each(Waker::wake);
+        // Whatever happens to the build (an error, a panic, its runtime shutting down, no
+        // runtime at all), the guard ends it and wakes whoever waits.
+        let mut finish = FinishBuild {
+            shared: self.shared.clone(),
+            id,
+            built: None,
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    let built = (finish.shared.factory)().await;
+                    finish.built = Some(built.map_err(|e| e.to_string()));
+                    drop(finish);
+                });
             }
-        });
+            Err(_) => {
+                finish.built = Some(Err("no Tokio runtime is running".into()));
+                drop(finish);
+            }
+        }
         Poll::Pending
+    }
+}
+
+/// Ends build `id` when its task ends, however it ends.
+struct FinishBuild<F, S> {
+    shared: Arc<Shared<F, S>>,
+    id: u64,
+    built: Option<Result<S, String>>,
+}
+
+impl<F, S> Drop for FinishBuild<F, S> {
+    fn drop(&mut self) {
+        let end = match self.built.take() {
+            Some(Ok(service)) => Build::Built(service),
+            Some(Err(message)) => Build::Failed {
+                id: self.id,
+                message,
+            },
+            None => Build::Failed {
+                id: self.id,
+                message: "the build stopped before it finished (it panicked, or its runtime \
+                          shut down)"
+                    .into(),
+            },
+        };
+        let mut state = self.shared.lock();
+        if matches!(&*state, Build::Building { id, .. } if *id == self.id)
+            && let Build::Building { waiters, .. } = std::mem::replace(&mut *state, end)
+        {
+            drop(state);
+            waiters.into_iter().for_each(Waker::wake);
+        }
     }
 }
 

@@ -161,9 +161,12 @@ impl Pidfile {
         tmp_name.push(format!(".tmp.{}", std::process::id()));
         let tmp = Path::new(&tmp_name);
         let result = (|| {
+            // A crashed daemon with the same pid may have left the temporary file behind; the
+            // directory is the daemon's own (0700), so truncating it is safe.
             let mut file: File = OpenOptions::new()
                 .write(true)
-                .create_new(true)
+                .create(true)
+                .truncate(true)
                 .mode(0o600)
                 .custom_flags(NO_FOLLOW_NO_BLOCK)
                 .open(tmp)?;

@@ -124,7 +124,7 @@ mod imp {
                 .and_then(|t| t.parse().ok())
                 .ok_or(ProcessError::Unreadable(io::ErrorKind::InvalidData))?;
             let (boot_time, ticks_per_second) = boot_clock()?;
-            Ok(boot_time + ticks / ticks_per_second)
+            Ok((boot_time + ticks as f64 / ticks_per_second as f64).max(0.0) as u64)
         }
     }
 
@@ -135,22 +135,25 @@ mod imp {
         })
     }
 
-    /// The boot time in Unix seconds and the clock ticks per second, read once.
-    fn boot_clock() -> Result<(u64, u64), ProcessError> {
-        static CLOCK: OnceLock<Option<(u64, u64)>> = OnceLock::new();
-        CLOCK
+    /// The boot time in Unix seconds (two vDSO clock reads: `/proc/stat` is far larger), and
+    /// the clock ticks per second.
+    fn boot_clock() -> Result<(f64, u64), ProcessError> {
+        use nix::time::{ClockId, clock_gettime};
+        static TICKS: OnceLock<Option<u64>> = OnceLock::new();
+        let unreadable = ProcessError::Unreadable(io::ErrorKind::InvalidData);
+        let ticks = TICKS
             .get_or_init(|| {
-                let stat = std::fs::read_to_string("/proc/stat").ok()?;
-                let boot_time = stat
-                    .lines()
-                    .find_map(|l| l.strip_prefix("btime "))?
-                    .trim()
-                    .parse()
-                    .ok()?;
                 let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
-                Some((boot_time, u64::try_from(ticks).ok().filter(|&t| t > 0)?))
+                u64::try_from(ticks).ok().filter(|&t| t > 0)
             })
-            .ok_or(ProcessError::Unreadable(io::ErrorKind::InvalidData))
+            .ok_or(unreadable)?;
+        let seconds = |clock| {
+            clock_gettime(clock)
+                .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
+                .map_err(|_| unreadable)
+        };
+        let boot_time = seconds(ClockId::CLOCK_REALTIME)? - seconds(ClockId::CLOCK_BOOTTIME)?;
+        Ok((boot_time, ticks))
     }
 }
 

@@ -53,10 +53,11 @@ pub(crate) fn entry_for(dir: &Path, settings: &Settings) -> Arc<Entry> {
 /// tower_local_daemon::reset("/no/such/repo/.heddle");
 /// ```
 pub fn reset(heddle_dir: impl AsRef<Path>) {
-    let identity = DirIdentity::of(heddle_dir.as_ref());
+    let dir = heddle_dir.as_ref();
+    let identity = DirIdentity::of(dir);
     let matching: Vec<Arc<Entry>> = entries()
         .iter()
-        .filter(|((id, _), _)| *id == identity)
+        .filter(|((id, _), entry)| *id == identity || entry.dir == dir)
         .map(|(_, entry)| entry.clone())
         .collect();
     for entry in matching {
@@ -71,6 +72,8 @@ pub(crate) enum Decision {
         channel: LocalDaemonChannel,
         /// Tells this channel's connection-end signal apart from a later channel's.
         id: u64,
+        /// The connection's end signal: checked again when the decision is installed.
+        end: ConnectionEnd,
     },
     InProcess(FallbackReason),
 }
@@ -336,12 +339,10 @@ impl Entry {
                         handshake_us = established.timings.handshake.as_micros() as u64,
                         "local daemon detection"
                     );
-                    established.result.and_then(|channel| {
-                        if on_end.has_fired() {
-                            Err(FallbackReason::ConnectionLost)
-                        } else {
-                            Ok(Decision::Daemon { channel, id })
-                        }
+                    established.result.map(|channel| Decision::Daemon {
+                        channel,
+                        id,
+                        end: on_end,
                     })
                 }
                 Err(reason) => Err(reason),
@@ -396,7 +397,15 @@ impl Entry {
     }
 
     /// Installs a decision, wakes whoever waited, and schedules a re-probe if it is negative.
-    fn decide(self: &Arc<Self>, state: &mut State, decision: Decision) {
+    fn decide(self: &Arc<Self>, state: &mut State, mut decision: Decision) {
+        // A connection that ended before this moment found no daemon decision to end, and its
+        // signal fires only once: it is checked here, under the same lock `connection_lost`
+        // takes after the flag is set.
+        if let Decision::Daemon { end, .. } = &decision
+            && end.has_fired()
+        {
+            decision = Decision::InProcess(FallbackReason::ConnectionLost);
+        }
         match &decision {
             Decision::Daemon { .. } => {
                 self.counters.channels_built.fetch_add(1, Ordering::Relaxed);
@@ -427,25 +436,26 @@ impl Entry {
     fn schedule_reprobe(self: &Arc<Self>) {
         self.reprobe_due.store(false, Ordering::Release);
         // Sets the flag when the interval has passed, or when the timer's runtime goes away
-        // first, so that an entry never stays negative for good.
+        // first, so that an entry never stays negative for good. Not when the timer panicked
+        // (a runtime without the time driver): a due flag set at once would re-probe forever.
         struct SetOnDrop(Weak<Entry>);
         impl Drop for SetOnDrop {
             fn drop(&mut self) {
-                if let Some(entry) = self.0.upgrade() {
+                if let Some(entry) = self.0.upgrade()
+                    && !std::thread::panicking()
+                {
                     entry.reprobe_due.store(true, Ordering::Release);
                 }
             }
         }
         let guard = SetOnDrop(Arc::downgrade(self));
         let interval = self.settings.reprobe_interval;
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn(async move {
-                    tokio::time::sleep(interval).await;
-                    drop(guard);
-                });
-            }
-            Err(_) => drop(guard),
+        // Without a runtime nothing can re-probe: the decision stands until `reset`.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                tokio::time::sleep(interval).await;
+                drop(guard);
+            });
         }
     }
 

@@ -111,8 +111,10 @@ enum Readied {
 ///
 /// On the daemon route every transport error, including a stream reset mid-body, reaches the
 /// caller as `UNAVAILABLE`. Such a request is never re-sent in-process: it may have run on the
-/// daemon. A request is re-routed in-process only when it provably never left this process
-/// (the daemon channel failed its readiness).
+/// daemon. A request is routed in-process instead only when the daemon channel fails its
+/// readiness, before the request is handed to it. A request already handed to the channel when
+/// its connection turns out to be closing fails with `UNAVAILABLE` (at most one per caller per
+/// daemon death), and the route goes in-process at once.
 pub struct LocalDaemon<S> {
     inner: S,
     shared: Arc<Shared>,
@@ -205,7 +207,7 @@ impl<S> LocalDaemon<S> {
         }
         let (generation, decision) = std::task::ready!(entry.poll_decision(cx));
         let route = match decision {
-            Decision::Daemon { channel, id } => CachedKind::Daemon {
+            Decision::Daemon { channel, id, .. } => CachedKind::Daemon {
                 pid: channel.target.pid,
                 channel: channel.channel,
                 id,

@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
 use nix::sys::stat::Mode;
@@ -45,16 +46,27 @@ pub(crate) struct PeerCheckedIncoming {
     pub(crate) listener: UnixListener,
     pub(crate) counters: Arc<DaemonCounters>,
     pub(crate) abort: watch::Receiver<bool>,
+    /// After an accept error (EMFILE, ENOMEM) the next accept waits a moment: tonic retries at
+    /// once, and the error would repeat in a busy loop.
+    pub(crate) backoff: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl tokio_stream::Stream for PeerCheckedIncoming {
     type Item = io::Result<ServedStream>;
 
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(backoff) = &mut self.backoff {
+            std::task::ready!(backoff.as_mut().poll(cx));
+            self.backoff = None;
+        }
         loop {
             let (stream, _) = match std::task::ready!(self.listener.poll_accept(cx)) {
                 Ok(accepted) => accepted,
-                Err(e) => return Poll::Ready(Some(Err(e))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; retrying in 50 ms");
+                    self.backoff = Some(Box::pin(tokio::time::sleep(Duration::from_millis(50))));
+                    return Poll::Ready(Some(Err(e)));
+                }
             };
             match PeerCredentials::of(&stream) {
                 Ok(peer) if peer.is_own_uid() => {

@@ -16,6 +16,8 @@ use super::DaemonError;
 #[derive(Debug)]
 pub(crate) struct LifetimeLock {
     path: PathBuf,
+    /// The locked file's device and inode.
+    id: (u64, u64),
     _file: Flock<File>,
 }
 
@@ -60,14 +62,16 @@ impl LifetimeLock {
             writeln!(locked, "{}", std::process::id()).map_err(io_error)?;
             return Ok(Self {
                 path: path.to_owned(),
+                id: (ours.dev(), ours.ino()),
                 _file: locked,
             });
         }
     }
 
-    /// Unlinks the lock file while the lock is still held; the lock goes with `self`.
+    /// Unlinks the lock file, if the path still names it, while the lock is still held; the
+    /// lock goes with `self`.
     pub(crate) fn remove(self) {
-        let _ = std::fs::remove_file(&self.path);
+        super::remove_if_ours(&self.path, Some(self.id))
     }
 }
 

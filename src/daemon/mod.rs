@@ -327,6 +327,7 @@ impl BoundDaemon {
             listener,
         } = self;
         let paths = daemon.paths.clone();
+        let socket_id = file_id(&paths.socket);
         let (reporter, health) = tonic_health::server::health_reporter();
         let names: Vec<&'static str> = std::iter::once("")
             .chain(daemon.services.iter().copied())
@@ -348,6 +349,7 @@ impl BoundDaemon {
             listener,
             counters: daemon.counters.clone(),
             abort: abort_rx,
+            backoff: None,
         };
         let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tonic::transport::Server::builder().serve_with_incoming_shutdown(
@@ -359,6 +361,7 @@ impl BoundDaemon {
         );
         let mut server = std::pin::pin!(server);
 
+        let signals = listen_for_signals(daemon.handle_signals);
         set_all(&reporter, &names, ServingStatus::Serving).await;
         let started_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -367,22 +370,22 @@ impl BoundDaemon {
             pid: std::process::id(),
             started_at,
         };
+        let mut files = OurFiles {
+            socket: socket_id,
+            pidfile: None,
+        };
         if let Err(source) = pidfile.write_atomic(&paths.pidfile) {
-            remove_files(&paths, lock);
+            remove_files(&paths, &files, lock);
             return Err(DaemonError::Io {
                 action: "write the pidfile",
                 path: paths.pidfile.clone(),
                 source,
             });
         }
+        files.pidfile = file_id(&paths.pidfile);
         tracing::info!(socket = %paths.socket.display(), pid = pidfile.pid, "local daemon serving");
 
-        let stop = stop_signal(
-            shutdown,
-            daemon.handle_signals,
-            daemon.idle_timeout,
-            &daemon.counters,
-        );
+        let stop = stop_signal(shutdown, signals, daemon.idle_timeout, &daemon.counters);
         let served_to_end = tokio::select! {
             result = &mut server => Some(result),
             why = stop => {
@@ -409,7 +412,7 @@ impl BoundDaemon {
                 }
             }
         };
-        remove_files(&paths, lock);
+        remove_files(&paths, &files, lock);
         result
     }
 }
@@ -421,31 +424,42 @@ async fn set_all(reporter: &HealthReporter, names: &[&str], status: ServingStatu
 }
 
 /// Resolves with the reason to stop.
+/// SIGTERM and SIGINT listeners, installed before the pidfile is written so that no signal
+/// between the two kills the daemon without its cleanup.
+type SignalListeners = Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>;
+
+fn listen_for_signals(handle_signals: bool) -> SignalListeners {
+    use tokio::signal::unix::{SignalKind, signal};
+    if !handle_signals {
+        return None;
+    }
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => Some((term, int)),
+        _ => {
+            tracing::warn!(
+                "could not install signal handlers; only the shutdown future stops the daemon"
+            );
+            None
+        }
+    }
+}
+
 async fn stop_signal(
     shutdown: impl Future<Output = ()>,
-    handle_signals: bool,
+    signals: SignalListeners,
     idle_timeout: Option<Duration>,
     counters: &DaemonCounters,
 ) -> &'static str {
     let signals = async {
-        if !handle_signals {
-            return std::future::pending().await;
-        }
-        use tokio::signal::unix::{SignalKind, signal};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => tokio::select! {
+        match signals {
+            Some((mut term, mut int)) => tokio::select! {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
             },
-            _ => {
-                tracing::warn!(
-                    "could not install signal handlers; only the shutdown future stops the daemon"
-                );
-                std::future::pending().await
-            }
+            None => std::future::pending().await,
         }
     };
     let idle = async {
@@ -548,20 +562,60 @@ fn remove_leftovers(paths: &DaemonPaths) -> Result<(), DaemonError> {
     Ok(())
 }
 
-fn socket_answers(socket: &Path) -> bool {
-    SocketAddrPath::new(socket)
-        .and_then(|addr| std::os::unix::net::UnixStream::connect(addr.path()))
-        .is_ok()
+/// Whether someone listens on the socket: a non-blocking connect, so that a hung daemon with a
+/// full backlog cannot block the start (it counts as listening).
+fn socket_answers(path: &Path) -> bool {
+    use nix::errno::Errno;
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    use std::os::fd::AsRawFd;
+    let Ok(addr) = SocketAddrPath::new(path) else {
+        return false;
+    };
+    let Ok(fd) = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    ) else {
+        return false;
+    };
+    let Ok(addr) = UnixAddr::new(addr.path()) else {
+        return false;
+    };
+    matches!(
+        connect(fd.as_raw_fd(), &addr),
+        Ok(()) | Err(Errno::EAGAIN | Errno::EINPROGRESS)
+    )
+}
+
+/// A file's device and inode, without following a symlink.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Removes `path` if it is still the file this daemon made: should `sockets/` have been
+/// removed and another daemon started meanwhile, its files are left alone.
+fn remove_if_ours(path: &Path, ours: Option<(u64, u64)>) {
+    if ours.is_none() || file_id(path) != ours {
+        return;
+    }
+    if let Err(e) = std::fs::remove_file(path) {
+        tracing::warn!(path = %path.display(), error = %e, "could not remove");
+    }
+}
+
+/// The identities of the files this daemon made.
+#[derive(Debug, Default)]
+struct OurFiles {
+    socket: Option<(u64, u64)>,
+    pidfile: Option<(u64, u64)>,
 }
 
 /// Removes the pidfile, the socket and the lock file, in that order, while the lock is held.
-fn remove_files(paths: &DaemonPaths, lock: LifetimeLock) {
-    for path in [&paths.pidfile, &paths.socket] {
-        if let Err(e) = std::fs::remove_file(path)
-            && e.kind() != io::ErrorKind::NotFound
-        {
-            tracing::warn!(path = %path.display(), error = %e, "could not remove");
-        }
-    }
+fn remove_files(paths: &DaemonPaths, files: &OurFiles, lock: LifetimeLock) {
+    remove_if_ours(&paths.pidfile, files.pidfile);
+    remove_if_ours(&paths.socket, files.socket);
     lock.remove();
 }
