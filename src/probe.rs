@@ -45,6 +45,14 @@ pub enum LocalDaemonStatus {
 
 impl LocalDaemonStatus {
     /// The reason the daemon is not usable, or `None` when it is running.
+    ///
+    /// ```
+    /// use tower_local_daemon::{FallbackReason, LocalDaemonStatus};
+    ///
+    /// let stale = LocalDaemonStatus::Stale { pid: 7, reason: FallbackReason::ProcessGone };
+    /// assert_eq!(stale.reason(), Some(&FallbackReason::ProcessGone));
+    /// assert_eq!(LocalDaemonStatus::Running { pid: 7 }.reason(), None);
+    /// ```
     pub fn reason(&self) -> Option<&FallbackReason> {
         match self {
             Self::Running { .. } => None,
@@ -66,6 +74,12 @@ pub struct LocalDaemonProbe {
 
 impl LocalDaemonProbe {
     /// The target to connect to, when the daemon is running.
+    ///
+    /// ```
+    /// let found = tower_local_daemon::probe("/no/such/repo/.heddle");
+    /// assert_eq!(found.target(), None);
+    /// assert!(found.socket_path.ends_with("sockets/grpc.sock"));
+    /// ```
     pub fn target(&self) -> Option<UdsTarget> {
         match self.status {
             LocalDaemonStatus::Running { pid } => Some(UdsTarget {

@@ -330,3 +330,26 @@ async fn reset_forgets_the_decision_and_the_next_call_probes_again() {
     assert_eq!(response.get_ref().pid, daemon.pid());
     assert_eq!(svc.stats().unwrap().probes, 1);
 }
+
+#[test]
+fn runtime_without_time_driver_runs_in_process_with_a_reason_that_says_so() {
+    let dir = TestDir::new("no-timer");
+    let _daemon = DaemonProcess::start(dir.path());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let svc = layered(test_layer(dir.path()));
+    let response = runtime
+        .block_on(EchoClient::new(svc.clone()).echo(EchoRequest {
+            message: String::new(),
+            id: 1,
+            delay_ms: 0,
+        }))
+        .unwrap();
+    assert_eq!(response.get_ref().served_by, "in-process");
+    let Some(Err(FallbackReason::RuntimeUnusable { message })) = svc.stats().unwrap().route else {
+        panic!("{:?}", svc.stats());
+    };
+    assert!(message.contains("time driver"), "{message}");
+}

@@ -179,7 +179,35 @@ impl DaemonCounters {
 
 /// A daemon for one repository directory: its options and the services it hosts.
 ///
-/// See the [module docs](self) for what it does on disk and when.
+/// See the [module docs](self) for what it does on disk and when. Here a daemon and a client in
+/// one process (the same executable, so the identity check passes):
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+/// use tower_local_daemon::{Daemon, LocalDaemonLayer, Route};
+///
+/// let dir = std::env::temp_dir().join(format!("tld-doc-daemon-{}", std::process::id()));
+/// let bound = Daemon::new(&dir).version("1.0.0").handle_signals(false).bind().unwrap();
+/// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+/// let serving = tokio::spawn(bound.serve(async { stopped.await.ok(); }));
+/// # while !dir.join("sockets/grpc.pid").exists() { tokio::task::yield_now().await; }
+///
+/// // The health service is always hosted: a client of it over the layer reaches the daemon.
+/// let fallback = tonic_health::server::health_reporter().1;
+/// let svc = tower::ServiceBuilder::new()
+///     .layer(LocalDaemonLayer::new(&dir).mode_env_value(None).required_version("1.0.0"))
+///     .service(fallback);
+/// let request = HealthCheckRequest { service: String::new() };
+/// let response = HealthClient::new(svc).check(request).await.unwrap();
+/// assert_eq!(response.extensions().get::<Route>(), Some(&Route::Daemon { pid: std::process::id() }));
+///
+/// stop.send(()).unwrap();
+/// serving.await.unwrap().unwrap();
+/// assert!(!dir.join("sockets/grpc.sock").exists());
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// # }
+/// ```
 pub struct Daemon {
     paths: DaemonPaths,
     routes: Option<Routes>,
