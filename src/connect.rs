@@ -124,11 +124,7 @@ pub async fn try_connect_local_daemon_channel(
 }
 
 fn probe_target(paths: &DaemonPaths, settings: &Settings) -> Result<UdsTarget, FallbackReason> {
-    let probed = probe_files(&paths.socket, &paths.pidfile, &settings.identity);
-    match probed.status.reason() {
-        Some(reason) => Err(reason.clone()),
-        None => Ok(probed.target().expect("a running status has a target")),
-    }
+    probe_files(&paths.socket, &paths.pidfile, &settings.identity).into_target()
 }
 
 /// Where the time of [`establish`] went.

@@ -73,6 +73,19 @@ pub struct LocalDaemonProbe {
 }
 
 impl LocalDaemonProbe {
+    /// The target to connect to, or the reason there is none.
+    pub(crate) fn into_target(self) -> Result<UdsTarget, FallbackReason> {
+        match self.status {
+            LocalDaemonStatus::Running { pid } => Ok(UdsTarget {
+                socket_path: self.socket_path,
+                pid,
+            }),
+            LocalDaemonStatus::Stale { reason, .. } | LocalDaemonStatus::Absent { reason } => {
+                Err(reason)
+            }
+        }
+    }
+
     /// The target to connect to, when the daemon is running.
     ///
     /// ```
@@ -81,13 +94,7 @@ impl LocalDaemonProbe {
     /// assert!(found.socket_path.ends_with("sockets/grpc.sock"));
     /// ```
     pub fn target(&self) -> Option<UdsTarget> {
-        match self.status {
-            LocalDaemonStatus::Running { pid } => Some(UdsTarget {
-                socket_path: self.socket_path.clone(),
-                pid,
-            }),
-            _ => None,
-        }
+        self.clone().into_target().ok()
     }
 }
 
@@ -192,13 +199,13 @@ pub(crate) fn check_process(
     if uid != nix::unistd::geteuid().as_raw() {
         return Err(FallbackReason::ForeignProcess { uid });
     }
-    let (exe, deleted) = info.executable().map_err(process_reason)?;
+    let exe = info.executable().map_err(process_reason)?;
     let expected = match identity {
         IdentityPolicy::SameExecutable => process::own_executable(),
         IdentityPolicy::Executable(path) => FileId::of(path).map_err(|e| e.kind()),
     };
     if expected != Ok(exe) {
-        return Err(if deleted {
+        return Err(if info.executable_deleted() {
             FallbackReason::ExecutableReplaced
         } else {
             FallbackReason::ExecutableMismatch

@@ -89,23 +89,24 @@ mod imp {
             uid.ok_or(ProcessError::Unreadable(io::ErrorKind::InvalidData))
         }
 
-        /// The executable's identity, and whether it was deleted or replaced since it started.
-        pub(crate) fn executable(&self) -> Result<(FileId, bool), ProcessError> {
+        /// The executable's identity.
+        pub(crate) fn executable(&self) -> Result<FileId, ProcessError> {
             let link = format!("/proc/{}/exe", self.pid);
-            let id = FileId::of(Path::new(&link)).map_err(|e| match e.kind() {
+            FileId::of(Path::new(&link)).map_err(|e| match e.kind() {
                 // A zombie has no executable any more.
                 io::ErrorKind::NotFound => ProcessError::Zombie,
                 kind => ProcessError::Unreadable(kind),
-            })?;
-            let deleted = std::fs::read_link(&link)
-                .map(|target| {
-                    target
-                        .as_os_str()
-                        .as_encoded_bytes()
-                        .ends_with(b" (deleted)")
-                })
-                .unwrap_or(false);
-            Ok((id, deleted))
+            })
+        }
+
+        /// Whether the executable was deleted or replaced on disk since the process started.
+        pub(crate) fn executable_deleted(&self) -> bool {
+            std::fs::read_link(format!("/proc/{}/exe", self.pid)).is_ok_and(|target| {
+                target
+                    .as_os_str()
+                    .as_encoded_bytes()
+                    .ends_with(b" (deleted)")
+            })
         }
 
         /// When the process started, in Unix seconds (rounded down).
@@ -169,8 +170,11 @@ mod imp {
         pub(crate) fn effective_uid(&self) -> Result<u32, ProcessError> {
             Err(ProcessError::Unsupported)
         }
-        pub(crate) fn executable(&self) -> Result<(FileId, bool), ProcessError> {
+        pub(crate) fn executable(&self) -> Result<FileId, ProcessError> {
             Err(ProcessError::Unsupported)
+        }
+        pub(crate) fn executable_deleted(&self) -> bool {
+            false
         }
         pub(crate) fn started_at(&self) -> Result<u64, ProcessError> {
             Err(ProcessError::Unsupported)

@@ -267,13 +267,9 @@ impl Entry {
     fn probe(&self) -> Result<UdsTarget, FallbackReason> {
         self.counters.probes.fetch_add(1, Ordering::Relaxed);
         let probed = probe_files(&self.socket, &self.pidfile, &self.settings.identity);
-        match probed.status.reason() {
-            None => Ok(probed.target().expect("a running status has a target")),
-            Some(reason) => {
-                tracing::debug!(dir = %self.dir.display(), %reason, "local daemon probe");
-                Err(reason.clone())
-            }
-        }
+        probed.into_target().inspect_err(|reason| {
+            tracing::debug!(dir = %self.dir.display(), %reason, "local daemon probe");
+        })
     }
 
     /// Marks a detection that callers wait for; the caller spawns it once the lock is released.

@@ -191,7 +191,8 @@ impl<S> LocalDaemon<S> {
     /// The route for the next call: the warm path is one atomic load and a comparison.
     fn poll_route(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let Some(entry) = self.shared.entry() else {
-            self.cached = Some(CachedRoute {
+            // Mode off: in-process for good.
+            self.cached.get_or_insert(CachedRoute {
                 generation: 0,
                 route: CachedKind::InProcess,
             });

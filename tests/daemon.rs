@@ -18,6 +18,7 @@ use tower_local_daemon::{
 
 /// Not a test: the entry point of this binary when it is re-executed as a daemon or client.
 #[test]
+#[ignore = "the entry point of this binary re-executed as a daemon, not a test"]
 fn daemon_entry_point() {
     run_daemon_if_asked();
 }

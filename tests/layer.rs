@@ -10,6 +10,7 @@ use tower_local_daemon::{FallbackReason, Mode, Pidfile, Route};
 
 /// Not a test: the entry point of this binary when it is re-executed as a daemon.
 #[test]
+#[ignore = "the entry point of this binary re-executed as a daemon, not a test"]
 fn daemon_entry_point() {
     run_daemon_if_asked();
 }

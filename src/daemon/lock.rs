@@ -24,11 +24,7 @@ pub(crate) struct LifetimeLock {
 impl LifetimeLock {
     /// Takes the lock without waiting, or says which pid holds it.
     pub(crate) fn acquire(path: &Path) -> Result<Self, DaemonError> {
-        let io_error = |source| DaemonError::Io {
-            action: "take the lifetime lock",
-            path: path.to_owned(),
-            source,
-        };
+        let io_error = |source| DaemonError::io("take the lifetime lock", path)(source);
         loop {
             let file = OpenOptions::new()
                 .read(true)

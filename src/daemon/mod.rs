@@ -142,6 +142,18 @@ impl fmt::Display for DaemonError {
     }
 }
 
+impl DaemonError {
+    /// Maps an I/O error met while doing `action` on `path`.
+    pub(crate) fn io(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Self {
+        let path = path.to_owned();
+        move |source| Self::Io {
+            action,
+            path,
+            source,
+        }
+    }
+}
+
 impl std::error::Error for DaemonError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
@@ -305,11 +317,8 @@ impl Daemon {
         prepare_sockets_dir(&self.paths.sockets_dir)?;
         let lock = LifetimeLock::acquire(&self.paths.lock)?;
         remove_leftovers(&self.paths)?;
-        let listener = bind_private(&self.paths.socket).map_err(|source| DaemonError::Io {
-            action: "bind the socket",
-            path: self.paths.socket.clone(),
-            source,
-        })?;
+        let listener = bind_private(&self.paths.socket)
+            .map_err(DaemonError::io("bind the socket", &self.paths.socket))?;
         Ok(BoundDaemon {
             daemon: self,
             version,
@@ -404,11 +413,7 @@ impl BoundDaemon {
         };
         if let Err(source) = pidfile.write_atomic(&paths.pidfile) {
             remove_files(&paths, &files, lock);
-            return Err(DaemonError::Io {
-                action: "write the pidfile",
-                path: paths.pidfile.clone(),
-                source,
-            });
+            return Err(DaemonError::io("write the pidfile", &paths.pidfile)(source));
         }
         files.pidfile = file_id(&paths.pidfile);
         tracing::info!(socket = %paths.socket.display(), pid = pidfile.pid, "local daemon serving");
@@ -518,11 +523,7 @@ async fn stop_signal(
 /// Creates `<dir>/sockets` with mode `0700`, or checks the one there: a real directory (not a
 /// symlink) owned by our effective uid, then tightened to `0700`.
 fn prepare_sockets_dir(dir: &Path) -> Result<(), DaemonError> {
-    let io_error = |action, source| DaemonError::Io {
-        action,
-        path: dir.to_owned(),
-        source,
-    };
+    let io_error = |action, source| DaemonError::io(action, dir)(source);
     if let Some(parent) = dir.parent() {
         std::fs::create_dir_all(parent).map_err(|e| io_error("create the directory", e))?;
     }
@@ -560,31 +561,23 @@ fn remove_leftovers(paths: &DaemonPaths) -> Result<(), DaemonError> {
                     path: paths.socket.clone(),
                 });
             }
-            std::fs::remove_file(&paths.socket).map_err(|source| DaemonError::Io {
-                action: "remove the leftover socket",
-                path: paths.socket.clone(),
-                source,
-            })?;
+            std::fs::remove_file(&paths.socket)
+                .map_err(DaemonError::io("remove the leftover socket", &paths.socket))?;
             tracing::info!(socket = %paths.socket.display(), "removed a leftover socket");
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(source) => {
-            return Err(DaemonError::Io {
-                action: "inspect the socket",
-                path: paths.socket.clone(),
-                source,
-            });
+            return Err(DaemonError::io("inspect the socket", &paths.socket)(source));
         }
     }
     match std::fs::remove_file(&paths.pidfile) {
         Ok(()) => tracing::info!(pidfile = %paths.pidfile.display(), "removed a leftover pidfile"),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(source) => {
-            return Err(DaemonError::Io {
-                action: "remove the leftover pidfile",
-                path: paths.pidfile.clone(),
-                source,
-            });
+            return Err(DaemonError::io(
+                "remove the leftover pidfile",
+                &paths.pidfile,
+            )(source));
         }
     }
     Ok(())

@@ -39,7 +39,8 @@ pub const DAEMON_ENTRY: &str = "daemon_entry_point";
 
 /// Runs the daemon when this process was re-executed as one, and exits; otherwise returns.
 ///
-/// Each test binary that spawns daemons has a `#[test] fn daemon_entry_point()` calling this.
+/// Each test binary that spawns daemons has an ignored `#[test] fn daemon_entry_point()` calling
+/// this; the re-executed binary runs it with `--ignored --exact`.
 pub fn run_daemon_if_asked() {
     if let Ok(socket) = std::env::var(CONNECT_ENV) {
         connect_and_wait(Path::new(&socket));
@@ -148,7 +149,13 @@ impl NobodyBinary {
         let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
         let mut command = Command::new(&self.path);
         command
-            .args(["--exact", DAEMON_ENTRY, "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                DAEMON_ENTRY,
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .uid(nobody.uid.as_raw())
             .gid(nobody.gid.as_raw())
             .current_dir(self.dir.path())
@@ -232,7 +239,13 @@ impl DaemonProcess {
     pub fn spawn(dir: &Path, options: &DaemonOptions) -> Self {
         let mut command = Command::new(std::env::current_exe().unwrap());
         command
-            .args(["--exact", DAEMON_ENTRY, "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                DAEMON_ENTRY,
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(DAEMON_DIR_ENV, dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
