@@ -1,9 +1,11 @@
 //! The options a layer is built with: which daemon is acceptable and how the route behaves.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
+
+use crate::paths::DaemonPaths;
 
 /// Which executable an acceptable daemon runs.
 ///
@@ -125,6 +127,7 @@ pub(crate) struct Settings {
     pub(crate) identity: IdentityPolicy,
     pub(crate) required_services: Vec<String>,
     pub(crate) accept_unimplemented_health: bool,
+    pub(crate) accept_unverified_directory: bool,
     pub(crate) required_version: Option<String>,
     pub(crate) mode: Mode,
     pub(crate) deadline: Duration,
@@ -141,6 +144,7 @@ impl Default for Settings {
             identity: IdentityPolicy::SameExecutable,
             required_services: vec![String::new()],
             accept_unimplemented_health: false,
+            accept_unverified_directory: false,
             required_version: None,
             mode: Mode::Auto,
             deadline: Duration::from_millis(500),
@@ -148,5 +152,13 @@ impl Default for Settings {
             keepalive_interval: Duration::from_secs(1),
             keepalive_timeout: Duration::from_secs(2),
         }
+    }
+}
+
+impl Settings {
+    /// The files the checks look at for `dir`: the standard layout, with the overrides applied.
+    pub(crate) fn paths(&self, dir: &Path) -> DaemonPaths {
+        DaemonPaths::new(dir)
+            .with_overrides(self.socket_path.as_deref(), self.pidfile_path.as_deref())
     }
 }

@@ -23,14 +23,11 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::config::Settings;
-use crate::paths::SocketAddrPath;
-use crate::peer::PeerCredentials;
-use crate::probe::{UdsTarget, probe_files};
-use crate::{DaemonPaths, FallbackReason};
-
-/// The response metadata key under which a daemon built with this crate reports its version on
-/// every `grpc.health.v1.Health/Check`.
-pub const VERSION_METADATA_KEY: &str = "local-daemon-version";
+use crate::paths::{DaemonPaths, FileIdentity, SocketAddrPath};
+use crate::peer::{PeerCredentials, own_uid};
+use crate::probe::{UdsTarget, probe_paths};
+use crate::protocol::{DIRECTORY_METADATA_KEY, VERSION_METADATA_KEY};
+use crate::reason::{FallbackReason, error_chain};
 
 /// A checked connection to a directory's daemon: the target that passed the probe, and a tonic
 /// [`Channel`] over the one connection that passed the peer check and the health handshake.
@@ -50,6 +47,9 @@ pub struct LocalDaemonChannel {
 /// Probes `heddle_dir`'s daemon, connects, and checks the peer credentials: the peer's uid is our
 /// effective uid and its pid is the pidfile's. `None` when any check fails; see
 /// [`try_detect_local_daemon_with_connect_probe`] for the reason.
+///
+/// No request is sent, so the daemon does not get to say which directory it serves: only
+/// [`connect_local_daemon_channel`] and the layer check that.
 pub async fn detect_local_daemon_with_connect_probe(
     heddle_dir: impl AsRef<Path>,
     timeout: Duration,
@@ -76,8 +76,7 @@ pub async fn try_detect_local_daemon_with_connect_probe(
     timeout: Duration,
 ) -> Result<UdsTarget, FallbackReason> {
     let paths = DaemonPaths::new(heddle_dir);
-    let settings = Settings::default();
-    let target = probe_target(&paths, &settings)?;
+    let target = probe_paths(&paths, &Settings::default().identity).into_target()?;
     tokio::time::timeout(timeout, connect_checked(&target))
         .await
         .map_err(|_| FallbackReason::DeadlineExceeded)??;
@@ -112,19 +111,15 @@ pub async fn try_connect_local_daemon_channel(
     heddle_dir: impl AsRef<Path>,
     timeout: Duration,
 ) -> Result<LocalDaemonChannel, FallbackReason> {
-    let paths = DaemonPaths::new(heddle_dir);
+    let dir = heddle_dir.as_ref();
     let settings = Settings {
         deadline: timeout,
         ..Settings::default()
     };
-    let target = probe_target(&paths, &settings)?;
-    establish(target, &settings, ConnectionEnd::ignored())
+    let target = probe_paths(&DaemonPaths::new(dir), &settings.identity).into_target()?;
+    establish(target, dir, &settings, ConnectionEnd::ignored())
         .await
         .result
-}
-
-fn probe_target(paths: &DaemonPaths, settings: &Settings) -> Result<UdsTarget, FallbackReason> {
-    probe_files(&paths.socket, &paths.pidfile, &settings.identity).into_target()
 }
 
 /// Where the time of [`establish`] went.
@@ -141,10 +136,12 @@ pub(crate) struct Established {
     pub(crate) timings: HandshakeTimings,
 }
 
-/// Connect, peer check, channel and health handshake under the one deadline of `settings`.
-/// `on_end` fires once when the connection ends (EOF, an error, or the connection dropped).
+/// Connect, peer check, channel and health handshake under the one deadline of `settings`; the
+/// daemon must serve `dir`. `on_end` fires once when the connection ends (EOF, an error, or the
+/// connection dropped).
 pub(crate) async fn establish(
     target: UdsTarget,
+    dir: &Path,
     settings: &Settings,
     on_end: ConnectionEnd,
 ) -> Established {
@@ -154,7 +151,7 @@ pub(crate) async fn establish(
     let attempt = async {
         let stream = connect_checked(&target).await?;
         *connect_done.lock().unwrap() = Some(Instant::now());
-        let (channel, version) = handshake(stream, settings, on_end).await?;
+        let (channel, version) = handshake(stream, dir, settings, on_end).await?;
         Ok(LocalDaemonChannel {
             target: target.clone(),
             channel,
@@ -177,14 +174,15 @@ pub(crate) async fn establish(
 }
 
 /// Opens a channel over a checked connection and asks `Health/Check` for every required
-/// service; returns the channel and the daemon's version.
+/// service; checks that the daemon serves `dir`; returns the channel and the daemon's version.
 pub(crate) async fn handshake(
     stream: UnixStream,
+    dir: &Path,
     settings: &Settings,
     on_end: ConnectionEnd,
 ) -> Result<(Channel, Option<String>), FallbackReason> {
     let channel = channel_over(stream, settings, on_end).await?;
-    let version = check_health(&channel, settings).await?;
+    let version = check_health(&channel, dir, settings).await?;
     Ok((channel, version))
 }
 
@@ -194,9 +192,19 @@ pub(crate) async fn connect_checked(target: &UdsTarget) -> Result<UnixStream, Fa
     let stream = UnixStream::connect(addr.path())
         .await
         .map_err(connect_reason)?;
-    PeerCredentials::of(&stream)
-        .map_err(connect_reason)?
-        .check_daemon(target)?;
+    let peer = PeerCredentials::of(&stream).map_err(connect_reason)?;
+    if !peer.is_own_uid() {
+        return Err(FallbackReason::PeerUidMismatch {
+            expected: own_uid(),
+            actual: peer.uid,
+        });
+    }
+    if peer.pid != Some(target.pid as i32) {
+        return Err(FallbackReason::PeerPidMismatch {
+            expected: target.pid,
+            actual: peer.pid,
+        });
+    }
     Ok(stream)
 }
 
@@ -233,14 +241,22 @@ async fn channel_over(
         })
 }
 
-/// Asks `Health/Check` for every required service; returns the daemon's version.
+/// Asks `Health/Check` for every required service (the whole server when none is named);
+/// checks the directory the daemon reports; returns the daemon's version.
 async fn check_health(
     channel: &Channel,
+    dir: &Path,
     settings: &Settings,
 ) -> Result<Option<String>, FallbackReason> {
     let mut client = HealthClient::new(channel.clone());
     let mut version = None;
-    for service in &settings.required_services {
+    let mut served = None;
+    let whole_server = [String::new()];
+    let services = match settings.required_services.as_slice() {
+        [] => &whole_server[..],
+        named => named,
+    };
+    for service in services {
         let request = HealthCheckRequest {
             service: service.clone(),
         };
@@ -251,11 +267,12 @@ async fn check_health(
                         service: service.clone(),
                     });
                 }
-                version = response
-                    .metadata()
-                    .get(VERSION_METADATA_KEY)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
+                let text = |key| {
+                    let value = response.metadata().get(key)?;
+                    Some(String::from_utf8_lossy(value.as_bytes()).into_owned())
+                };
+                version = text(VERSION_METADATA_KEY);
+                served = text(DIRECTORY_METADATA_KEY);
             }
             Err(status) => match status.code() {
                 tonic::Code::NotFound => {
@@ -281,19 +298,35 @@ async fn check_health(
             actual: version,
         });
     }
+    check_directory(served.as_deref(), dir, settings.accept_unverified_directory)?;
     Ok(version)
 }
 
-/// An error and its sources, joined for a person to read.
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(e) = source {
-        message.push_str(": ");
-        message.push_str(&e.to_string());
-        source = e.source();
+/// The daemon must serve `dir`: the identity it reports is the one `dir` has now. A renamed
+/// directory keeps its inode, so a rename is no mismatch; a shared, linked or moved sockets
+/// directory is.
+fn check_directory(
+    served: Option<&str>,
+    dir: &Path,
+    accept_unreported: bool,
+) -> Result<(), FallbackReason> {
+    let Some(served) = served else {
+        return match accept_unreported {
+            true => Ok(()),
+            false => Err(FallbackReason::DirectoryUnreported),
+        };
+    };
+    let expected = FileIdentity::following(dir);
+    match (&expected, FileIdentity::parse(served)) {
+        (Ok(expected), Some(served)) if *expected == served => Ok(()),
+        _ => Err(FallbackReason::DirectoryMismatch {
+            expected: match expected {
+                Ok(id) => id.to_string(),
+                Err(e) => format!("unreadable: {e}"),
+            },
+            served: served.to_owned(),
+        }),
     }
-    message
 }
 
 /// How a daemon connection ended.

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use crate::config::{IdentityPolicy, Mode, Settings};
 use crate::connect::{ConnectionEnd, connect_checked, handshake};
-use crate::probe::{UdsTarget, check_process, check_socket, read_pidfile};
-use crate::{DaemonPaths, FallbackReason};
+use crate::paths::{DaemonPaths, FileIdentity};
+use crate::probe::{Passed, probe_observed};
+use crate::reason::FallbackReason;
 
 /// How one check went.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +25,8 @@ pub enum CheckOutcome {
 /// One check of a [`Report`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
-    /// The check's name: `mode`, `pidfile`, `process`, `socket`, `connect` or `handshake`.
+    /// The check's name: `mode`, `directory`, `pidfile`, `process`, `socket`, `connect` or
+    /// `handshake`, in that order.
     pub name: &'static str,
     /// How it went.
     pub outcome: CheckOutcome,
@@ -44,6 +46,7 @@ pub struct Check {
 /// let dir = std::env::temp_dir().join("tower-local-daemon-doc-diagnose");
 /// let report = LocalDaemonLayer::new(&dir).mode_env_value(None).diagnose().await;
 /// assert!(!report.usable());
+/// assert_eq!(report.checks[1].name, "directory");
 /// assert_eq!(report.checks[1].outcome, CheckOutcome::Failed(FallbackReason::NoPidfile));
 /// println!("{report}");
 /// # }
@@ -110,157 +113,179 @@ pub async fn diagnose(heddle_dir: impl AsRef<Path>) -> Report {
     run(heddle_dir.as_ref(), &Settings::default()).await
 }
 
+/// The checks' names, in the order the client runs them.
+const CHECKS: [&str; 7] = [
+    "mode",
+    "directory",
+    "pidfile",
+    "process",
+    "socket",
+    "connect",
+    "handshake",
+];
+
+/// The report as it is written: each check's outcome as it ends, then the rest as skipped.
 struct Checks {
     checks: Vec<Check>,
-    failed: bool,
+    last: Instant,
 }
 
 impl Checks {
-    /// Runs `check` unless an earlier one failed; it returns the detail and the result.
-    async fn run<T>(
-        &mut self,
-        name: &'static str,
-        check: impl AsyncFnOnce() -> (String, Result<T, FallbackReason>),
-    ) -> Option<T> {
-        if self.failed {
+    fn new() -> Self {
+        Self {
+            checks: Vec::new(),
+            last: Instant::now(),
+        }
+    }
+
+    /// Records the next check; `Some(())` when it passed.
+    fn record(&mut self, detail: String, result: Result<(), &FallbackReason>) -> Option<()> {
+        let now = Instant::now();
+        self.checks.push(Check {
+            name: CHECKS[self.checks.len()],
+            outcome: match result {
+                Ok(()) => CheckOutcome::Passed,
+                Err(reason) => CheckOutcome::Failed(reason.clone()),
+            },
+            detail,
+            elapsed: now - self.last,
+        });
+        self.last = now;
+        result.ok()
+    }
+
+    /// Starts timing the next check.
+    fn start(&mut self) {
+        self.last = Instant::now();
+    }
+
+    fn finish(mut self) -> Report {
+        for name in &CHECKS[self.checks.len()..] {
             self.checks.push(Check {
                 name,
                 outcome: CheckOutcome::Skipped,
                 detail: "not checked".into(),
                 elapsed: Duration::ZERO,
             });
-            return None;
         }
-        let start = Instant::now();
-        let (detail, result) = check().await;
-        let elapsed = start.elapsed();
-        let (outcome, value) = match result {
-            Ok(value) => (CheckOutcome::Passed, Some(value)),
-            Err(reason) => {
-                self.failed = true;
-                (CheckOutcome::Failed(reason), None)
-            }
-        };
-        self.checks.push(Check {
-            name,
-            outcome,
-            detail,
-            elapsed,
-        });
-        value
+        Report {
+            checks: self.checks,
+        }
     }
 }
 
 pub(crate) async fn run(dir: &Path, settings: &Settings) -> Report {
-    let paths = DaemonPaths::new(dir);
-    let socket = settings.socket_path.clone().unwrap_or(paths.socket);
-    let pid_path = settings.pidfile_path.clone().unwrap_or(paths.pidfile);
-    let mut checks = Checks {
-        checks: Vec::new(),
-        failed: false,
+    let mut checks = Checks::new();
+    let mode = match settings.mode {
+        Mode::Off => Err(FallbackReason::Disabled),
+        _ => Ok(()),
+    };
+    if checks
+        .record(format!("mode {}", settings.mode), mode.as_ref().map(|_| ()))
+        .is_none()
+    {
+        return checks.finish();
+    }
+
+    let paths = settings.paths(dir);
+    checks.start();
+    let mut pid = None;
+    let probed = probe_observed(&paths, &settings.identity, |result| {
+        if let Ok(Passed::Pidfile(pidfile)) = &result {
+            pid = Some(pidfile.pid);
+        }
+        let detail = probe_detail(&paths, settings, pid, &result);
+        checks.record(detail, result.map(|_| ()));
+    });
+    let Ok(target) = probed.into_target() else {
+        return checks.finish();
     };
 
-    checks
-        .run("mode", async || match settings.mode {
-            Mode::Off => ("mode off".into(), Err(FallbackReason::Disabled)),
-            mode => (format!("mode {mode}"), Ok(())),
-        })
-        .await;
-    let pidfile = checks
-        .run("pidfile", async || match read_pidfile(&pid_path) {
-            Ok(p) => (
-                format!(
-                    "{} names pid {}, started at {}",
-                    pid_path.display(),
-                    p.pid,
-                    p.started_at
-                ),
-                Ok(p),
-            ),
-            Err(reason) => (format!("{}: {reason}", pid_path.display()), Err(reason)),
-        })
-        .await;
-    checks
-        .run("process", async || {
-            let pidfile = pidfile.expect("runs only after the pidfile check passed");
-            let result = check_process(&pidfile, &settings.identity);
-            let detail = match &result {
-                Ok(()) => format!(
-                    "pid {} runs the expected executable as our uid",
-                    pidfile.pid
-                ),
-                Err(FallbackReason::ExecutableMismatch) => format!(
-                    "pidfile names pid {}, which runs `{}`, not {}",
-                    pidfile.pid,
-                    process_name(pidfile.pid),
-                    match &settings.identity {
-                        IdentityPolicy::SameExecutable => "this executable".to_owned(),
-                        IdentityPolicy::Executable(path) => format!("{}", path.display()),
-                    }
-                ),
-                Err(reason) => format!("pid {}: {reason}", pidfile.pid),
-            };
-            (detail, result)
-        })
-        .await;
-    checks
-        .run("socket", async || {
-            let result = check_socket(&socket);
-            let detail = match &result {
-                Ok(()) => format!("{} is a socket of ours", socket.display()),
-                Err(reason) => format!("{}: {reason}", socket.display()),
-            };
-            (detail, result)
-        })
-        .await;
-
     // Connect and handshake share one deadline, as in the client.
-    let deadline = tokio::time::Instant::now() + settings.deadline;
-    let stream = checks
-        .run("connect", async || {
-            let target = UdsTarget {
-                socket_path: socket.clone(),
-                pid: pidfile
-                    .expect("runs only after the pidfile check passed")
-                    .pid,
-            };
-            let result = tokio::time::timeout_at(deadline, connect_checked(&target))
-                .await
-                .unwrap_or(Err(FallbackReason::DeadlineExceeded));
-            let detail = match &result {
-                Ok(_) => format!("connected; the peer is pid {} with our uid", target.pid),
-                Err(reason) => reason.to_string(),
-            };
-            (detail, result)
-        })
-        .await;
-    checks
-        .run("handshake", async || {
-            let stream = stream.expect("runs only after the connect check passed");
-            let result = tokio::time::timeout_at(
-                deadline,
-                handshake(stream, settings, ConnectionEnd::ignored()),
-            )
+    let deadline = tokio::time::Instant::now().checked_add(settings.deadline);
+    checks.start();
+    let connected = within(deadline, connect_checked(&target)).await;
+    let detail = match &connected {
+        Ok(_) => format!("connected; the peer is pid {} with our uid", target.pid),
+        Err(reason) => reason.to_string(),
+    };
+    checks.record(detail, connected.as_ref().map(|_| ()));
+    let Ok(stream) = connected else {
+        return checks.finish();
+    };
+    checks.start();
+    let shaken = within(deadline, async {
+        handshake(stream, dir, settings, ConnectionEnd::ignored())
             .await
-            .unwrap_or(Err(FallbackReason::DeadlineExceeded));
-            let detail = match &result {
-                Ok((_, Some(version))) => {
-                    format!("Health/Check SERVING; the daemon is version {version}")
+            .map(|(_, version)| version)
+    })
+    .await;
+    let served = match FileIdentity::following(dir) {
+        Ok(id) if !settings.accept_unverified_directory => format!("serves this directory ({id})"),
+        _ => "serves this directory, or does not say (accepted by option)".to_owned(),
+    };
+    let detail = match &shaken {
+        Ok(Some(version)) => format!("Health/Check SERVING; {served}; version {version}"),
+        Ok(None) => format!("Health/Check SERVING; {served}; no version reported"),
+        Err(reason) => reason.to_string(),
+    };
+    checks.record(detail, shaken.as_ref().map(|_| ()));
+    checks.finish()
+}
+
+/// `future`, failing with [`FallbackReason::DeadlineExceeded`] at `deadline` (none: never).
+async fn within<T>(
+    deadline: Option<tokio::time::Instant>,
+    future: impl Future<Output = Result<T, FallbackReason>>,
+) -> Result<T, FallbackReason> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, future)
+            .await
+            .unwrap_or(Err(FallbackReason::DeadlineExceeded)),
+        None => future.await,
+    }
+}
+
+/// What a probe stage found, for a person; `pid` is the pidfile's, once read.
+fn probe_detail(
+    paths: &DaemonPaths,
+    settings: &Settings,
+    pid: Option<u32>,
+    result: &Result<Passed<'_>, &FallbackReason>,
+) -> String {
+    match result {
+        Ok(Passed::Directory) => format!(
+            "{} is a private directory of ours",
+            paths.sockets_dir.display()
+        ),
+        Ok(Passed::Pidfile(p)) => format!(
+            "{} names pid {}, started at {}",
+            paths.pidfile.display(),
+            p.pid,
+            p.started_at
+        ),
+        Ok(Passed::Process(pid)) => {
+            format!("pid {pid} runs the expected executable as our uid")
+        }
+        Ok(Passed::Socket) => format!("{} is a socket of ours", paths.socket.display()),
+        Err(FallbackReason::ExecutableMismatch) => {
+            let pid = pid.unwrap_or_default();
+            format!(
+                "pidfile names pid {pid}, which runs `{}`, not {}",
+                process_name(pid),
+                match &settings.identity {
+                    IdentityPolicy::SameExecutable => "this executable".to_owned(),
+                    IdentityPolicy::Executable(path) => format!("{}", path.display()),
                 }
-                Ok((_, None)) => "Health/Check SERVING; the daemon reports no version".to_owned(),
-                Err(reason) => reason.to_string(),
-            };
-            (detail, result)
-        })
-        .await;
-    Report {
-        checks: checks.checks,
+            )
+        }
+        Err(reason) => reason.to_string(),
     }
 }
 
 /// The process's command name, for a person to read.
 fn process_name(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|name| name.trim_end().to_owned())
+    std::fs::read(format!("/proc/{pid}/comm"))
+        .map(|name| String::from_utf8_lossy(name.trim_ascii_end()).into_owned())
         .unwrap_or_else(|_| "an unknown program".to_owned())
 }

@@ -1,6 +1,7 @@
-//! [`ResponseFuture`]: marks the route on each response and maps the daemon route's transport
-//! errors, in the head or mid-body, to `UNAVAILABLE`.
+//! [`ResponseFuture`] and [`Route`]: marks the route on each response, and gives the daemon
+//! route's errors, in the head or mid-body, the status code that says what happened.
 
+use std::error::Error;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -8,16 +9,47 @@ use std::task::{Context, Poll};
 
 use http_body::Frame;
 use pin_project_lite::pin_project;
-use tonic::Status;
 use tonic::body::Body;
 use tonic::transport::channel::ResponseFuture as ChannelFuture;
+use tonic::{Code, Status, TimeoutExpired};
 use tower::BoxError;
 
-use crate::connect::error_chain;
-use crate::{FallbackReason, Route};
+use crate::reason::{FallbackReason, error_chain};
+
+/// Which route served a response: found in the response's extensions.
+///
+/// ```
+/// use tower_local_daemon::Route;
+///
+/// # let response = tonic::Response::new(());
+/// match response.extensions().get::<Route>() {
+///     Some(Route::Daemon { pid }) => println!("served by daemon {pid}"),
+///     Some(Route::InProcess) => println!("served in-process"),
+///     None => println!("not routed by a LocalDaemon"),
+/// }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// The daemon with this pid served the call.
+    Daemon {
+        /// The daemon's pid.
+        pid: u32,
+    },
+    /// The in-process service served the call.
+    InProcess,
+}
 
 pin_project! {
     /// The response future of [`LocalDaemon`](crate::LocalDaemon).
+    ///
+    /// # Status codes on the daemon route
+    ///
+    /// | what happened | code |
+    /// |---|---|
+    /// | the daemon answered with a status | that status, unchanged |
+    /// | the caller's own deadline (`grpc-timeout`) expired | `CANCELLED` "Timeout expired", as over a bare `Channel` |
+    /// | the daemon reset the stream (HTTP/2 `RST_STREAM`) | the code gRPC maps its reason to: `REFUSED_STREAM` is `UNAVAILABLE`, `CANCEL` is `CANCELLED`, `ENHANCE_YOUR_CALM` is `RESOURCE_EXHAUSTED`, `INADEQUATE_SECURITY` is `PERMISSION_DENIED`, the others `INTERNAL` |
+    /// | the connection ended or broke mid-call (EOF, reset, GOAWAY, the daemon killed) | `UNAVAILABLE`: the call may have run on the daemon |
     pub struct ResponseFuture<F> {
         #[pin]
         kind: Kind<F>,
@@ -88,7 +120,7 @@ where
                             .insert(Route::Daemon { pid: *pid });
                         Ok(response)
                     }
-                    Err(e) => Err(unavailable(&*BoxError::from(e)).into()),
+                    Err(e) => Err(daemon_status(&*BoxError::from(e)).into()),
                 })
             }
             KindProj::InProcess { future } => {
@@ -112,16 +144,45 @@ where
     }
 }
 
-/// A transport error on the daemon route, as the caller sees it.
-fn unavailable(error: &(dyn std::error::Error + 'static)) -> Status {
+/// An error on the daemon route, as the caller sees it.
+fn daemon_status(error: &(dyn Error + 'static)) -> Status {
+    let mut link = Some(error);
+    while let Some(error) = link {
+        if error.is::<TimeoutExpired>() {
+            return Status::cancelled(error.to_string());
+        }
+        if let Some(h2) = error.downcast_ref::<h2::Error>()
+            && h2.is_reset()
+            && h2.is_remote()
+            && let Some(reason) = h2.reason()
+        {
+            return Status::new(
+                code_of_reset(reason),
+                format!("the local daemon reset the stream: {reason}"),
+            );
+        }
+        link = error.source();
+    }
     Status::unavailable(format!(
-        "local daemon connection failed: {}",
+        "local daemon connection failed; the call may have run on the daemon: {}",
         error_chain(error)
     ))
 }
 
+/// The code the gRPC spec gives a stream reset by the server (PROTOCOL-HTTP2.md, "Errors").
+/// tonic maps these only under its `server` feature, which a client need not build.
+fn code_of_reset(reason: h2::Reason) -> Code {
+    match reason {
+        h2::Reason::REFUSED_STREAM => Code::Unavailable,
+        h2::Reason::CANCEL => Code::Cancelled,
+        h2::Reason::ENHANCE_YOUR_CALM => Code::ResourceExhausted,
+        h2::Reason::INADEQUATE_SECURITY => Code::PermissionDenied,
+        _ => Code::Internal,
+    }
+}
+
 pin_project! {
-    /// The daemon's response body, whose transport errors become `UNAVAILABLE`.
+    /// The daemon's response body, whose errors get their codes as the head's do.
     struct DaemonBody {
         #[pin]
         inner: Body,
@@ -139,7 +200,7 @@ impl http_body::Body for DaemonBody {
         self.project()
             .inner
             .poll_frame(cx)
-            .map_err(|status| unavailable(&status))
+            .map_err(|status| daemon_status(&status))
     }
 
     fn is_end_stream(&self) -> bool {

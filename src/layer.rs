@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use tower::Layer;
 
-use crate::Report;
 use crate::config::{DEFAULT_MODE_ENV, IdentityPolicy, Mode, ModeOverride, Settings};
+use crate::diagnose::{self, Report};
 use crate::service::{LocalDaemon, Shared};
 
 /// Routes each call to a repository directory's local daemon when one passes every check, and to
@@ -78,7 +78,7 @@ impl LocalDaemonLayer {
     }
 
     /// The service names whose `Health/Check` must answer SERVING (default: `""`, the whole
-    /// server).
+    /// server; an empty list means the same).
     pub fn required_services<I, N>(mut self, names: I) -> Self
     where
         I: IntoIterator<Item = N>,
@@ -93,6 +93,21 @@ impl LocalDaemonLayer {
     /// [`FallbackReason::HealthUnimplemented`](crate::FallbackReason::HealthUnimplemented).
     pub fn accept_unimplemented_health(mut self, accept: bool) -> Self {
         self.settings.accept_unimplemented_health = accept;
+        self
+    }
+
+    /// Accepts a daemon that does not report which directory it serves (in
+    /// [`DIRECTORY_METADATA_KEY`](crate::DIRECTORY_METADATA_KEY)), such as a heddle 0.10 daemon
+    /// or one written in another language. Off by default: such a daemon gives
+    /// [`FallbackReason::DirectoryUnreported`](crate::FallbackReason::DirectoryUnreported).
+    ///
+    /// This is the weaker guarantee: the client's own checks still refuse a symlinked, foreign
+    /// or open sockets directory and hard-linked files, but a daemon whose sockets directory was
+    /// moved from another repository is then used. It is independent of
+    /// [`accept_unimplemented_health`](Self::accept_unimplemented_health): a heddle 0.10.4
+    /// daemon needs both.
+    pub fn accept_unverified_directory(mut self, accept: bool) -> Self {
+        self.settings.accept_unverified_directory = accept;
         self
     }
 
@@ -151,7 +166,7 @@ impl LocalDaemonLayer {
     /// Runs every check a service of this layer runs, in order, without caching anything, and
     /// reports each one: for a tool's `status` verb. See [`Report`].
     pub async fn diagnose(&self) -> Report {
-        crate::diagnose::run(&self.dir, &self.resolved_settings()).await
+        diagnose::run(&self.dir, &self.resolved_settings()).await
     }
 
     /// The settings after the environment override.

@@ -9,11 +9,13 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
 use tonic::Status;
 use tower::{BoxError, Service};
+
+use crate::sync::{Waiters, lock};
 
 /// A service built by an async factory on the first call that reaches it, then shared by every
 /// clone.
@@ -51,7 +53,7 @@ struct Shared<F, S> {
 
 enum Build<S> {
     NotStarted,
-    Building { id: u64, waiters: Vec<Waker> },
+    Building { id: u64, waiters: Waiters },
     Failed { id: u64, message: String },
     Built(S),
 }
@@ -95,7 +97,7 @@ impl<F, S> fmt::Debug for LazyFallback<F, S> {
 
 impl<F, S> Shared<F, S> {
     fn lock(&self) -> MutexGuard<'_, Build<S>> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 }
 
@@ -141,9 +143,7 @@ where
             }
             Build::Building { id, waiters } => {
                 self.local = Local::Waiting(*id);
-                if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                    waiters.push(cx.waker().clone());
-                }
+                waiters.register(cx);
                 return Poll::Pending;
             }
             // A call after a failed build builds again.
@@ -152,7 +152,7 @@ where
         };
         *state = Build::Building {
             id,
-            waiters: vec![cx.waker().clone()],
+            waiters: Waiters::of(cx),
         };
         drop(state);
         self.local = Local::Waiting(id);
@@ -207,7 +207,7 @@ impl<F, S> Drop for FinishBuild<F, S> {
             && let Build::Building { waiters, .. } = std::mem::replace(&mut *state, end)
         {
             drop(state);
-            waiters.into_iter().for_each(Waker::wake);
+            waiters.wake_all();
         }
     }
 }

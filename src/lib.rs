@@ -26,14 +26,15 @@
 //! On the first call the layer runs three checks, cheapest first, and caches the outcome for the
 //! process (see [`FallbackReason`] for every way each can fail):
 //!
-//! 1. **probe** ([`probe`]): the pidfile `<dir>/sockets/grpc.pid` names a live process of our
-//!    effective uid that runs our own executable and started before the pidfile was written,
-//!    and `<dir>/sockets/grpc.sock` is a socket we own. Syscalls only, microseconds.
+//! 1. **probe** ([`probe`]): `<dir>/sockets` is a private directory of ours; the pidfile
+//!    `<dir>/sockets/grpc.pid` names a live process of our effective uid that runs our own
+//!    executable and took the lifetime lock; `<dir>/sockets/grpc.sock` is a socket we own.
+//!    Syscalls only, microseconds.
 //! 2. **connect**: a connection to the socket whose kernel-reported peer credentials
 //!    (`SO_PEERCRED`) are our uid and the pidfile's pid.
 //! 3. **handshake**: a tonic `Channel` over that one connection answers
-//!    `grpc.health.v1.Health/Check` SERVING for each required service, under the same deadline
-//!    as the connect.
+//!    `grpc.health.v1.Health/Check` SERVING for each required service, and reports serving this
+//!    very directory, under the same deadline as the connect.
 //!
 //! Then every call goes over the cached channel. When a check fails, calls go to the wrapped
 //! in-process service. When the daemon's connection ends, calls go in-process at once; a
@@ -45,11 +46,54 @@
 //! [`Daemon`] serves any tonic services on a directory's socket and leaves the files exactly as
 //! the probe expects: see its docs.
 //!
+//! # Trust
+//!
+//! A daemon is used only when it is *the daemon of this directory, running our executable as
+//! our user, and serving now*. The sockets directory must be a private directory of ours (not a
+//! symlink), the pidfile and socket must have one link each, the daemon must report serving
+//! the very directory (device and inode) the layer was built for, its process must run our
+//! executable as our effective uid, and its pid must be the one that took the lifetime lock.
+//! The uid is the trust boundary: another process of the same user could pretend, and the
+//! directory handshake is a correctness check against shared, linked and moved directories, not
+//! authentication. [`LocalDaemonLayer::accept_unverified_directory`] weakens it for daemons that
+//! do not report their directory.
+//!
+//! # The rooms, and the path of a call
+//!
+//! | room | what lives there |
+//! |---|---|
+//! | `protocol` | what both sides agree on: file names, the pidfile marker, metadata keys |
+//! | `pidfile`, `lockfile`, `paths`, `process`, `peer` | the on-disk formats; where files are and file identities; what the kernel says about a pid; who we and a socket's peer are |
+//! | `reason` | [`FallbackReason`]: every way a check can fail |
+//! | `config` | the options a layer is built with |
+//! | `probe` | the first check, syscalls only |
+//! | `connect` | the checked connect, the health handshake, the watched connection |
+//! | `registry` | the process-wide entries: single flight, decisions, re-probes, stats |
+//! | `layer`, `service`, `future` | the tower face: [`LocalDaemonLayer`], [`LocalDaemon`], [`ResponseFuture`], [`Route`] |
+//! | `lazy`, `sync` | [`LazyFallback`]; the lock and waiter list it shares with the registry |
+//! | `diagnose` | the [`Report`] of every check, in the probe's and connect's order |
+//! | `daemon/` | the serving side: errors, the sockets directory's files, the lock, the listener, stopping |
+//!
+//! Imports run down this table; the daemon side uses only `protocol`, the formats, `paths`,
+//! `process` (its own start) and `peer`.
+//!
+//! ```text
+//! FooClient::call
+//!   -> LocalDaemon::poll_ready          service: the warm path is one atomic load
+//!        -> registry: the entry's decision; on the first call or a due re-probe:
+//!             probe    directory -> pidfile -> process -> socket        syscalls
+//!             connect  socket -> peer credentials                        one connect
+//!             handshake HTTP/2 + Health/Check (+ version, + directory)   one round trip
+//!           -> Daemon | InProcess(reason) | Refused(reason)
+//!        -> poll_ready of the chosen route only
+//!   -> LocalDaemon::call -> ResponseFuture: marks the Route, maps the daemon's errors
+//! ```
+//!
 //! # Platforms
 //!
-//! Linux is what CI proves. The process checks read `/proc`, and long socket paths are reached
-//! through `/proc/self/fd`; on other Unix platforms the process checks report
-//! [`FallbackReason::Unsupported`] and calls run in-process.
+//! Linux is what CI proves. The process checks read `/proc`, and the daemon reaches its
+//! sockets directory through `/proc/self/fd`; on other Unix platforms the process checks report
+//! [`FallbackReason::Unsupported`] and calls run in-process. Nothing is verified there.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
@@ -60,31 +104,37 @@ mod diagnose;
 mod future;
 mod layer;
 mod lazy;
+mod lockfile;
 mod paths;
 mod peer;
 mod pidfile;
 mod probe;
 mod process;
+mod protocol;
 mod reason;
 mod registry;
 mod service;
+mod sync;
 
 pub use config::{DEFAULT_MODE_ENV, IdentityPolicy, InvalidMode, Mode};
 pub use connect::{
-    LocalDaemonChannel, VERSION_METADATA_KEY, connect_local_daemon_channel,
-    detect_local_daemon_with_connect_probe, try_connect_local_daemon_channel,
-    try_detect_local_daemon_with_connect_probe,
+    LocalDaemonChannel, connect_local_daemon_channel, detect_local_daemon_with_connect_probe,
+    try_connect_local_daemon_channel, try_detect_local_daemon_with_connect_probe,
 };
 pub use daemon::Daemon;
 pub use diagnose::{Check, CheckOutcome, Report, diagnose};
-pub use future::ResponseFuture;
+pub use future::{ResponseFuture, Route};
 pub use layer::LocalDaemonLayer;
 pub use lazy::{LazyFallback, LazyFuture};
-pub use paths::{DaemonPaths, LOCK_FILE, PIDFILE_FILE, SOCKET_FILE, SOCKETS_DIR};
-pub use pidfile::{MAX_PIDFILE_LEN, PIDFILE_MARKER, Pidfile, PidfileError};
+pub use paths::DaemonPaths;
+pub use pidfile::{MAX_PIDFILE_LEN, Pidfile, PidfileError};
 pub use probe::{
     DETECT_CACHE_TTL, LocalDaemonProbe, LocalDaemonStatus, UdsTarget, detect_local_daemon, probe,
 };
+pub use protocol::{
+    DIRECTORY_METADATA_KEY, LOCK_FILE, PIDFILE_FILE, PIDFILE_MARKER, SOCKET_FILE, SOCKETS_DIR,
+    VERSION_METADATA_KEY,
+};
 pub use reason::FallbackReason;
 pub use registry::{RouteStats, reset};
-pub use service::{LocalDaemon, Route};
+pub use service::LocalDaemon;

@@ -1,20 +1,14 @@
 //! Where a daemon's files live for a repository directory, and how to reach a socket whose path
 //! is too long for `sun_path`.
 
-use std::fs::File;
+use std::fmt;
+use std::fs::{File, Metadata};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-/// The socket's file name inside `<dir>/sockets/`.
-pub const SOCKET_FILE: &str = "grpc.sock";
-/// The pidfile's file name inside `<dir>/sockets/`.
-pub const PIDFILE_FILE: &str = "grpc.pid";
-/// The lifetime lock's file name inside `<dir>/sockets/`.
-pub const LOCK_FILE: &str = "grpc.lock";
-/// The directory, inside a repository directory, that holds the daemon's files.
-pub const SOCKETS_DIR: &str = "sockets";
+use crate::protocol::{LOCK_FILE, PIDFILE_FILE, SOCKET_FILE, SOCKETS_DIR};
 
 /// The longest socket path `bind` and `connect` take directly: `sun_path` holds 108 bytes
 /// including the terminating NUL on Linux.
@@ -58,15 +52,72 @@ impl DaemonPaths {
             sockets_dir,
         }
     }
+
+    /// These paths with a socket or pidfile elsewhere. The socket's directory is then the one
+    /// the checks require to be private, and the lock file is looked for beside the pidfile.
+    pub(crate) fn with_overrides(mut self, socket: Option<&Path>, pidfile: Option<&Path>) -> Self {
+        if let Some(socket) = socket {
+            self.socket = socket.to_owned();
+            self.sockets_dir = parent_of(socket);
+        }
+        if let Some(pidfile) = pidfile {
+            self.pidfile = pidfile.to_owned();
+            self.lock = parent_of(pidfile).join(LOCK_FILE);
+        }
+        self
+    }
+}
+
+/// A file's directory; `.` for a bare file name.
+fn parent_of(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// The identity of a file or directory: its device and inode, never a path string.
+///
+/// Its text form, `dev:ino` in decimal, is what a daemon reports for the directory it serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct FileIdentity {
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
+}
+
+impl FileIdentity {
+    pub(crate) fn of(metadata: &Metadata) -> Self {
+        Self {
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+        }
+    }
+
+    /// The identity of what `path` names, following symlinks.
+    pub(crate) fn following(path: &Path) -> io::Result<Self> {
+        std::fs::metadata(path).map(|m| Self::of(&m))
+    }
+
+    /// Parses the `dev:ino` text form.
+    pub(crate) fn parse(text: &str) -> Option<Self> {
+        let (dev, ino) = text.split_once(':')?;
+        Some(Self {
+            dev: dev.parse().ok()?,
+            ino: ino.parse().ok()?,
+        })
+    }
+}
+
+impl fmt::Display for FileIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.dev, self.ino)
+    }
 }
 
 /// What identifies a directory across spellings: its device and inode when it exists.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum DirIdentity {
-    Inode {
-        dev: u64,
-        ino: u64,
-    },
+    Inode(FileIdentity),
     /// The directory could not be stat-ed; the path as given stands for it.
     Path(PathBuf),
 }
@@ -74,11 +125,8 @@ pub(crate) enum DirIdentity {
 impl DirIdentity {
     /// One `stat`: about 1.6 µs, where canonicalising a deep path costs about 12 µs.
     pub(crate) fn of(dir: &Path) -> Self {
-        match std::fs::metadata(dir) {
-            Ok(m) => Self::Inode {
-                dev: m.dev(),
-                ino: m.ino(),
-            },
+        match FileIdentity::following(dir) {
+            Ok(id) => Self::Inode(id),
             Err(_) => Self::Path(dir.to_owned()),
         }
     }

@@ -1,10 +1,14 @@
-//! The kernel-reported credentials of the process on the other end of a Unix socket, checked by
-//! the client against the daemon it expects and by the daemon against its own uid.
+//! Who we are and who is on the other end of a Unix socket: our effective uid, and the
+//! kernel-reported credentials of a socket's peer. Both sides use it: the daemon refuses peers of
+//! another uid, and the client checks the daemon's.
 
 use tokio::net::UnixStream;
 
-use crate::FallbackReason;
-use crate::probe::UdsTarget;
+/// Our effective uid: every ownership and credential check compares with it. Read each time, so
+/// that a process that changes its effective uid is checked as what it is now.
+pub(crate) fn own_uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
 
 /// The peer's uid and, where the platform reports it, pid (`SO_PEERCRED` on Linux).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,23 +28,6 @@ impl PeerCredentials {
 
     /// Whether the peer runs as our effective uid.
     pub(crate) fn is_own_uid(&self) -> bool {
-        self.uid == nix::unistd::geteuid().as_raw()
-    }
-
-    /// The client's check: the peer is our uid and the pidfile's process.
-    pub(crate) fn check_daemon(&self, target: &UdsTarget) -> Result<(), FallbackReason> {
-        if !self.is_own_uid() {
-            return Err(FallbackReason::PeerUidMismatch {
-                expected: nix::unistd::geteuid().as_raw(),
-                actual: self.uid,
-            });
-        }
-        if self.pid != Some(target.pid as i32) {
-            return Err(FallbackReason::PeerPidMismatch {
-                expected: target.pid,
-                actual: self.pid,
-            });
-        }
-        Ok(())
+        self.uid == own_uid()
     }
 }

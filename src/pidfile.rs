@@ -15,13 +15,12 @@
 //! [`MAX_PIDFILE_LEN`] bytes are read.
 
 use std::fmt;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::OpenOptions;
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
-/// The fixed second line of a pidfile.
-pub const PIDFILE_MARKER: &str = "heddle-agent";
+use crate::protocol::PIDFILE_MARKER;
 
 /// The most bytes a pidfile is read for. A canonical pidfile is at most 44 bytes long.
 pub const MAX_PIDFILE_LEN: usize = 256;
@@ -96,6 +95,11 @@ pub(crate) enum ReadError {
     NotRegularFile,
     /// Any other I/O error, for example permission denied.
     Io(io::ErrorKind),
+    /// The file has more than one hard link: it may be another directory's pidfile.
+    Linked {
+        /// Its link count.
+        links: u64,
+    },
     /// The bytes are not a pidfile.
     Malformed(PidfileError),
 }
@@ -129,56 +133,41 @@ impl Pidfile {
         format!("{}\n{PIDFILE_MARKER}\n{}\n", self.pid, self.started_at)
     }
 
-    /// Reads and parses the pidfile at `path`: no symlinks, no blocking, bounded.
+    /// Reads and parses the pidfile at `path`: no symlinks, no blocking, bounded, one link.
     pub(crate) fn read(path: &Path) -> Result<Self, ReadError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(NO_FOLLOW_NO_BLOCK)
-            .open(path)
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::NotFound => ReadError::Missing,
-                // ELOOP: the final component is a symlink.
-                _ if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) => {
-                    ReadError::NotRegularFile
-                }
-                kind => ReadError::Io(kind),
-            })?;
-        let metadata = file.metadata().map_err(|e| ReadError::Io(e.kind()))?;
-        if !metadata.file_type().is_file() {
-            return Err(ReadError::NotRegularFile);
+        let (bytes, links) = read_bounded(path)?;
+        if links != 1 {
+            return Err(ReadError::Linked { links });
         }
-        let mut bytes = Vec::with_capacity(64);
-        (&file)
-            .take(MAX_PIDFILE_LEN as u64 + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|e| ReadError::Io(e.kind()))?;
         Self::parse(&bytes).map_err(ReadError::Malformed)
     }
+}
 
-    /// Writes the pidfile atomically: a temporary file beside it, then a rename over it.
-    pub(crate) fn write_atomic(&self, path: &Path) -> io::Result<()> {
-        let mut tmp_name = path.as_os_str().to_owned();
-        tmp_name.push(format!(".tmp.{}", std::process::id()));
-        let tmp = Path::new(&tmp_name);
-        let result = (|| {
-            // A crashed daemon with the same pid may have left the temporary file behind; the
-            // directory is the daemon's own (0700), so truncating it is safe.
-            let mut file: File = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .custom_flags(NO_FOLLOW_NO_BLOCK)
-                .open(tmp)?;
-            file.write_all(self.render().as_bytes())?;
-            file.sync_all()?;
-            std::fs::rename(tmp, path)
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(tmp);
-        }
-        result
+/// Reads at most [`MAX_PIDFILE_LEN`] + 1 bytes of the regular file at `path`, without following
+/// a symlink or blocking on a FIFO; returns them with the file's link count.
+pub(crate) fn read_bounded(path: &Path) -> Result<(Vec<u8>, u64), ReadError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(NO_FOLLOW_NO_BLOCK)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => ReadError::Missing,
+            // ELOOP: the final component is a symlink.
+            _ if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) => {
+                ReadError::NotRegularFile
+            }
+            kind => ReadError::Io(kind),
+        })?;
+    let metadata = file.metadata().map_err(|e| ReadError::Io(e.kind()))?;
+    if !metadata.file_type().is_file() {
+        return Err(ReadError::NotRegularFile);
     }
+    let mut bytes = Vec::with_capacity(64);
+    (&file)
+        .take(MAX_PIDFILE_LEN as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| ReadError::Io(e.kind()))?;
+    Ok((bytes, metadata.nlink()))
 }
 
 /// Decimal digits with no sign and no leading zero (a lone `0` is allowed), fitting a `u64`.

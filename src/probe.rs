@@ -1,4 +1,11 @@
 //! The first check: what the files on disk and the kernel say, with syscalls only.
+//!
+//! The stages, in order: the sockets directory is ours and private; the pidfile parses and has
+//! one link; the process it names is alive, ours, runs the expected executable and is the one
+//! that took the lifetime lock; the socket is a socket of ours with one link. Every stage is a
+//! handful of `stat`s, `open`s and `/proc` reads, all synchronous: they run inside the first
+//! call's `poll_ready`. A sockets directory on a hung network mount therefore blocks that call;
+//! the reads themselves are bounded (no symlinks, no FIFOs, at most a few hundred bytes).
 
 use std::collections::HashMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -7,10 +14,13 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::config::IdentityPolicy;
-use crate::paths::DirIdentity;
+use crate::lockfile::LockRecord;
+use crate::paths::{DaemonPaths, DirIdentity, FileIdentity};
+use crate::peer::own_uid;
 use crate::pidfile::{Pidfile, ReadError};
-use crate::process::{self, FileId, ProcessError};
-use crate::{DaemonPaths, FallbackReason};
+use crate::process::{self, ProcessError};
+use crate::reason::FallbackReason;
+use crate::sync::lock;
 
 /// Where a daemon that passed the probe listens.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -100,11 +110,13 @@ impl LocalDaemonProbe {
 
 /// Probes a repository directory's daemon files: synchronous, syscalls only, never cached.
 ///
-/// The checks, in order: the pidfile parses; the process it names is alive (ESRCH and zombies
-/// are gone; EPERM is alive and someone else's); runs as our effective uid; runs our own
-/// executable (device and inode); started no later than the pidfile says (plus a second of
-/// slack), else its pid was reused; the socket path is a socket (not a symlink) owned by our
-/// effective uid. [`FallbackReason`] has the table of which reason gives which status.
+/// The checks, in order: the sockets directory is a real directory (not a symlink) of our
+/// effective uid that group and others cannot write; the pidfile parses and has one link; the
+/// process it names is alive (ESRCH and zombies are gone; EPERM is alive and someone else's),
+/// runs as our effective uid and runs our own executable (device and inode); when the lock file
+/// records the daemon's start (ticks since boot and boot id) for that pid, the process has that
+/// start, else its pid was reused; the socket path is a socket (not a symlink) of our effective
+/// uid with one link. [`FallbackReason`] has the table of which reason gives which status.
 ///
 /// ```
 /// use tower_local_daemon::{probe, FallbackReason, LocalDaemonStatus};
@@ -114,10 +126,8 @@ impl LocalDaemonProbe {
 /// assert_eq!(found.status, LocalDaemonStatus::Absent { reason: FallbackReason::NoPidfile });
 /// ```
 pub fn probe(heddle_dir: impl AsRef<Path>) -> LocalDaemonProbe {
-    let paths = DaemonPaths::new(heddle_dir);
-    probe_files(
-        &paths.socket,
-        &paths.pidfile,
+    probe_paths(
+        &DaemonPaths::new(heddle_dir),
         &IdentityPolicy::SameExecutable,
     )
 }
@@ -137,16 +147,20 @@ pub fn detect_local_daemon(heddle_dir: impl AsRef<Path>) -> Option<UdsTarget> {
     static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
     let dir = heddle_dir.as_ref();
     let key = DirIdentity::of(dir);
-    let mut cache = CACHE
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let mut cache = lock(CACHE.get_or_init(Default::default));
     if let Some((at, target)) = cache.get(&key)
         && at.elapsed() < DETECT_CACHE_TTL
     {
         return target.clone();
     }
     let target = probe(dir).target();
+    // Bounded: a process that walks many repositories keeps only the fresh results.
+    if cache.len() >= DETECT_CACHE_CAPACITY {
+        cache.retain(|_, (at, _)| at.elapsed() < DETECT_CACHE_TTL);
+        if cache.len() >= DETECT_CACHE_CAPACITY {
+            cache.clear();
+        }
+    }
     cache.insert(key, (Instant::now(), target.clone()));
     target
 }
@@ -154,55 +168,123 @@ pub fn detect_local_daemon(heddle_dir: impl AsRef<Path>) -> Option<UdsTarget> {
 /// How long [`detect_local_daemon`] keeps a result.
 pub const DETECT_CACHE_TTL: Duration = Duration::from_secs(1);
 
-/// [`probe`] with explicit paths and identity policy.
-pub(crate) fn probe_files(
-    socket_path: &Path,
-    pid_path: &Path,
+/// How many directories [`detect_local_daemon`] keeps results for.
+const DETECT_CACHE_CAPACITY: usize = 256;
+
+/// What passed at one stage of the probe, for [`probe_observed`]'s observer.
+#[derive(Debug)]
+pub(crate) enum Passed<'a> {
+    Directory,
+    Pidfile(&'a Pidfile),
+    Process(u32),
+    Socket,
+}
+
+/// [`probe`] with resolved paths and an identity policy.
+pub(crate) fn probe_paths(paths: &DaemonPaths, identity: &IdentityPolicy) -> LocalDaemonProbe {
+    probe_observed(paths, identity, |_| {})
+}
+
+/// [`probe_paths`], telling `observe` how each stage went, as it ends: the one definition of
+/// the stages' order, which `diagnose` reports.
+pub(crate) fn probe_observed(
+    paths: &DaemonPaths,
     identity: &IdentityPolicy,
+    mut observe: impl FnMut(Result<Passed<'_>, &FallbackReason>),
 ) -> LocalDaemonProbe {
+    let mut stage = |result: Result<Passed<'_>, FallbackReason>| match result {
+        Ok(passed) => {
+            observe(Ok(passed));
+            Ok(())
+        }
+        Err(reason) => {
+            observe(Err(&reason));
+            Err(reason)
+        }
+    };
+    let status = (|| {
+        let absent = |reason| LocalDaemonStatus::Absent { reason };
+        stage(check_sockets_dir(&paths.sockets_dir).map(|()| Passed::Directory)).map_err(absent)?;
+        let pidfile = read_pidfile(&paths.pidfile);
+        stage(pidfile.as_ref().map(Passed::Pidfile).map_err(Clone::clone)).map_err(absent)?;
+        let pid = pidfile.expect("checked by the stage").pid;
+        let stale = |reason| LocalDaemonStatus::Stale { pid, reason };
+        stage(check_process(pid, &paths.lock, identity).map(|()| Passed::Process(pid)))
+            .map_err(stale)?;
+        stage(check_socket(&paths.socket).map(|()| Passed::Socket)).map_err(
+            |reason| match reason {
+                FallbackReason::LinkedSocket { .. } => absent(reason),
+                reason => stale(reason),
+            },
+        )?;
+        Ok(LocalDaemonStatus::Running { pid })
+    })()
+    .unwrap_or_else(|status| status);
     LocalDaemonProbe {
-        socket_path: socket_path.to_owned(),
-        pid_path: pid_path.to_owned(),
-        status: status_of(socket_path, pid_path, identity),
+        socket_path: paths.socket.clone(),
+        pid_path: paths.pidfile.clone(),
+        status,
     }
 }
 
-fn status_of(socket_path: &Path, pid_path: &Path, identity: &IdentityPolicy) -> LocalDaemonStatus {
-    let pidfile = match read_pidfile(pid_path) {
-        Ok(pidfile) => pidfile,
-        Err(reason) => return LocalDaemonStatus::Absent { reason },
-    };
-    let pid = pidfile.pid;
-    match check_process(&pidfile, identity).and_then(|()| check_socket(socket_path)) {
-        Ok(()) => LocalDaemonStatus::Running { pid },
-        Err(reason) => LocalDaemonStatus::Stale { pid, reason },
+/// The directory stage: the socket's directory is a real directory (not a symlink), ours, and
+/// not writable by group or others. A missing directory means no daemon ever ran here.
+fn check_sockets_dir(dir: &Path) -> Result<(), FallbackReason> {
+    let metadata = std::fs::symlink_metadata(dir).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => FallbackReason::NoPidfile,
+        error => FallbackReason::UnreadablePidfile { error: Some(error) },
+    })?;
+    if metadata.file_type().is_symlink() {
+        return Err(FallbackReason::SymlinkedSocketsDir);
     }
+    if !metadata.is_dir() {
+        return Err(FallbackReason::SocketsDirNotADirectory);
+    }
+    if metadata.uid() != own_uid() {
+        return Err(FallbackReason::ForeignSocketsDir {
+            uid: metadata.uid(),
+        });
+    }
+    let mode = metadata.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(FallbackReason::OpenSocketsDir { mode });
+    }
+    Ok(())
 }
 
 /// The pidfile stage.
-pub(crate) fn read_pidfile(pid_path: &Path) -> Result<Pidfile, FallbackReason> {
+fn read_pidfile(pid_path: &Path) -> Result<Pidfile, FallbackReason> {
     Pidfile::read(pid_path).map_err(|e| match e {
         ReadError::Missing => FallbackReason::NoPidfile,
         ReadError::Malformed(e) => FallbackReason::MalformedPidfile(e),
         ReadError::NotRegularFile => FallbackReason::UnreadablePidfile { error: None },
         ReadError::Io(kind) => FallbackReason::UnreadablePidfile { error: Some(kind) },
+        ReadError::Linked { links } => FallbackReason::LinkedPidfile { links },
     })
 }
 
-/// The process stage: alive, our uid, the expected executable, not a reused pid.
-pub(crate) fn check_process(
-    pidfile: &Pidfile,
+/// The process stage: alive, our uid, the expected executable, and the process that took the
+/// lifetime lock when the lock file records one.
+///
+/// The pidfile's own start time is wall-clock seconds, and is never compared: a clock step
+/// (NTP, a restored VM, `date -s`) after the daemon started would make a healthy daemon look
+/// reused for good. A daemon of this crate records its start in ticks and boot id instead; a
+/// daemon that records nothing (heddle's own) is proven by the connect's peer check, which a
+/// process that merely reuses the pid cannot pass, since it does not listen on this socket.
+fn check_process(
+    pid: u32,
+    lock_path: &Path,
     identity: &IdentityPolicy,
 ) -> Result<(), FallbackReason> {
-    let info = process::check_alive(pidfile.pid).map_err(process_reason)?;
+    let info = process::check_alive(pid).map_err(process_reason)?;
     let uid = info.effective_uid().map_err(process_reason)?;
-    if uid != nix::unistd::geteuid().as_raw() {
+    if uid != own_uid() {
         return Err(FallbackReason::ForeignProcess { uid });
     }
     let exe = info.executable().map_err(process_reason)?;
     let expected = match identity {
         IdentityPolicy::SameExecutable => process::own_executable(),
-        IdentityPolicy::Executable(path) => FileId::of(path).map_err(|e| e.kind()),
+        IdentityPolicy::Executable(path) => FileIdentity::following(path).map_err(|e| e.kind()),
     };
     if expected != Ok(exe) {
         return Err(if info.executable_deleted() {
@@ -211,14 +293,15 @@ pub(crate) fn check_process(
             FallbackReason::ExecutableMismatch
         });
     }
-    // A daemon writes its pidfile after it starts, so only a start *after* the pidfile's time is
-    // evidence of reuse. One second of slack covers the rounding of both clocks.
-    let process_started_at = info.started_at().map_err(process_reason)?;
-    if process_started_at > pidfile.started_at.saturating_add(1) {
-        return Err(FallbackReason::PidReused {
-            process_started_at,
-            pidfile_started_at: pidfile.started_at,
-        });
+    if let Some(record) = LockRecord::read(lock_path).filter(|r| r.pid == pid) {
+        let actual = info.start().map_err(process_reason)?;
+        if actual != record.start {
+            return Err(FallbackReason::PidReused {
+                pid,
+                recorded: record.start.to_string(),
+                actual: actual.to_string(),
+            });
+        }
     }
     Ok(())
 }
@@ -231,8 +314,8 @@ fn process_reason(e: ProcessError) -> FallbackReason {
     }
 }
 
-/// The socket stage: a socket (not a symlink) owned by our effective uid.
-pub(crate) fn check_socket(socket_path: &Path) -> Result<(), FallbackReason> {
+/// The socket stage: a socket (not a symlink) owned by our effective uid, with one link.
+fn check_socket(socket_path: &Path) -> Result<(), FallbackReason> {
     let metadata = std::fs::symlink_metadata(socket_path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => FallbackReason::NoSocket,
         error => FallbackReason::ConnectFailed { error },
@@ -240,9 +323,14 @@ pub(crate) fn check_socket(socket_path: &Path) -> Result<(), FallbackReason> {
     if !metadata.file_type().is_socket() {
         return Err(FallbackReason::NotASocket);
     }
-    if metadata.uid() != nix::unistd::geteuid().as_raw() {
+    if metadata.uid() != own_uid() {
         return Err(FallbackReason::ForeignSocket {
             uid: metadata.uid(),
+        });
+    }
+    if metadata.nlink() != 1 {
+        return Err(FallbackReason::LinkedSocket {
+            links: metadata.nlink(),
         });
     }
     Ok(())

@@ -1,27 +1,28 @@
-//! What the kernel says about a process: alive or gone, which uid, which executable, when started.
+//! What the kernel says about a process: alive or gone, which uid, which executable, and when it
+//! started (in clock ticks since the boot it belongs to, never by the wall clock).
 //!
-//! Linux reads `/proc`. Other platforms report [`ProcessError::Unsupported`] until they get their
-//! own implementation (`proc_pidinfo` on macOS); the probe then treats the daemon as unusable.
+//! Linux reads `/proc`, as bytes: a command name is whatever bytes the executable's name had.
+//! Other platforms report [`ProcessError::Unsupported`] until they get their own implementation
+//! (`proc_pidinfo` on macOS); the probe then treats the daemon as unusable.
 
+use std::fmt;
 use std::io;
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::sync::OnceLock;
 
-/// The identity of an executable file: device and inode, never a path string.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct FileId {
-    pub(crate) dev: u64,
-    pub(crate) ino: u64,
+use crate::paths::FileIdentity;
+
+/// When a process started: its start time in clock ticks since boot, and the kernel's
+/// `boot_id` of that boot. Two values are the same process start exactly when both match; no
+/// wall clock is involved, so a clock step changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct ProcessStart {
+    pub(crate) ticks: u64,
+    pub(crate) boot_id: String,
 }
 
-impl FileId {
-    pub(crate) fn of(path: &Path) -> io::Result<Self> {
-        let m = std::fs::metadata(path)?;
-        Ok(Self {
-            dev: m.dev(),
-            ino: m.ino(),
-        })
+impl fmt::Display for ProcessStart {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "tick {} of boot {}", self.ticks, self.boot_id)
     }
 }
 
@@ -32,39 +33,52 @@ pub(crate) enum ProcessError {
     Gone,
     /// Killed and not yet reaped: `kill(pid, 0)` still succeeds.
     Zombie,
-    /// The process's information could not be read.
+    /// The process's information could not be read (for example under `hidepid`).
     Unreadable(io::ErrorKind),
     /// This platform has no implementation.
     #[cfg_attr(target_os = "linux", allow(dead_code))]
     Unsupported,
 }
 
-/// The facts the probe checks, read in order of cost.
+/// A process that `kill(pid, 0)` found alive; its facts are read in order of cost.
 #[derive(Debug)]
 pub(crate) struct ProcessInfo {
     pub(crate) pid: u32,
+    /// `kill(pid, 0)` said EPERM: alive, and someone else's. Its `/proc` entry may then be
+    /// hidden from us (`hidepid`), which is not the same as gone.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    foreign: bool,
 }
 
 /// Our own executable's identity, resolved once per process.
-pub(crate) fn own_executable() -> Result<FileId, io::ErrorKind> {
-    static OWN: OnceLock<Result<FileId, io::ErrorKind>> = OnceLock::new();
-    *OWN.get_or_init(|| {
-        let path = std::env::current_exe().map_err(|e| e.kind())?;
-        FileId::of(&path).map_err(|e| e.kind())
-    })
+pub(crate) fn own_executable() -> Result<FileIdentity, io::ErrorKind> {
+    static OWN: OnceLock<Result<FileIdentity, io::ErrorKind>> = OnceLock::new();
+    *OWN.get_or_init(imp::own_executable)
 }
 
 #[cfg(target_os = "linux")]
 mod imp {
+    use std::path::Path;
+
     use super::*;
     use nix::errno::Errno;
     use nix::sys::signal::kill;
     use nix::unistd::Pid;
 
+    /// `/proc/self/exe` names the file we run even after it was replaced or deleted on disk,
+    /// where `current_exe()` would give a path ending in ` (deleted)`.
+    pub(super) fn own_executable() -> Result<FileIdentity, io::ErrorKind> {
+        FileIdentity::following(Path::new("/proc/self/exe")).map_err(|e| e.kind())
+    }
+
     /// Alive in the sense of `kill(pid, 0)`: EPERM means alive and someone else's.
     pub(crate) fn check_alive(pid: u32) -> Result<ProcessInfo, ProcessError> {
         match kill(Pid::from_raw(pid as i32), None) {
-            Ok(()) | Err(Errno::EPERM) => Ok(ProcessInfo { pid }),
+            Ok(()) => Ok(ProcessInfo {
+                pid,
+                foreign: false,
+            }),
+            Err(Errno::EPERM) => Ok(ProcessInfo { pid, foreign: true }),
             Err(Errno::ESRCH) => Err(ProcessError::Gone),
             Err(e) => Err(ProcessError::Unreadable(io::Error::from(e).kind())),
         }
@@ -73,29 +87,34 @@ mod imp {
     impl ProcessInfo {
         /// The effective uid, from `/proc/<pid>/status`; a zombie is reported as such.
         pub(crate) fn effective_uid(&self) -> Result<u32, ProcessError> {
-            let status = read_proc(self.pid, "status")?;
+            let status = self.read("status")?;
             let mut uid = None;
-            for line in status.lines() {
-                if let Some(state) = line.strip_prefix("State:") {
-                    let state = state.trim_start();
-                    if state.starts_with('Z') || state.starts_with('X') {
+            for line in status.split(|&b| b == b'\n') {
+                if let Some(state) = line.strip_prefix(b"State:") {
+                    let state = state.trim_ascii_start();
+                    if state.starts_with(b"Z") || state.starts_with(b"X") {
                         return Err(ProcessError::Zombie);
                     }
-                } else if let Some(uids) = line.strip_prefix("Uid:") {
+                } else if let Some(uids) = line.strip_prefix(b"Uid:") {
                     // Real, effective, saved, filesystem.
-                    uid = uids.split_whitespace().nth(1).and_then(|u| u.parse().ok());
+                    uid = uids
+                        .split(u8::is_ascii_whitespace)
+                        .filter(|field| !field.is_empty())
+                        .nth(1)
+                        .and_then(parse_decimal);
                 }
             }
-            uid.ok_or(ProcessError::Unreadable(io::ErrorKind::InvalidData))
+            uid.map(|uid| uid as u32)
+                .ok_or(ProcessError::Unreadable(io::ErrorKind::InvalidData))
         }
 
         /// The executable's identity.
-        pub(crate) fn executable(&self) -> Result<FileId, ProcessError> {
+        pub(crate) fn executable(&self) -> Result<FileIdentity, ProcessError> {
             let link = format!("/proc/{}/exe", self.pid);
-            FileId::of(Path::new(&link)).map_err(|e| match e.kind() {
+            FileIdentity::following(Path::new(&link)).map_err(|e| match e.kind() {
                 // A zombie has no executable any more.
-                io::ErrorKind::NotFound => ProcessError::Zombie,
-                kind => ProcessError::Unreadable(kind),
+                io::ErrorKind::NotFound if !self.foreign => ProcessError::Zombie,
+                kind => self.unreadable(kind),
             })
         }
 
@@ -109,52 +128,94 @@ mod imp {
             })
         }
 
-        /// When the process started, in Unix seconds (rounded down).
-        pub(crate) fn started_at(&self) -> Result<u64, ProcessError> {
-            let stat = read_proc(self.pid, "stat")?;
-            // The command name may hold spaces and parentheses: fields resume after the last ')'.
-            let after_comm = stat
-                .rfind(')')
-                .map(|i| &stat[i + 1..])
-                .ok_or(ProcessError::Unreadable(io::ErrorKind::InvalidData))?;
-            // Field 22 overall is the start time in clock ticks since boot; field 3 is the first
-            // after the command name.
-            let ticks: u64 = after_comm
-                .split_whitespace()
-                .nth(22 - 3)
-                .and_then(|t| t.parse().ok())
-                .ok_or(ProcessError::Unreadable(io::ErrorKind::InvalidData))?;
-            let (boot_time, ticks_per_second) = boot_clock()?;
-            Ok((boot_time + ticks as f64 / ticks_per_second as f64).max(0.0) as u64)
+        /// When the process started.
+        pub(crate) fn start(&self) -> Result<ProcessStart, ProcessError> {
+            let ticks = start_ticks(&self.read("stat")?)?;
+            Ok(ProcessStart {
+                ticks,
+                boot_id: boot_id()?,
+            })
+        }
+
+        fn read(&self, file: &str) -> Result<Vec<u8>, ProcessError> {
+            std::fs::read(format!("/proc/{}/{file}", self.pid)).map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound if !self.foreign => ProcessError::Gone,
+                kind => self.unreadable(kind),
+            })
+        }
+
+        /// A process that `kill` found alive and someone else's, whose `/proc` entry we cannot
+        /// see, is hidden from us (`hidepid=2`), not gone.
+        fn unreadable(&self, kind: io::ErrorKind) -> ProcessError {
+            match kind {
+                io::ErrorKind::NotFound => {
+                    ProcessError::Unreadable(io::ErrorKind::PermissionDenied)
+                }
+                kind => ProcessError::Unreadable(kind),
+            }
         }
     }
 
-    fn read_proc(pid: u32, file: &str) -> Result<String, ProcessError> {
-        std::fs::read_to_string(format!("/proc/{pid}/{file}")).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => ProcessError::Gone,
-            kind => ProcessError::Unreadable(kind),
+    /// This process's own start, for the daemon's lock record.
+    pub(crate) fn own_start() -> Result<ProcessStart, ProcessError> {
+        let stat =
+            std::fs::read("/proc/self/stat").map_err(|e| ProcessError::Unreadable(e.kind()))?;
+        Ok(ProcessStart {
+            ticks: start_ticks(&stat)?,
+            boot_id: boot_id()?,
         })
     }
 
-    /// The boot time in Unix seconds (two vDSO clock reads: `/proc/stat` is far larger), and
-    /// the clock ticks per second.
-    fn boot_clock() -> Result<(f64, u64), ProcessError> {
-        use nix::time::{ClockId, clock_gettime};
-        static TICKS: OnceLock<Option<u64>> = OnceLock::new();
-        let unreadable = ProcessError::Unreadable(io::ErrorKind::InvalidData);
-        let ticks = TICKS
+    /// Field 22 of `/proc/<pid>/stat`: the start time in clock ticks since boot. The command
+    /// name (field 2) may hold any bytes, spaces and parentheses included: fields resume after
+    /// the last `)`.
+    fn start_ticks(stat: &[u8]) -> Result<u64, ProcessError> {
+        let invalid = ProcessError::Unreadable(io::ErrorKind::InvalidData);
+        let close = stat.iter().rposition(|&b| b == b')').ok_or(invalid)?;
+        stat[close + 1..]
+            .split(u8::is_ascii_whitespace)
+            .filter(|field| !field.is_empty())
+            // Field 3 is the first after the command name.
+            .nth(22 - 3)
+            .and_then(parse_decimal)
+            .ok_or(invalid)
+    }
+
+    /// The kernel's id of the current boot, read once.
+    fn boot_id() -> Result<String, ProcessError> {
+        static BOOT_ID: OnceLock<Result<String, io::ErrorKind>> = OnceLock::new();
+        BOOT_ID
             .get_or_init(|| {
-                let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
-                u64::try_from(ticks).ok().filter(|&t| t > 0)
+                let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                    .map_err(|e| e.kind())?;
+                Ok(id.trim().to_owned())
             })
-            .ok_or(unreadable)?;
-        let seconds = |clock| {
-            clock_gettime(clock)
-                .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
-                .map_err(|_| unreadable)
-        };
-        let boot_time = seconds(ClockId::CLOCK_REALTIME)? - seconds(ClockId::CLOCK_BOOTTIME)?;
-        Ok((boot_time, ticks))
+            .clone()
+            .map_err(ProcessError::Unreadable)
+    }
+
+    fn parse_decimal(digits: &[u8]) -> Option<u64> {
+        std::str::from_utf8(digits).ok()?.parse().ok()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn start_ticks_are_read_after_a_command_name_of_any_bytes() {
+            let stat =
+                b"42 (a) b\xff\xfe)) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 777 19 20\n";
+            assert_eq!(start_ticks(stat), Ok(777));
+        }
+
+        #[test]
+        fn own_start_names_this_boot() {
+            let start = own_start().unwrap();
+            assert_eq!(start.boot_id, boot_id().unwrap());
+            let me = check_alive(std::process::id()).unwrap();
+            assert_eq!(me.start().unwrap(), start);
+        }
     }
 }
 
@@ -162,7 +223,16 @@ mod imp {
 mod imp {
     use super::*;
 
+    pub(super) fn own_executable() -> Result<FileIdentity, io::ErrorKind> {
+        let path = std::env::current_exe().map_err(|e| e.kind())?;
+        FileIdentity::following(&path).map_err(|e| e.kind())
+    }
+
     pub(crate) fn check_alive(_pid: u32) -> Result<ProcessInfo, ProcessError> {
+        Err(ProcessError::Unsupported)
+    }
+
+    pub(crate) fn own_start() -> Result<ProcessStart, ProcessError> {
         Err(ProcessError::Unsupported)
     }
 
@@ -170,16 +240,16 @@ mod imp {
         pub(crate) fn effective_uid(&self) -> Result<u32, ProcessError> {
             Err(ProcessError::Unsupported)
         }
-        pub(crate) fn executable(&self) -> Result<FileId, ProcessError> {
+        pub(crate) fn executable(&self) -> Result<FileIdentity, ProcessError> {
             Err(ProcessError::Unsupported)
         }
         pub(crate) fn executable_deleted(&self) -> bool {
             false
         }
-        pub(crate) fn started_at(&self) -> Result<u64, ProcessError> {
+        pub(crate) fn start(&self) -> Result<ProcessStart, ProcessError> {
             Err(ProcessError::Unsupported)
         }
     }
 }
 
-pub(crate) use imp::check_alive;
+pub(crate) use imp::{check_alive, own_start};

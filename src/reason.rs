@@ -3,7 +3,7 @@
 use std::fmt;
 use std::io;
 
-use crate::PidfileError;
+use crate::pidfile::PidfileError;
 
 /// Why a directory's daemon is not used, and calls go to the in-process service.
 ///
@@ -15,9 +15,14 @@ use crate::PidfileError;
 ///
 /// | stage | reason | status from [`probe`](crate::probe) |
 /// |---|---|---|
-/// | pidfile | [`NoPidfile`](Self::NoPidfile) | `Absent` |
+/// | directory | [`SymlinkedSocketsDir`](Self::SymlinkedSocketsDir) | `Absent` |
+/// | directory | [`SocketsDirNotADirectory`](Self::SocketsDirNotADirectory) | `Absent` |
+/// | directory | [`ForeignSocketsDir`](Self::ForeignSocketsDir) (owned by another uid) | `Absent` |
+/// | directory | [`OpenSocketsDir`](Self::OpenSocketsDir) (writable by group or others) | `Absent` |
+/// | pidfile | [`NoPidfile`](Self::NoPidfile) (no pidfile, or no sockets directory) | `Absent` |
 /// | pidfile | [`MalformedPidfile`](Self::MalformedPidfile) | `Absent` |
 /// | pidfile | [`UnreadablePidfile`](Self::UnreadablePidfile) | `Absent` |
+/// | pidfile | [`LinkedPidfile`](Self::LinkedPidfile) (more than one hard link) | `Absent` |
 /// | process | [`ProcessGone`](Self::ProcessGone) (ESRCH or a zombie) | `Stale` |
 /// | process | [`ProcessUnreadable`](Self::ProcessUnreadable) | `Stale` |
 /// | process | [`ForeignProcess`](Self::ForeignProcess) (another uid) | `Stale` |
@@ -27,6 +32,7 @@ use crate::PidfileError;
 /// | socket | [`NoSocket`](Self::NoSocket) | `Stale` |
 /// | socket | [`NotASocket`](Self::NotASocket) (a symlink, a regular file, a directory) | `Stale` |
 /// | socket | [`ForeignSocket`](Self::ForeignSocket) (owned by another uid) | `Stale` |
+/// | socket | [`LinkedSocket`](Self::LinkedSocket) (more than one hard link) | `Absent` |
 ///
 /// The probe never returns the reasons of the later stages (connect, peer credentials,
 /// handshake, the route itself); those come from
@@ -42,6 +48,22 @@ use crate::PidfileError;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum FallbackReason {
+    // Stage 1: the sockets directory.
+    /// The sockets directory is a symbolic link: it would share another directory's daemon.
+    SymlinkedSocketsDir,
+    /// The sockets directory is not a directory.
+    SocketsDirNotADirectory,
+    /// The sockets directory belongs to another user.
+    ForeignSocketsDir {
+        /// The directory's owner.
+        uid: u32,
+    },
+    /// The sockets directory is writable by group or others, who could replace its files.
+    OpenSocketsDir {
+        /// The directory's permission bits.
+        mode: u32,
+    },
+
     // Stage 1: the pidfile.
     /// There is no pidfile.
     NoPidfile,
@@ -52,6 +74,11 @@ pub enum FallbackReason {
     UnreadablePidfile {
         /// `None` when the path is not a regular file; else the I/O error's kind.
         error: Option<io::ErrorKind>,
+    },
+    /// The pidfile has more than one hard link: it may be another directory's pidfile.
+    LinkedPidfile {
+        /// Its link count.
+        links: u64,
     },
 
     // Stage 1: the process the pidfile names.
@@ -71,12 +98,15 @@ pub enum FallbackReason {
     ExecutableMismatch,
     /// The process runs an executable that was deleted or replaced on disk after it started.
     ExecutableReplaced,
-    /// The process started after the pidfile was written: the pid was reused.
+    /// The process that has the pid now is not the daemon that took the lifetime lock: the
+    /// pid was reused. Told by the start ticks and boot id in the lock file, never by a clock.
     PidReused {
-        /// The process's start, in Unix seconds.
-        process_started_at: u64,
-        /// The pidfile's start time, in Unix seconds.
-        pidfile_started_at: u64,
+        /// The pid.
+        pid: u32,
+        /// The start the daemon recorded in its lock file.
+        recorded: String,
+        /// The start of the process that has the pid now.
+        actual: String,
     },
 
     // Stage 1: the socket file.
@@ -88,6 +118,11 @@ pub enum FallbackReason {
     ForeignSocket {
         /// The socket file's owner.
         uid: u32,
+    },
+    /// The socket has more than one hard link: it may be another directory's socket.
+    LinkedSocket {
+        /// Its link count.
+        links: u64,
     },
 
     // Stage 2: connect and peer credentials.
@@ -142,6 +177,17 @@ pub enum FallbackReason {
         /// The daemon's version, if it reported one.
         actual: Option<String>,
     },
+    /// The daemon serves another directory than the one the layer was built for: its sockets
+    /// directory was shared, linked or moved.
+    DirectoryMismatch {
+        /// The identity (`dev:ino`) of the layer's directory, or why it could not be read.
+        expected: String,
+        /// The identity the daemon reports serving.
+        served: String,
+    },
+    /// The daemon does not report which directory it serves, and the layer does not
+    /// [accept that](crate::LocalDaemonLayer::accept_unverified_directory).
+    DirectoryUnreported,
 
     // After the handshake.
     /// The connection to the daemon ended; calls go in-process until a re-probe succeeds.
@@ -163,6 +209,21 @@ impl FallbackReason {
     pub fn remedy(&self) -> &'static str {
         use FallbackReason::*;
         match self {
+            SymlinkedSocketsDir => {
+                "a symlinked sockets directory shares another directory's daemon; remove the link, and give each worktree its own state directory (or point the layer at the shared directory itself)"
+            }
+            SocketsDirNotADirectory => {
+                "remove whatever is at the sockets path; the daemon creates the directory"
+            }
+            ForeignSocketsDir { .. } => {
+                "the sockets directory belongs to another user; remove it and start the daemon as yourself"
+            }
+            OpenSocketsDir { .. } => {
+                "others can replace files in the sockets directory; `chmod 700` it, or remove it and start the daemon again"
+            }
+            LinkedPidfile { .. } | LinkedSocket { .. } => {
+                "a hard-linked daemon file may belong to another directory; remove the sockets directory's files and start the daemon again"
+            }
             NoPidfile => "start the daemon if you want calls to use it",
             MalformedPidfile(_) | UnreadablePidfile { .. } => {
                 "the pidfile was not written by a daemon of this format; stop whatever wrote it and start the daemon again"
@@ -201,6 +262,12 @@ impl FallbackReason {
             ServiceNotHosted { .. } | HealthUnimplemented | VersionMismatch { .. } => {
                 "the daemon is an older or other build; stop it and start it from this build"
             }
+            DirectoryMismatch { .. } => {
+                "the daemon serves another directory (a shared, linked or moved sockets directory); stop it, remove the sockets directory here and start a daemon for this directory"
+            }
+            DirectoryUnreported => {
+                "the daemon does not say which directory it serves (an older or other implementation); upgrade it, or accept it with `accept_unverified_directory`"
+            }
             ConnectionLost => "the daemon went away; the next re-probe picks up a new one",
             Disabled => {
                 "set the mode to auto (for example HEDDLE_LOCAL_DAEMON=auto) to use a daemon"
@@ -217,6 +284,20 @@ impl fmt::Display for FallbackReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use FallbackReason::*;
         match self {
+            SymlinkedSocketsDir => f.write_str("the sockets directory is a symbolic link"),
+            SocketsDirNotADirectory => f.write_str("the sockets path is not a directory"),
+            ForeignSocketsDir { uid } => {
+                write!(
+                    f,
+                    "the sockets directory belongs to another user (uid {uid})"
+                )
+            }
+            OpenSocketsDir { mode } => write!(
+                f,
+                "the sockets directory is writable by group or others (mode {mode:03o})"
+            ),
+            LinkedPidfile { links } => write!(f, "the pidfile has {links} hard links, not 1"),
+            LinkedSocket { links } => write!(f, "the socket has {links} hard links, not 1"),
             NoPidfile => f.write_str("no pidfile: no daemon is running for this directory"),
             MalformedPidfile(e) => write!(f, "malformed pidfile: {e}"),
             UnreadablePidfile { error: None } => {
@@ -237,11 +318,12 @@ impl fmt::Display for FallbackReason {
                 "the daemon runs an executable that was replaced on disk after it started",
             ),
             PidReused {
-                process_started_at,
-                pidfile_started_at,
+                pid,
+                recorded,
+                actual,
             } => write!(
                 f,
-                "the pid was reused: its process started at {process_started_at}, after the pidfile's {pidfile_started_at}"
+                "pid {pid} was reused: the daemon recorded its start as {recorded}, the process now has {actual}"
             ),
             NoSocket => f.write_str("no socket file"),
             NotASocket => f.write_str("the socket path is not a socket"),
@@ -265,6 +347,13 @@ impl fmt::Display for FallbackReason {
                 Some(actual) => write!(f, "the daemon is version {actual}, not {expected}"),
                 None => write!(f, "the daemon reports no version; {expected} is required"),
             },
+            DirectoryMismatch { expected, served } => write!(
+                f,
+                "the daemon serves directory {served}, not this directory ({expected})"
+            ),
+            DirectoryUnreported => {
+                f.write_str("the daemon does not report which directory it serves")
+            }
             ConnectionLost => f.write_str("the connection to the daemon ended"),
             Disabled => f.write_str("the local daemon is disabled (mode off)"),
             Unsupported => f.write_str("this platform has no implementation of the checks"),
@@ -274,3 +363,15 @@ impl fmt::Display for FallbackReason {
 }
 
 impl std::error::Error for FallbackReason {}
+
+/// An error and its sources, joined for a person to read.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(e) = source {
+        message.push_str(": ");
+        message.push_str(&e.to_string());
+        source = e.source();
+    }
+    message
+}

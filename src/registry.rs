@@ -10,23 +10,23 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
-use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::config::{Mode, Settings};
 use crate::connect::{ConnectionEnd, EndCause, LocalDaemonChannel, establish};
-use crate::paths::DirIdentity;
-use crate::probe::{UdsTarget, probe_files};
-use crate::{DaemonPaths, FallbackReason};
+use crate::paths::{DaemonPaths, DirIdentity};
+use crate::probe::{UdsTarget, probe_paths};
+use crate::reason::FallbackReason;
+use crate::sync::{Waiters, lock};
 
 type Key = (DirIdentity, Settings);
 
 fn entries() -> MutexGuard<'static, HashMap<Key, Arc<Entry>>> {
     static ENTRIES: OnceLock<Mutex<HashMap<Key, Arc<Entry>>>> = OnceLock::new();
-    ENTRIES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+    lock(ENTRIES.get_or_init(Default::default))
 }
 
 /// The entry for a directory and settings, created on first use.
@@ -65,17 +65,54 @@ pub fn reset(heddle_dir: impl AsRef<Path>) {
     }
 }
 
-/// What an entry decided: the daemon, or in-process with the reason.
+/// The one vocabulary of a route: what an entry decided for the calls of its services.
 #[derive(Debug, Clone)]
 pub(crate) enum Decision {
-    Daemon {
-        channel: LocalDaemonChannel,
-        /// Tells this channel's connection-end signal apart from a later channel's.
-        id: u64,
-        /// The connection's end signal: checked again when the decision is installed.
-        end: ConnectionEnd,
-    },
+    /// Calls go to the daemon over this checked connection.
+    Daemon(DaemonRoute),
+    /// Calls go to the in-process service, for this reason.
     InProcess(FallbackReason),
+    /// Mode `require` without a usable daemon: calls fail with `UNAVAILABLE` naming the reason.
+    Refused(FallbackReason),
+}
+
+/// A checked daemon connection, as the services of an entry use it.
+#[derive(Debug, Clone)]
+pub(crate) struct DaemonRoute {
+    pub(crate) channel: LocalDaemonChannel,
+    /// Tells this connection's end signal apart from a later connection's.
+    pub(crate) id: ConnectionId,
+    /// The connection's end signal: checked again when the decision is installed.
+    end: ConnectionEnd,
+}
+
+impl Decision {
+    /// What [`RouteStats::route`] shows of it.
+    fn summary(&self) -> Result<UdsTarget, FallbackReason> {
+        match self {
+            Self::Daemon(route) => Ok(route.channel.target.clone()),
+            Self::InProcess(reason) | Self::Refused(reason) => Err(reason.clone()),
+        }
+    }
+}
+
+/// A detection that callers wait for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DetectionId(u64);
+
+/// A re-probe in the background, which no caller waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReprobeId(u64);
+
+/// One checked daemon connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConnectionId(u64);
+
+/// A run of the checks: one that callers wait for, or a re-probe in the background.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    Waited(DetectionId),
+    Reprobe(ReprobeId),
 }
 
 #[derive(Debug)]
@@ -83,40 +120,66 @@ enum State {
     Unprobed,
     /// Callers wait for this detection's result.
     Detecting {
-        id: u64,
-        waiters: Vec<Waker>,
+        id: DetectionId,
+        waiters: Waiters,
     },
-    /// `reprobe` is the id of a background re-probe in flight, which no caller waits for.
+    /// `reprobe` is a background re-probe in flight.
     Decided {
         decision: Decision,
-        reprobe: Option<u64>,
+        reprobe: Option<ReprobeId>,
     },
 }
 
-/// Installs a detection's decision when its task ends, however it ends.
+impl State {
+    /// The run whose end installs the next decision.
+    fn current_run(&self) -> Option<Run> {
+        match self {
+            Self::Detecting { id, .. } => Some(Run::Waited(*id)),
+            Self::Decided { reprobe, .. } => reprobe.map(Run::Reprobe),
+            Self::Unprobed => None,
+        }
+    }
+}
+
+/// Hands out each kind of id from its own counter.
+#[derive(Debug, Default)]
+struct Ids {
+    detections: AtomicU64,
+    reprobes: AtomicU64,
+    connections: AtomicU64,
+}
+
+impl Ids {
+    fn detection(&self) -> DetectionId {
+        DetectionId(self.detections.fetch_add(1, Ordering::Relaxed))
+    }
+    fn reprobe(&self) -> ReprobeId {
+        ReprobeId(self.reprobes.fetch_add(1, Ordering::Relaxed))
+    }
+    fn connection(&self) -> ConnectionId {
+        ConnectionId(self.connections.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Installs a run's decision when its task ends, however it ends.
 struct FinishDetection {
     entry: Arc<Entry>,
-    id: u64,
+    run: Run,
     decision: Option<Decision>,
 }
 
 impl Drop for FinishDetection {
     fn drop(&mut self) {
         let decision = self.decision.take().unwrap_or_else(|| {
-            Decision::InProcess(FallbackReason::RuntimeUnusable {
+            self.entry.negative(FallbackReason::RuntimeUnusable {
                 message: "the checks' task stopped before it finished: a runtime without the \
-                          time driver (enable it with `enable_all` or `enable_time`), or a \
-                          runtime that shut down"
+                              time driver (enable it with `enable_all` or `enable_time`), or a \
+                              runtime that shut down"
                     .into(),
             })
         });
         let mut state = self.entry.lock();
-        let current = match &*state {
-            State::Detecting { id, .. } => Some(*id),
-            State::Decided { reprobe, .. } => *reprobe,
-            State::Unprobed => None,
-        };
-        if current == Some(self.id) {
+        if state.current_run() == Some(self.run) {
             self.entry.decide(&mut state, decision);
         }
     }
@@ -157,29 +220,26 @@ struct Counters {
 #[derive(Debug)]
 pub(crate) struct Entry {
     dir: PathBuf,
-    socket: PathBuf,
-    pidfile: PathBuf,
+    paths: DaemonPaths,
     settings: Settings,
     /// Bumped under `state`'s lock on every change of decision.
     generation: AtomicU64,
     /// Set by a timer once a negative decision is old enough to be checked again.
     reprobe_due: AtomicBool,
-    next_id: AtomicU64,
+    ids: Ids,
     state: Mutex<State>,
     counters: Counters,
 }
 
 impl Entry {
     fn new(dir: &Path, settings: Settings) -> Self {
-        let paths = DaemonPaths::new(dir);
         Self {
             dir: dir.to_owned(),
-            socket: settings.socket_path.clone().unwrap_or(paths.socket),
-            pidfile: settings.pidfile_path.clone().unwrap_or(paths.pidfile),
+            paths: settings.paths(dir),
             settings,
             generation: AtomicU64::new(0),
             reprobe_due: AtomicBool::new(false),
-            next_id: AtomicU64::new(1),
+            ids: Ids::default(),
             state: Mutex::new(State::Unprobed),
             counters: Counters::default(),
         }
@@ -204,7 +264,16 @@ impl Entry {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
+    }
+
+    /// A negative decision for `reason`: in-process, or refused in mode `require`. The one place
+    /// that says what the mode means for a route.
+    fn negative(&self, reason: FallbackReason) -> Decision {
+        match self.settings.mode {
+            Mode::Require => Decision::Refused(reason),
+            Mode::Auto | Mode::Off => Decision::InProcess(reason),
+        }
     }
 
     /// The current decision and its generation, starting the checks where none is usable yet.
@@ -222,24 +291,23 @@ impl Entry {
                         let probed = (target, start.elapsed());
                         detection = Some(self.wait_for_detection(&mut state, Some(probed), cx));
                     }
-                    Err(reason) => self.decide(&mut state, Decision::InProcess(reason)),
+                    Err(reason) => {
+                        let decision = self.negative(reason);
+                        self.decide(&mut state, decision);
+                    }
                 }
             }
             State::Unprobed => detection = Some(self.wait_for_detection(&mut state, None, cx)),
-            State::Detecting { waiters, .. } => {
-                if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                    waiters.push(cx.waker().clone());
-                }
-            }
+            State::Detecting { waiters, .. } => waiters.register(cx),
             State::Decided {
-                decision: Decision::InProcess(_),
+                decision: Decision::InProcess(_) | Decision::Refused(_),
                 reprobe,
             } if reprobe.is_none() && self.reprobe_due.swap(false, Ordering::AcqRel) => {
                 if self.settings.mode == Mode::Auto {
                     // In the background: this call and the next ones go on in-process.
-                    let id = self.next_id();
+                    let id = self.ids.reprobe();
                     *reprobe = Some(id);
-                    detection = Some((id, None));
+                    detection = Some((Run::Reprobe(id), None));
                 } else {
                     detection = Some(self.wait_for_detection(&mut state, None, cx));
                 }
@@ -260,13 +328,9 @@ impl Entry {
         }
     }
 
-    fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-
     fn probe(&self) -> Result<UdsTarget, FallbackReason> {
         self.counters.probes.fetch_add(1, Ordering::Relaxed);
-        let probed = probe_files(&self.socket, &self.pidfile, &self.settings.identity);
+        let probed = probe_paths(&self.paths, &self.settings.identity);
         probed.into_target().inspect_err(|reason| {
             tracing::debug!(dir = %self.dir.display(), %reason, "local daemon probe");
         })
@@ -278,28 +342,28 @@ impl Entry {
         state: &mut State,
         probed: Option<(UdsTarget, Duration)>,
         cx: &mut Context<'_>,
-    ) -> (u64, Option<(UdsTarget, Duration)>) {
-        let id = self.next_id();
+    ) -> (Run, Option<(UdsTarget, Duration)>) {
+        let id = self.ids.detection();
         *state = State::Detecting {
             id,
-            waiters: vec![cx.waker().clone()],
+            waiters: Waiters::of(cx),
         };
-        (id, probed)
+        (Run::Waited(id), probed)
     }
 
     /// Runs the checks on a task of their own, so that a caller that gives up does not cancel
     /// the work every other waiter shares. `probed` is given when the probe already ran. Called
     /// without the state lock: the task's end takes it.
-    fn spawn_detection(self: &Arc<Self>, id: u64, probed: Option<(UdsTarget, Duration)>) {
+    fn spawn_detection(self: &Arc<Self>, run: Run, probed: Option<(UdsTarget, Duration)>) {
         // Whatever happens to the task (a panic, or its runtime shutting down), whoever waits
         // for this detection gets a decision.
         let mut finish = FinishDetection {
             entry: self.clone(),
-            id,
+            run,
             decision: None,
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            finish.decision = Some(Decision::InProcess(FallbackReason::RuntimeUnusable {
+            finish.decision = Some(self.negative(FallbackReason::RuntimeUnusable {
                 message: "no Tokio runtime is running".into(),
             }));
             return;
@@ -311,53 +375,67 @@ impl Entry {
     }
 
     /// The whole chain: probe (unless done), connect, peer check, channel, health. In require
-    /// mode it tries again until the deadline.
+    /// mode it tries again until the deadline, which bounds the whole wait; the decision then
+    /// names the last reason an attempt gave.
     async fn detect(self: &Arc<Self>, mut probed: Option<(UdsTarget, Duration)>) -> Decision {
-        let start = Instant::now();
+        let deadline = Instant::now().checked_add(self.settings.deadline);
+        let mut last = FallbackReason::DeadlineExceeded;
         loop {
-            let (probed, probe_time) = match probed.take() {
-                Some((target, probe_time)) => (Ok(target), probe_time),
-                None => {
-                    let probe_start = Instant::now();
-                    (self.probe(), probe_start.elapsed())
-                }
+            let attempt = self.attempt(probed.take());
+            let result = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, attempt)
+                    .await
+                    .unwrap_or(Err(FallbackReason::DeadlineExceeded)),
+                None => attempt.await,
             };
-            let result = match probed {
-                Ok(target) => {
-                    let id = self.next_id();
-                    let on_end = self.connection_end(id);
-                    let established = establish(target, &self.settings, on_end.clone()).await;
-                    tracing::debug!(
-                        dir = %self.dir.display(),
-                        outcome = ?established.result.as_ref().map(|c| c.target.pid),
-                        probe_us = probe_time.as_micros() as u64,
-                        connect_us = established.timings.connect.as_micros() as u64,
-                        handshake_us = established.timings.handshake.as_micros() as u64,
-                        "local daemon detection"
-                    );
-                    established.result.map(|channel| Decision::Daemon {
-                        channel,
-                        id,
-                        end: on_end,
-                    })
-                }
-                Err(reason) => Err(reason),
-            };
-            match result {
+            let reason = match result {
                 Ok(decision) => return decision,
-                Err(reason) => {
-                    let elapsed = start.elapsed();
-                    if self.settings.mode != Mode::Require || elapsed >= self.settings.deadline {
-                        return Decision::InProcess(reason);
-                    }
-                    let pause = Duration::from_millis(20).min(self.settings.deadline - elapsed);
-                    tokio::time::sleep(pause).await;
-                }
+                Err(reason) if self.settings.mode != Mode::Require => return self.negative(reason),
+                Err(reason) => reason,
+            };
+            if reason != FallbackReason::DeadlineExceeded {
+                last = reason;
             }
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                return self.negative(last);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
-    fn connection_end(self: &Arc<Self>, id: u64) -> ConnectionEnd {
+    /// One run of the chain.
+    async fn attempt(
+        self: &Arc<Self>,
+        probed: Option<(UdsTarget, Duration)>,
+    ) -> Result<Decision, FallbackReason> {
+        let (target, probe_time) = match probed {
+            Some((target, probe_time)) => (target, probe_time),
+            None => {
+                let probe_start = Instant::now();
+                (self.probe()?, probe_start.elapsed())
+            }
+        };
+        let id = self.ids.connection();
+        let on_end = self.connection_end(id);
+        let established = establish(target, &self.dir, &self.settings, on_end.clone()).await;
+        tracing::debug!(
+            dir = %self.dir.display(),
+            outcome = ?established.result.as_ref().map(|c| c.target.pid),
+            probe_us = probe_time.as_micros() as u64,
+            connect_us = established.timings.connect.as_micros() as u64,
+            handshake_us = established.timings.handshake.as_micros() as u64,
+            "local daemon detection"
+        );
+        established.result.map(|channel| {
+            Decision::Daemon(DaemonRoute {
+                channel,
+                id,
+                end: on_end,
+            })
+        })
+    }
+
+    fn connection_end(self: &Arc<Self>, id: ConnectionId) -> ConnectionEnd {
         let entry: Weak<Self> = Arc::downgrade(self);
         ConnectionEnd::new(move |cause| {
             if let Some(entry) = entry.upgrade() {
@@ -367,13 +445,13 @@ impl Entry {
     }
 
     /// The daemon connection `id` ended: calls go in-process from now on.
-    pub(crate) fn connection_lost(self: &Arc<Self>, id: u64, cause: EndCause) {
+    pub(crate) fn connection_lost(self: &Arc<Self>, id: ConnectionId, cause: EndCause) {
         let mut state = self.lock();
         if let State::Decided {
-            decision: Decision::Daemon { id: current, .. },
+            decision: Decision::Daemon(route),
             ..
         } = &*state
-            && *current == id
+            && route.id == id
         {
             match cause {
                 EndCause::Daemon => tracing::info!(
@@ -385,10 +463,8 @@ impl Entry {
                     "local daemon connection dropped; calls run in-process"
                 ),
             }
-            self.decide(
-                &mut state,
-                Decision::InProcess(FallbackReason::ConnectionLost),
-            );
+            let decision = self.negative(FallbackReason::ConnectionLost);
+            self.decide(&mut state, decision);
         }
     }
 
@@ -397,17 +473,17 @@ impl Entry {
         // A connection that ended before this moment found no daemon decision to end, and its
         // signal fires only once: it is checked here, under the same lock `connection_lost`
         // takes after the flag is set.
-        if let Decision::Daemon { end, .. } = &decision
-            && end.has_fired()
+        if let Decision::Daemon(route) = &decision
+            && route.end.has_fired()
         {
-            decision = Decision::InProcess(FallbackReason::ConnectionLost);
+            decision = self.negative(FallbackReason::ConnectionLost);
         }
         match &decision {
-            Decision::Daemon { .. } => {
+            Decision::Daemon(_) => {
                 self.counters.channels_built.fetch_add(1, Ordering::Relaxed);
             }
-            Decision::InProcess(reason) => {
-                let mut fallbacks = self.counters.fallbacks.lock().unwrap();
+            Decision::InProcess(reason) | Decision::Refused(reason) => {
+                let mut fallbacks = lock(&self.counters.fallbacks);
                 match fallbacks.iter_mut().find(|(r, _)| r == reason) {
                     Some((_, n)) => *n += 1,
                     None => fallbacks.push((reason.clone(), 1)),
@@ -425,7 +501,7 @@ impl Entry {
         );
         self.generation.fetch_add(1, Ordering::AcqRel);
         if let State::Detecting { waiters, .. } = previous {
-            waiters.into_iter().for_each(Waker::wake);
+            waiters.wake_all();
         }
     }
 
@@ -468,18 +544,15 @@ impl Entry {
         ] {
             counter.store(0, Ordering::Relaxed);
         }
-        self.counters.fallbacks.lock().unwrap().clear();
+        lock(&self.counters.fallbacks).clear();
         if let State::Detecting { waiters, .. } = previous {
-            waiters.into_iter().for_each(Waker::wake);
+            waiters.wake_all();
         }
     }
 
     pub(crate) fn stats(&self) -> RouteStats {
         let route = match &*self.lock() {
-            State::Decided { decision, .. } => Some(match decision {
-                Decision::Daemon { channel, .. } => Ok(channel.target.clone()),
-                Decision::InProcess(reason) => Err(reason.clone()),
-            }),
+            State::Decided { decision, .. } => Some(decision.summary()),
             _ => None,
         };
         RouteStats {
@@ -487,7 +560,7 @@ impl Entry {
             channels_built: self.counters.channels_built.load(Ordering::Relaxed),
             daemon_calls: self.counters.daemon_calls.load(Ordering::Relaxed),
             in_process_calls: self.counters.in_process_calls.load(Ordering::Relaxed),
-            fallbacks: self.counters.fallbacks.lock().unwrap().clone(),
+            fallbacks: lock(&self.counters.fallbacks).clone(),
             route,
         }
     }

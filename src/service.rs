@@ -6,37 +6,13 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use tonic::body::Body;
-use tonic::transport::Channel;
 use tower::{BoxError, Service};
 
-use crate::FallbackReason;
 use crate::config::{Mode, Settings};
 use crate::connect::EndCause;
 use crate::future::ResponseFuture;
+use crate::reason::FallbackReason;
 use crate::registry::{self, Decision, Entry, RouteStats};
-
-/// Which route served a response: found in the response's extensions.
-///
-/// ```
-/// use tower_local_daemon::Route;
-///
-/// # let response = tonic::Response::new(());
-/// match response.extensions().get::<Route>() {
-///     Some(Route::Daemon { pid }) => println!("served by daemon {pid}"),
-///     Some(Route::InProcess) => println!("served in-process"),
-///     None => println!("not routed by a LocalDaemon"),
-/// }
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Route {
-    /// The daemon with this pid served the call.
-    Daemon {
-        /// The daemon's pid.
-        pid: u32,
-    },
-    /// The in-process service served the call.
-    InProcess,
-}
 
 /// What all clones of one layered service share.
 #[derive(Debug)]
@@ -67,31 +43,13 @@ impl Shared {
     }
 }
 
-/// A route this clone has cached, valid while the entry's generation is unchanged.
+/// The decision this clone routes by, valid while the entry's generation is unchanged, and
+/// whether `poll_ready` made its route ready for one `call`.
 #[derive(Debug, Clone)]
-struct CachedRoute {
+struct Cached {
     generation: u64,
-    route: CachedKind,
-}
-
-#[derive(Debug, Clone)]
-enum CachedKind {
-    Daemon {
-        channel: Channel,
-        pid: u32,
-        id: u64,
-    },
-    InProcess,
-    /// Require mode without a usable daemon.
-    Refused(FallbackReason),
-}
-
-/// What `poll_ready` made ready, for `call` to use.
-#[derive(Debug)]
-enum Readied {
-    Daemon { pid: u32 },
-    InProcess,
-    Refused(FallbackReason),
+    decision: Decision,
+    ready: bool,
 }
 
 /// Routes each call to the local daemon or to the in-process service `S`.
@@ -109,27 +67,35 @@ enum Readied {
 ///
 /// # Errors
 ///
-/// On the daemon route every transport error, including a stream reset mid-body, reaches the
-/// caller as `UNAVAILABLE`. Such a request is never re-sent in-process: it may have run on the
-/// daemon. A request is routed in-process instead only when the daemon channel fails its
-/// readiness, before the request is handed to it. A request already handed to the channel when
-/// its connection turns out to be closing fails with `UNAVAILABLE` (at most one per caller per
+/// On the daemon route the codes tell what happened, as [`ResponseFuture`] documents: the
+/// daemon's own status unchanged, the caller's deadline as a bare `Channel` reports it, a stream
+/// reset by the code its HTTP/2 reason maps to, and a connection that ends mid-call as
+/// `UNAVAILABLE`. Such a request is never re-sent in-process: it may have run on the daemon. A
+/// request is routed in-process instead only when the daemon channel fails its readiness,
+/// before the request is handed to it. A request already handed to the channel when its
+/// connection turns out to be closing fails with `UNAVAILABLE` (at most one per caller per
 /// daemon death), and the route goes in-process at once.
+///
+/// # Panics
+///
+/// `call` panics unless the last `poll_ready` returned `Ready(Ok(()))`, as tower's services do.
 pub struct LocalDaemon<S> {
     inner: S,
     shared: Arc<Shared>,
-    cached: Option<CachedRoute>,
-    readied: Option<Readied>,
+    route: Option<Cached>,
 }
 
 impl<S: Clone> Clone for LocalDaemon<S> {
     fn clone(&self) -> Self {
+        let route = self.route.clone().map(|cached| Cached {
+            // A clone's channel handle was never made ready.
+            ready: false,
+            ..cached
+        });
         Self {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
-            cached: self.cached.clone(),
-            // A clone's channel handle was never made ready.
-            readied: None,
+            route,
         }
     }
 }
@@ -139,7 +105,7 @@ impl<S> fmt::Debug for LocalDaemon<S> {
         f.debug_struct("LocalDaemon")
             .field("dir", &self.shared.dir)
             .field("settings", &self.shared.settings)
-            .field("cached", &self.cached)
+            .field("route", &self.route)
             .finish_non_exhaustive()
     }
 }
@@ -149,8 +115,7 @@ impl<S> LocalDaemon<S> {
         Self {
             inner,
             shared,
-            cached: None,
-            readied: None,
+            route: None,
         }
     }
 
@@ -187,39 +152,41 @@ impl<S> LocalDaemon<S> {
             entry.reset();
         }
     }
+}
 
-    /// The route for the next call: the warm path is one atomic load and a comparison.
-    fn poll_route(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let Some(entry) = self.shared.entry() else {
-            // Mode off: in-process for good.
-            self.cached.get_or_insert(CachedRoute {
-                generation: 0,
-                route: CachedKind::InProcess,
-            });
-            return Poll::Ready(());
-        };
-        if let Some(cached) = &self.cached {
-            let fresh = cached.generation == entry.generation()
-                && !(matches!(cached.route, CachedKind::InProcess | CachedKind::Refused(_))
-                    && entry.reprobe_due());
-            if fresh {
-                return Poll::Ready(());
-            }
-        }
+/// The route for the next call: the warm path is one atomic load and a comparison. A new
+/// decision replaces the cached one, readiness included.
+fn poll_route<'a>(
+    shared: &Shared,
+    route: &'a mut Option<Cached>,
+    cx: &mut Context<'_>,
+) -> Poll<&'a mut Cached> {
+    let Some(entry) = shared.entry() else {
+        // Mode off: in-process for good.
+        return Poll::Ready(route.get_or_insert(Cached {
+            generation: 0,
+            decision: Decision::InProcess(FallbackReason::Disabled),
+            ready: false,
+        }));
+    };
+    let fresh = route.as_ref().is_some_and(|cached| {
+        cached.generation == entry.generation()
+            && !(matches!(
+                cached.decision,
+                Decision::InProcess(_) | Decision::Refused(_)
+            ) && entry.reprobe_due())
+    });
+    if !fresh {
         let (generation, decision) = std::task::ready!(entry.poll_decision(cx));
-        let route = match decision {
-            Decision::Daemon { channel, id, .. } => CachedKind::Daemon {
-                pid: channel.target.pid,
-                channel: channel.channel,
-                id,
-            },
-            Decision::InProcess(reason) if self.shared.settings.mode == Mode::Require => {
-                CachedKind::Refused(reason)
-            }
-            Decision::InProcess(_) => CachedKind::InProcess,
-        };
-        self.cached = Some(CachedRoute { generation, route });
-        Poll::Ready(())
+        *route = Some(Cached {
+            generation,
+            decision,
+            ready: false,
+        });
+    }
+    match route {
+        Some(cached) => Poll::Ready(cached),
+        None => Poll::Pending,
     }
 }
 
@@ -234,60 +201,60 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         loop {
-            std::task::ready!(self.poll_route(cx));
-            let cached = self.cached.as_mut().expect("poll_route caches a route");
-            self.readied = Some(match &mut cached.route {
-                CachedKind::Daemon { channel, pid, id } => match channel.poll_ready(cx) {
-                    Poll::Ready(Ok(())) => Readied::Daemon { pid: *pid },
-                    Poll::Pending => return Poll::Pending,
+            let Poll::Ready(cached) = poll_route(&self.shared, &mut self.route, cx) else {
+                if let Some(cached) = &mut self.route {
+                    cached.ready = false;
+                }
+                return Poll::Pending;
+            };
+            let readiness = match &mut cached.decision {
+                Decision::Daemon(daemon) => match daemon.channel.channel.poll_ready(cx) {
                     Poll::Ready(Err(e)) => {
                         // Nothing was sent: the call may still go in-process.
                         tracing::debug!(error = %e, "local daemon channel failed its readiness");
-                        let id = *id;
-                        self.cached = None;
+                        let id = daemon.id;
+                        self.route = None;
                         if let Some(entry) = self.shared.entry() {
                             entry.connection_lost(id, EndCause::Daemon);
                         }
                         continue;
                     }
+                    poll => poll.map(|_| Ok(())),
                 },
-                CachedKind::InProcess => {
-                    std::task::ready!(self.inner.poll_ready(cx)).map_err(Into::into)?;
-                    Readied::InProcess
-                }
-                CachedKind::Refused(reason) => Readied::Refused(reason.clone()),
-            });
-            return Poll::Ready(Ok(()));
+                Decision::InProcess(_) => self.inner.poll_ready(cx).map_err(Into::into),
+                Decision::Refused(_) => Poll::Ready(Ok(())),
+            };
+            cached.ready = matches!(readiness, Poll::Ready(Ok(())));
+            return readiness;
         }
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let readied = self
-            .readied
-            .take()
-            .expect("LocalDaemon::call was called before poll_ready returned Ready(Ok)");
+        let Some(Cached {
+            decision,
+            ready: ready @ true,
+            ..
+        }) = &mut self.route
+        else {
+            panic!("LocalDaemon::call was called before poll_ready returned Ready(Ok)");
+        };
+        *ready = false;
         let entry = self.shared.entry();
-        match readied {
-            Readied::Daemon { pid } => {
-                let Some(CachedRoute {
-                    route: CachedKind::Daemon { channel, .. },
-                    ..
-                }) = &mut self.cached
-                else {
-                    unreachable!("a readied daemon route keeps its cached channel until call");
-                };
+        match decision {
+            Decision::Daemon(daemon) => {
                 if let Some(entry) = entry {
                     entry.count_daemon_call();
                 }
-                ResponseFuture::daemon(channel.call(request), pid)
+                let pid = daemon.channel.target.pid;
+                ResponseFuture::daemon(daemon.channel.channel.call(request), pid)
             }
-            Readied::InProcess => {
+            Decision::InProcess(_) => {
                 if let Some(entry) = entry {
                     entry.count_in_process_call();
                 }
                 ResponseFuture::in_process(self.inner.call(request))
             }
-            Readied::Refused(reason) => ResponseFuture::refused(reason),
+            Decision::Refused(reason) => ResponseFuture::refused(reason.clone()),
         }
     }
 }

@@ -13,7 +13,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tower_local_daemon::daemon::DaemonError;
 use tower_local_daemon::{
-    Daemon, FallbackReason, LocalDaemonStatus, Route, connect_local_daemon_channel, probe,
+    Daemon, DaemonPaths, FallbackReason, LocalDaemonStatus, Route, connect_local_daemon_channel,
+    probe,
 };
 
 /// Not a test: the entry point of this binary when it is re-executed as a daemon or client.
@@ -73,16 +74,16 @@ fn sigterm_stops_the_daemon_and_leaves_no_files() {
     let dir = TestDir::new("sigterm");
     let daemon = DaemonProcess::start(dir.path());
     assert_eq!(
-        listing(&dir.sockets()),
+        listing(&dir.paths().sockets_dir),
         ["grpc.lock", "grpc.pid", "grpc.sock"]
     );
     daemon.signal(Signal::SIGTERM);
     let (code, stderr) = daemon.wait_exit();
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
-        listing(&dir.sockets()).is_empty(),
+        listing(&dir.paths().sockets_dir).is_empty(),
         "{:?}",
-        listing(&dir.sockets())
+        listing(&dir.paths().sockets_dir)
     );
 }
 
@@ -114,10 +115,10 @@ fn socket_and_directory_modes_hold_under_a_zero_umask() {
         ..Default::default()
     };
     let _daemon = DaemonProcess::start_with(dir.path(), options);
-    assert_eq!(mode_of(&dir.sockets()), 0o700);
-    assert_eq!(mode_of(&dir.sockets().join("grpc.sock")), 0o600);
-    assert_eq!(mode_of(&dir.sockets().join("grpc.pid")), 0o600);
-    assert_eq!(mode_of(&dir.sockets().join("grpc.lock")), 0o600);
+    assert_eq!(mode_of(&dir.paths().sockets_dir), 0o700);
+    assert_eq!(mode_of(&dir.paths().socket), 0o600);
+    assert_eq!(mode_of(&dir.paths().pidfile), 0o600);
+    assert_eq!(mode_of(&dir.paths().lock), 0o600);
 }
 
 #[tokio::test]
@@ -126,10 +127,13 @@ async fn connection_from_another_uid_is_dropped_and_counted() {
     let dir = TestDir::new("foreign-peer");
     let daemon = InProcessDaemon::start(dir.path(), Duration::from_secs(5)).await;
     // Loosen the modes as an attacker past the permissions would find them.
-    for (path, mode) in [(dir.path().to_owned(), 0o755), (dir.sockets(), 0o755)] {
+    for (path, mode) in [
+        (dir.path().to_owned(), 0o755),
+        (dir.paths().sockets_dir, 0o755),
+    ] {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
     }
-    let socket = dir.sockets().join("grpc.sock");
+    let socket = dir.paths().socket;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777)).unwrap();
 
     let mut client = nobody.command().env(CONNECT_ENV, &socket).spawn().unwrap();
@@ -212,7 +216,7 @@ async fn socket_path_longer_than_sun_path_works_on_both_sides() {
         .path()
         .join("a-directory-name-that-is-long-enough".repeat(3))
         .join(".heddle");
-    let socket = deep.join("sockets").join("grpc.sock");
+    let socket = DaemonPaths::new(&deep).socket;
     assert!(socket.as_os_str().len() > 107, "{}", socket.display());
 
     let daemon = DaemonProcess::start(&deep);
@@ -240,14 +244,14 @@ fn idle_daemon_exits_cleanly_by_itself() {
     let daemon = DaemonProcess::start_with(dir.path(), options);
     let (code, stderr) = daemon.wait_exit();
     assert_eq!(code, Some(0), "{stderr}");
-    assert!(listing(&dir.sockets()).is_empty());
+    assert!(listing(&dir.paths().sockets_dir).is_empty());
 }
 
 #[test]
 fn a_live_socket_of_a_daemon_without_a_lock_is_never_unlinked() {
     let dir = TestDir::new("no-lock-daemon");
-    std::fs::create_dir_all(dir.sockets()).unwrap();
-    let socket = dir.sockets().join("grpc.sock");
+    std::fs::create_dir_all(dir.paths().sockets_dir).unwrap();
+    let socket = dir.paths().socket;
     let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
 
     let daemon = DaemonProcess::spawn(dir.path(), &DaemonOptions::default());
@@ -260,9 +264,9 @@ fn a_live_socket_of_a_daemon_without_a_lock_is_never_unlinked() {
 #[tokio::test]
 async fn sockets_directory_owned_by_another_user_is_refused() {
     let dir = TestDir::new("foreign-dir");
-    std::fs::create_dir_all(dir.sockets()).unwrap();
+    std::fs::create_dir_all(dir.paths().sockets_dir).unwrap();
     let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
-    nix::unistd::chown(&dir.sockets(), Some(nobody.uid), Some(nobody.gid)).unwrap();
+    nix::unistd::chown(&dir.paths().sockets_dir, Some(nobody.uid), Some(nobody.gid)).unwrap();
     let error = Daemon::new(dir.path()).bind().unwrap_err();
     assert!(
         matches!(error, DaemonError::UnsafeDirectory { .. }),
@@ -290,7 +294,7 @@ impl InProcessDaemon {
         let serving = tokio::spawn(bound.serve(async {
             let _ = stopped.await;
         }));
-        let pidfile = dir.join("sockets").join("grpc.pid");
+        let pidfile = DaemonPaths::new(dir).pidfile;
         wait_until_async("the pidfile appears", || async { pidfile.exists() }).await;
         Self {
             counters,
@@ -332,7 +336,7 @@ async fn in_flight_call_finishes_within_the_grace_period() {
     let reply = call.await.unwrap().unwrap();
     assert_eq!(reply.get_ref().served_by, "daemon");
     daemon.serving.await.unwrap().unwrap();
-    assert!(listing(&dir.sockets()).is_empty());
+    assert!(listing(&dir.paths().sockets_dir).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,7 +347,7 @@ async fn call_longer_than_the_grace_period_is_aborted_and_the_daemon_still_stops
 
     daemon.stop.send(()).unwrap();
     daemon.serving.await.unwrap().unwrap();
-    assert!(listing(&dir.sockets()).is_empty());
+    assert!(listing(&dir.paths().sockets_dir).is_empty());
     let status = call.await.unwrap().unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
 }

@@ -62,9 +62,9 @@ async fn stale_pidfile_of_an_exited_process_serves_in_process_as_process_gone() 
     let mut exited = std::process::Command::new("true").spawn().unwrap();
     let pid = exited.id();
     exited.wait().unwrap();
-    std::fs::create_dir_all(dir.sockets()).unwrap();
+    std::fs::create_dir_all(dir.paths().sockets_dir).unwrap();
     let pidfile = Pidfile { pid, started_at: 1 };
-    std::fs::write(dir.sockets().join("grpc.pid"), pidfile.render()).unwrap();
+    std::fs::write(dir.paths().pidfile, pidfile.render()).unwrap();
 
     let svc = layered(test_layer(dir.path()));
     let response = echo(&mut EchoClient::new(svc.clone()), 1).await.unwrap();

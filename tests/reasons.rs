@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use support::*;
 use tower_local_daemon::{
-    FallbackReason, IdentityPolicy, LocalDaemonStatus, Pidfile, PidfileError, probe,
+    DaemonPaths, FallbackReason, IdentityPolicy, LocalDaemonStatus, Pidfile, PidfileError, probe,
     try_connect_local_daemon_channel, try_detect_local_daemon_with_connect_probe,
 };
 
@@ -37,21 +37,34 @@ struct Fixture {
 }
 
 impl Fixture {
+    /// The sockets directory is ours and `0755`: it passes the directory stage, and `nobody`
+    /// can read it.
     fn new(name: &str) -> Self {
         let dir = TestDir::new(name);
-        std::fs::create_dir_all(dir.sockets()).unwrap();
-        for path in [dir.path().to_owned(), dir.sockets()] {
+        let paths = DaemonPaths::new(dir.path());
+        std::fs::create_dir_all(&paths.sockets_dir).unwrap();
+        for path in [dir.path(), &paths.sockets_dir] {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
         Self { dir }
     }
 
+    fn paths(&self) -> DaemonPaths {
+        DaemonPaths::new(self.dir.path())
+    }
+
     fn pidfile(&self) -> PathBuf {
-        self.dir.sockets().join("grpc.pid")
+        self.paths().pidfile
     }
 
     fn socket(&self) -> PathBuf {
-        self.dir.sockets().join("grpc.sock")
+        self.paths().socket
+    }
+
+    /// For probes run as `nobody`: the directory stage passes for them.
+    fn give_sockets_dir_to_nobody(&self) {
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+        nix::unistd::chown(&self.paths().sockets_dir, Some(nobody.uid), None).unwrap();
     }
 
     fn write_pidfile(&self, pid: u32, started_at: u64) {
@@ -68,7 +81,7 @@ impl Fixture {
     /// Every file under `sockets/` with its type, size, mode and modification time.
     fn snapshot(&self) -> Vec<(PathBuf, String)> {
         use std::os::unix::fs::MetadataExt;
-        let mut files: Vec<_> = std::fs::read_dir(self.dir.sockets())
+        let mut files: Vec<_> = std::fs::read_dir(self.paths().sockets_dir)
             .unwrap()
             .map(|e| {
                 let path = e.unwrap().path();
@@ -216,6 +229,7 @@ fn pidfile_that_is_a_fifo_a_directory_or_a_symlink_is_unreadable_without_blockin
 fn pidfile_without_read_permission_probed_as_nobody() {
     let nobody = NobodyBinary::new();
     let f = Fixture::new("r-pid-perm");
+    f.give_sockets_dir_to_nobody();
     f.write_own_pidfile();
     std::fs::set_permissions(f.pidfile(), std::fs::Permissions::from_mode(0o000)).unwrap();
     assert_eq!(
@@ -264,6 +278,7 @@ fn zombie_process_is_gone() {
 fn process_of_another_uid_probed_as_nobody_is_foreign_not_dead() {
     let nobody = NobodyBinary::new();
     let f = Fixture::new("r-foreign-process");
+    f.give_sockets_dir_to_nobody();
     f.write_own_pidfile(); // this root process: `kill(pid, 0)` gives nobody EPERM
     assert_eq!(
         nobody.probe(f.dir.path()),
@@ -290,8 +305,18 @@ fn daemon_of_another_uid_is_foreign() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let pidfile = dir.sockets().join("grpc.pid");
-    wait_until("the nobody daemon writes its pidfile", || pidfile.exists());
+    let paths = DaemonPaths::new(dir.path());
+    wait_until("the nobody daemon writes its pidfile", || {
+        paths.pidfile.exists()
+    });
+    // The sockets directory the nobody daemon made is its own, which the directory stage
+    // refuses; given to us, the process stage is the one under test.
+    nix::unistd::chown(
+        &paths.sockets_dir,
+        Some(nix::unistd::Uid::from_raw(0)),
+        None,
+    )
+    .unwrap();
     let pid = daemon.id();
     assert_eq!(
         probe(dir.path()).status,
@@ -343,20 +368,47 @@ async fn executable_replaced_on_disk_after_the_daemon_started() {
 }
 
 #[test]
-fn pid_reused_by_a_process_that_started_after_the_pidfile() {
+fn forged_lock_record_of_another_start_or_boot_is_pid_reuse() {
     let f = Fixture::new("r-reused");
-    let pidfile_time = now() - 3600;
-    f.write_pidfile(std::process::id(), pidfile_time);
-    let LocalDaemonStatus::Stale {
-        reason: FallbackReason::PidReused {
-            pidfile_started_at, ..
-        },
-        ..
-    } = f.status()
-    else {
-        panic!("{:?}", f.status());
+    let daemon = DaemonProcess::start(f.dir.path());
+    let pid = daemon.pid();
+    let lock = DaemonPaths::new(f.dir.path()).lock;
+    let record = std::fs::read_to_string(&lock).unwrap();
+    let lines: Vec<&str> = record.lines().collect();
+    let [recorded_pid, ticks, boot_id] = lines[..] else {
+        panic!("the lock record is not three lines: {record:?}");
     };
-    assert_eq!(pidfile_started_at, pidfile_time);
+    assert_eq!(recorded_pid, pid.to_string());
+    let forgeries = [
+        format!("{pid}\n{}\n{boot_id}\n", ticks.parse::<u64>().unwrap() + 1),
+        format!("{pid}\n{ticks}\n00000000-0000-0000-0000-000000000000\n"),
+    ];
+    for forged in forgeries {
+        std::fs::write(&lock, &forged).unwrap();
+        let status = probe(f.dir.path()).status;
+        assert!(
+            matches!(
+                &status,
+                LocalDaemonStatus::Stale { pid: p, reason: FallbackReason::PidReused { pid: r, .. } }
+                    if *p == pid && *r == pid
+            ),
+            "{forged:?} gave {status:?}"
+        );
+    }
+    std::fs::write(&lock, record).unwrap();
+    assert_eq!(
+        probe(f.dir.path()).status,
+        LocalDaemonStatus::Running { pid }
+    );
+}
+
+#[test]
+fn daemon_whose_pidfile_time_is_ten_minutes_in_the_past_is_still_running() {
+    let f = Fixture::new("r-clock-step");
+    let daemon = DaemonProcess::start(f.dir.path());
+    // As after a forward clock step: the pidfile's wall-clock time is now far behind.
+    f.write_pidfile(daemon.pid(), now() - 600);
+    assert_eq!(f.status(), LocalDaemonStatus::Running { pid: daemon.pid() });
 }
 
 #[test]
@@ -493,7 +545,8 @@ async fn socket_listened_on_by_another_uid_is_a_peer_uid_mismatch() {
     let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
     let f = Fixture::new("r-peer-uid");
     f.write_own_pidfile();
-    std::fs::set_permissions(f.dir.sockets(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sockets = DaemonPaths::new(f.dir.path()).sockets_dir;
+    std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o777)).unwrap();
     let mut listener = nobody_bin
         .command()
         .env(LISTEN_ENV, f.socket())
@@ -510,7 +563,9 @@ async fn socket_listened_on_by_another_uid_is_a_peer_uid_mismatch() {
             "the listener exited"
         );
     }
-    // The file is root's, so the socket-owner check passes; the peer is still nobody.
+    // The file and directory are root's and private again, so the directory and socket-owner
+    // checks pass; the peer is still nobody.
+    std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o755)).unwrap();
     nix::unistd::chown(&f.socket(), Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
     assert_eq!(
         f.connect(Duration::from_secs(5)).await,
@@ -643,7 +698,39 @@ async fn daemon_without_health_service_is_refused_unless_accepted() {
         Err(FallbackReason::HealthUnimplemented)
     );
 
+    // Such a daemon (heddle 0.10.4 is one) does not say which directory it serves either:
+    // accepting a missing health service does not accept that.
     let svc = layered(test_layer(f.dir.path()).accept_unimplemented_health(true));
+    let response = echo(&mut EchoClient::new(svc.clone()), 1).await.unwrap();
+    assert_eq!(response.get_ref().served_by, "in-process");
+    assert_eq!(
+        svc.stats().unwrap().route,
+        Some(Err(FallbackReason::DirectoryUnreported))
+    );
+
+    let svc = layered(
+        test_layer(f.dir.path())
+            .accept_unimplemented_health(true)
+            .accept_unverified_directory(true),
+    );
+    let response = echo(&mut EchoClient::new(svc), 1).await.unwrap();
+    assert_eq!(response.get_ref().served_by, "daemon");
+}
+
+#[tokio::test]
+async fn daemon_that_does_not_report_its_directory_is_refused_unless_accepted() {
+    let f = Fixture::new("r-no-directory");
+    f.write_own_pidfile();
+    // A plain tonic server: healthy, but it says nothing of the directory it serves.
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let routes = tonic::service::Routes::new(health)
+        .add_service(EchoServer::new(EchoService::new("daemon")));
+    serve_in_process(&f, routes).await;
+    assert_eq!(
+        f.connect(Duration::from_secs(5)).await,
+        Err(FallbackReason::DirectoryUnreported)
+    );
+    let svc = layered(test_layer(f.dir.path()).accept_unverified_directory(true));
     let response = echo(&mut EchoClient::new(svc), 1).await.unwrap();
     assert_eq!(response.get_ref().served_by, "daemon");
 }

@@ -18,14 +18,14 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tonic::transport::server::{Connected, UdsConnectInfo};
 
-use super::DaemonCounters;
+use super::counters::DaemonCounters;
 use crate::paths::SocketAddrPath;
 use crate::peer::PeerCredentials;
 
 /// Creates, binds and listens on the socket at `path`. The socket is `fchmod`-ed to `0600`
 /// before `bind`, so the file is never more open than that, whatever the umask, and the process
 /// umask is left alone.
-pub(crate) fn bind_private(path: &Path) -> io::Result<UnixListener> {
+pub(super) fn bind_private(path: &Path) -> io::Result<UnixListener> {
     let fd = nix::sys::socket::socket(
         AddressFamily::Unix,
         SockType::Stream,
@@ -42,13 +42,13 @@ pub(crate) fn bind_private(path: &Path) -> io::Result<UnixListener> {
 
 /// Accepted connections whose peer runs as the daemon's effective uid; others are dropped
 /// before tonic sees them.
-pub(crate) struct PeerCheckedIncoming {
-    pub(crate) listener: UnixListener,
-    pub(crate) counters: Arc<DaemonCounters>,
-    pub(crate) abort: watch::Receiver<bool>,
+pub(super) struct PeerCheckedIncoming {
+    pub(super) listener: UnixListener,
+    pub(super) counters: Arc<DaemonCounters>,
+    pub(super) abort: watch::Receiver<bool>,
     /// After an accept error (EMFILE, ENOMEM) the next accept waits a moment: tonic retries at
     /// once, and the error would repeat in a busy loop.
-    pub(crate) backoff: Option<Pin<Box<tokio::time::Sleep>>>,
+    pub(super) backoff: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl tokio_stream::Stream for PeerCheckedIncoming {
@@ -91,7 +91,7 @@ impl tokio_stream::Stream for PeerCheckedIncoming {
 
 /// An accepted connection that the daemon can abort when the grace period runs out: tonic's own
 /// graceful shutdown waits for connections without a limit.
-pub(crate) struct ServedStream {
+pub(super) struct ServedStream {
     inner: UnixStream,
     aborted: Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
 }

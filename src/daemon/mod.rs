@@ -19,7 +19,7 @@
 //! | file | content | when |
 //! |---|---|---|
 //! | `<dir>/sockets/` | directory, mode `0700`, owned by the daemon's effective uid | created at start |
-//! | `<dir>/sockets/grpc.lock` | the holder's pid and a newline; `flock`-ed for the daemon's life | at start |
+//! | `<dir>/sockets/grpc.lock` | the holder's pid, its start ticks and the boot id, one a line; `flock`-ed for the daemon's life | at start |
 //! | `<dir>/sockets/grpc.sock` | the listening socket, mode `0600` from the moment it exists | after the lock |
 //! | `<dir>/sockets/grpc.pid` | the [`Pidfile`], written atomically | once serving |
 //!
@@ -35,10 +35,29 @@
 //! removed while the lock is still held. A daemon killed with SIGKILL leaves files that the
 //! probe reports as stale, and the next daemon's start removes them.
 //!
-//! # Version
+//! Everything inside `sockets/` is done through one descriptor of that directory, opened once
+//! without following a symlink: see the [`files`](self#the-sockets-directory) section below.
+//!
+//! # Version and directory
 //!
 //! Every response, `Health/Check` included, carries the daemon's version in the metadata key
-//! [`VERSION_METADATA_KEY`](crate::VERSION_METADATA_KEY) (`local-daemon-version`).
+//! [`VERSION_METADATA_KEY`](crate::VERSION_METADATA_KEY) (`local-daemon-version`), and the
+//! identity of the directory it serves, decimal `<device>:<inode>`, in
+//! [`DIRECTORY_METADATA_KEY`](crate::DIRECTORY_METADATA_KEY) (`local-daemon-directory`). A
+//! client compares the latter with the directory it was built for.
+//!
+//! # The sockets directory
+//!
+//! The daemon opens `<dir>/sockets` once (`O_DIRECTORY | O_NOFOLLOW`), checks its owner and
+//! mode on that descriptor, and then locks, removes leftovers, binds, writes the pidfile and
+//! removes its files at shutdown relative to it. A `sockets` swapped for a symlink after the
+//! check, or removed and re-created by another daemon, is never touched.
+//!
+//! # Signals
+//!
+//! SIGTERM and SIGINT stop the daemon unless [`Daemon::handle_signals`] is off. A SIGINT that
+//! the process inherited as ignored (a background job) stays ignored. Tokio's handlers stay
+//! installed after `serve` returns.
 //!
 //! # Peers
 //!
@@ -47,19 +66,20 @@
 //! [`DaemonCounters::refused_peers`]. The `0700` directory keeps other users out; this check is
 //! what refuses root and anyone who gets past the modes.
 
+mod counters;
+mod error;
+mod files;
 mod listener;
 mod lock;
+mod stop;
 mod tracked;
 
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
-use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::HeaderValue;
 use tokio::net::UnixListener;
@@ -71,123 +91,16 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tower::Service;
 
+pub use self::counters::DaemonCounters;
+pub use self::error::DaemonError;
+use self::files::SocketsDir;
 use self::listener::{PeerCheckedIncoming, bind_private};
 use self::lock::LifetimeLock;
+use self::stop::{SignalListeners, drain, stop_reason};
 use self::tracked::Tracked;
-use crate::paths::SocketAddrPath;
-use crate::{DaemonPaths, Pidfile};
-
-/// Why a daemon could not start or serve.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum DaemonError {
-    /// Another daemon holds the directory's lifetime lock.
-    AlreadyRunning {
-        /// The holder's pid, as it wrote it in the lock file.
-        pid: Option<u32>,
-    },
-    /// A process that took no lock (an older daemon) still answers on the socket.
-    SocketInUse {
-        /// The socket path.
-        path: PathBuf,
-    },
-    /// The sockets directory is not a directory owned by the daemon's effective uid.
-    UnsafeDirectory {
-        /// The directory.
-        path: PathBuf,
-        /// What is wrong with it.
-        problem: &'static str,
-    },
-    /// An I/O error while doing `action` on `path`.
-    Io {
-        /// What the daemon was doing.
-        action: &'static str,
-        /// The file it was doing it to.
-        path: PathBuf,
-        /// The error.
-        source: io::Error,
-    },
-    /// The version is not a valid metadata value.
-    InvalidVersion(String),
-    /// The gRPC server failed.
-    Serve(tonic::transport::Error),
-}
-
-impl fmt::Display for DaemonError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::AlreadyRunning { pid: Some(pid) } => write!(
-                f,
-                "a daemon is already running for this directory (pid {pid} holds the lock); stop it first"
-            ),
-            Self::AlreadyRunning { pid: None } => f.write_str(
-                "a daemon is already running for this directory (it holds the lock); stop it first",
-            ),
-            Self::SocketInUse { path } => write!(
-                f,
-                "a process that holds no lock still answers on {}; stop it first",
-                path.display()
-            ),
-            Self::UnsafeDirectory { path, problem } => {
-                write!(f, "refusing to use {}: {problem}", path.display())
-            }
-            Self::Io {
-                action,
-                path,
-                source,
-            } => write!(f, "failed to {action} at {}: {source}", path.display()),
-            Self::InvalidVersion(v) => write!(f, "version {v:?} is not a valid metadata value"),
-            Self::Serve(e) => write!(f, "the gRPC server failed: {e}"),
-        }
-    }
-}
-
-impl DaemonError {
-    /// Maps an I/O error met while doing `action` on `path`.
-    pub(crate) fn io(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Self {
-        let path = path.to_owned();
-        move |source| Self::Io {
-            action,
-            path,
-            source,
-        }
-    }
-}
-
-impl std::error::Error for DaemonError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Self::Io { source, .. } => Some(source),
-            Self::Serve(e) => Some(e),
-            _ => None,
-        }
-    }
-}
-
-/// Counters of a running daemon, shared with whoever holds [`BoundDaemon::counters`].
-#[derive(Debug, Default)]
-pub struct DaemonCounters {
-    refused_peers: AtomicU64,
-    calls: AtomicU64,
-    in_flight: AtomicU64,
-}
-
-impl DaemonCounters {
-    /// Connections dropped because their peer runs as another uid (or is unknown).
-    pub fn refused_peers(&self) -> u64 {
-        self.refused_peers.load(Ordering::Relaxed)
-    }
-
-    /// Calls received, health checks included.
-    pub fn calls(&self) -> u64 {
-        self.calls.load(Ordering::Relaxed)
-    }
-
-    /// Calls whose response has not finished.
-    pub fn in_flight(&self) -> u64 {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-}
+use crate::paths::{DaemonPaths, FileIdentity};
+use crate::pidfile::Pidfile;
+use crate::protocol::{PIDFILE_FILE, SOCKET_FILE};
 
 /// A daemon for one repository directory: its options and the services it hosts.
 ///
@@ -221,6 +134,7 @@ impl DaemonCounters {
 /// # }
 /// ```
 pub struct Daemon {
+    dir: PathBuf,
     paths: DaemonPaths,
     routes: Option<Routes>,
     services: Vec<&'static str>,
@@ -249,6 +163,7 @@ impl Daemon {
     /// Defaults: no version, a 5 s grace period, no idle exit, SIGTERM and SIGINT handled.
     pub fn new(heddle_dir: impl AsRef<Path>) -> Self {
         Self {
+            dir: heddle_dir.as_ref().to_owned(),
             paths: DaemonPaths::new(heddle_dir),
             routes: None,
             services: Vec::new(),
@@ -300,7 +215,8 @@ impl Daemon {
         self
     }
 
-    /// Whether SIGTERM and SIGINT stop the daemon (default true).
+    /// Whether SIGTERM and SIGINT stop the daemon (default true). A SIGINT inherited as ignored
+    /// stays ignored.
     pub fn handle_signals(mut self, handle: bool) -> Self {
         self.handle_signals = handle;
         self
@@ -314,14 +230,19 @@ impl Daemon {
             .as_deref()
             .map(|v| HeaderValue::from_str(v).map_err(|_| DaemonError::InvalidVersion(v.into())))
             .transpose()?;
-        prepare_sockets_dir(&self.paths.sockets_dir)?;
-        let lock = LifetimeLock::acquire(&self.paths.lock)?;
-        remove_leftovers(&self.paths)?;
-        let listener = bind_private(&self.paths.socket)
-            .map_err(DaemonError::io("bind the socket", &self.paths.socket))?;
+        let sockets = SocketsDir::open(&self.paths.sockets_dir)?;
+        let directory = FileIdentity::following(&self.dir)
+            .map_err(|e| DaemonError::io("inspect the directory", &self.dir, e))?;
+        let lock = LifetimeLock::acquire(&sockets)?;
+        sockets.remove_leftovers()?;
+        let listener = bind_private(&sockets.fd_path(SOCKET_FILE))
+            .map_err(|e| DaemonError::io("bind the socket", &self.paths.socket, e))?;
         Ok(BoundDaemon {
             daemon: self,
             version,
+            directory: HeaderValue::from_str(&directory.to_string())
+                .expect("decimal digits and a colon are a valid header value"),
+            sockets,
             lock,
             listener,
         })
@@ -339,8 +260,17 @@ impl Daemon {
 pub struct BoundDaemon {
     daemon: Daemon,
     version: Option<HeaderValue>,
+    directory: HeaderValue,
+    sockets: SocketsDir,
     lock: LifetimeLock,
     listener: UnixListener,
+}
+
+/// The files this daemon made, by identity: only those are removed at the end.
+#[derive(Debug, Default)]
+struct OurFiles {
+    socket: Option<FileIdentity>,
+    pidfile: Option<FileIdentity>,
 }
 
 impl BoundDaemon {
@@ -360,17 +290,22 @@ impl BoundDaemon {
         let Self {
             daemon,
             version,
+            directory,
+            sockets,
             lock,
             listener,
         } = self;
-        let paths = daemon.paths.clone();
-        let socket_id = file_id(&paths.socket);
+        let mut files = OurFiles {
+            socket: sockets.identity(SOCKET_FILE),
+            pidfile: None,
+        };
+
+        // Start: health NOT_SERVING, the server running, health SERVING, then the pidfile.
         let (reporter, health) = tonic_health::server::health_reporter();
         let names: Vec<&'static str> = std::iter::once("")
             .chain(daemon.services.iter().copied())
             .collect();
         set_all(&reporter, &names, ServingStatus::NotServing).await;
-
         let routes = match daemon.routes {
             Some(routes) => routes.add_service(health),
             None => Routes::new(health),
@@ -378,9 +313,9 @@ impl BoundDaemon {
         let routes = Tracked {
             inner: routes.prepare(),
             version,
+            directory,
             counters: daemon.counters.clone(),
         };
-
         let (abort_tx, abort_rx) = watch::channel(false);
         let incoming = PeerCheckedIncoming {
             listener,
@@ -397,55 +332,42 @@ impl BoundDaemon {
             },
         );
         let mut server = std::pin::pin!(server);
-
-        let signals = listen_for_signals(daemon.handle_signals);
+        let signals = SignalListeners::install(daemon.handle_signals);
         set_all(&reporter, &names, ServingStatus::Serving).await;
-        let started_at = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
         let pidfile = Pidfile {
             pid: std::process::id(),
-            started_at,
+            started_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         };
-        let mut files = OurFiles {
-            socket: socket_id,
-            pidfile: None,
-        };
-        if let Err(source) = pidfile.write_atomic(&paths.pidfile) {
-            remove_files(&paths, &files, lock);
-            return Err(DaemonError::io("write the pidfile", &paths.pidfile)(source));
+        match sockets.write_pidfile(&pidfile) {
+            Ok(id) => files.pidfile = id,
+            Err(source) => {
+                remove_files(&sockets, &files, lock);
+                let path = sockets.display_path(PIDFILE_FILE);
+                return Err(DaemonError::io("write the pidfile", &path, source));
+            }
         }
-        files.pidfile = file_id(&paths.pidfile);
-        tracing::info!(socket = %paths.socket.display(), pid = pidfile.pid, "local daemon serving");
+        let socket = &daemon.paths.socket;
+        tracing::info!(socket = %socket.display(), pid = pidfile.pid, "local daemon serving");
 
-        let stop = stop_signal(shutdown, signals, daemon.idle_timeout, &daemon.counters);
-        let served_to_end = tokio::select! {
-            result = &mut server => Some(result),
+        // Wait for a reason to stop, unless the server ends by itself.
+        let stop = stop_reason(shutdown, signals, daemon.idle_timeout, &daemon.counters);
+        let result = tokio::select! {
+            result = &mut server => result.map_err(DaemonError::Serve),
             why = stop => {
                 tracing::info!(why, "local daemon stopping");
-                None
-            }
-        };
-        let result = match served_to_end {
-            Some(result) => result.map_err(DaemonError::Serve),
-            None => {
+                // Drain: health NOT_SERVING, carried to Watch subscribers before the listener
+                // closes; then the grace period for in-flight calls.
                 set_all(&reporter, &names, ServingStatus::NotServing).await;
-                // Let Watch subscribers' connections carry the change before the listener closes.
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 let _ = stop_accepting.send(());
-                let grace = tokio::time::timeout(daemon.grace_period, &mut server).await;
-                match grace {
-                    Ok(result) => result.map_err(DaemonError::Serve),
-                    Err(_) => {
-                        tracing::warn!("grace period over; aborting the remaining connections");
-                        let _ = abort_tx.send(true);
-                        let _ = tokio::time::timeout(Duration::from_secs(1), &mut server).await;
-                        Ok(())
-                    }
-                }
+                drain(&mut server, daemon.grace_period, &abort_tx)
+                    .await
+                    .map_err(DaemonError::Serve)
             }
         };
-        remove_files(&paths, &files, lock);
+        remove_files(&sockets, &files, lock);
         result
     }
 }
@@ -456,187 +378,9 @@ async fn set_all(reporter: &HealthReporter, names: &[&str], status: ServingStatu
     }
 }
 
-/// Resolves with the reason to stop.
-/// SIGTERM and SIGINT listeners, installed before the pidfile is written so that no signal
-/// between the two kills the daemon without its cleanup.
-type SignalListeners = Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>;
-
-fn listen_for_signals(handle_signals: bool) -> SignalListeners {
-    use tokio::signal::unix::{SignalKind, signal};
-    if !handle_signals {
-        return None;
-    }
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(term), Ok(int)) => Some((term, int)),
-        _ => {
-            tracing::warn!(
-                "could not install signal handlers; only the shutdown future stops the daemon"
-            );
-            None
-        }
-    }
-}
-
-async fn stop_signal(
-    shutdown: impl Future<Output = ()>,
-    signals: SignalListeners,
-    idle_timeout: Option<Duration>,
-    counters: &DaemonCounters,
-) -> &'static str {
-    let signals = async {
-        match signals {
-            Some((mut term, mut int)) => tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = int.recv() => "SIGINT",
-            },
-            None => std::future::pending().await,
-        }
-    };
-    let idle = async {
-        let Some(idle) = idle_timeout else {
-            return std::future::pending().await;
-        };
-        let tick = (idle / 4).max(Duration::from_millis(10));
-        let mut seen = counters.calls();
-        let mut quiet_since = Instant::now();
-        loop {
-            tokio::time::sleep(tick).await;
-            let calls = counters.calls();
-            if calls != seen || counters.in_flight() > 0 {
-                seen = calls;
-                quiet_since = Instant::now();
-            } else if quiet_since.elapsed() >= idle {
-                return "idle timeout";
-            }
-        }
-    };
-    tokio::select! {
-        () = shutdown => "shutdown future",
-        why = signals => why,
-        why = idle => why,
-    }
-}
-
-/// Creates `<dir>/sockets` with mode `0700`, or checks the one there: a real directory (not a
-/// symlink) owned by our effective uid, then tightened to `0700`.
-fn prepare_sockets_dir(dir: &Path) -> Result<(), DaemonError> {
-    let io_error = |action, source| DaemonError::io(action, dir)(source);
-    if let Some(parent) = dir.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| io_error("create the directory", e))?;
-    }
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(io_error("create the sockets directory", e)),
-    }
-    let metadata = std::fs::symlink_metadata(dir).map_err(|e| io_error("inspect", e))?;
-    let unsafe_dir = |problem| DaemonError::UnsafeDirectory {
-        path: dir.to_owned(),
-        problem,
-    };
-    if !metadata.file_type().is_dir() {
-        return Err(unsafe_dir("it is not a directory (a symlink?)"));
-    }
-    if metadata.uid() != nix::unistd::geteuid().as_raw() {
-        return Err(unsafe_dir("it is owned by another user"));
-    }
-    // The umask may have narrowed the mode at creation; an old directory may be looser.
-    if metadata.permissions().mode() & 0o777 != 0o700 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| io_error("set the mode of", e))?;
-    }
-    Ok(())
-}
-
-/// Removes a crashed daemon's pidfile and socket. Called only by the lock holder. A socket that
-/// still answers belongs to a live daemon that takes no lock: it is left alone.
-fn remove_leftovers(paths: &DaemonPaths) -> Result<(), DaemonError> {
-    match std::fs::symlink_metadata(&paths.socket) {
-        Ok(metadata) => {
-            if metadata.file_type().is_socket() && socket_answers(&paths.socket) {
-                return Err(DaemonError::SocketInUse {
-                    path: paths.socket.clone(),
-                });
-            }
-            std::fs::remove_file(&paths.socket)
-                .map_err(DaemonError::io("remove the leftover socket", &paths.socket))?;
-            tracing::info!(socket = %paths.socket.display(), "removed a leftover socket");
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(DaemonError::io("inspect the socket", &paths.socket)(source));
-        }
-    }
-    match std::fs::remove_file(&paths.pidfile) {
-        Ok(()) => tracing::info!(pidfile = %paths.pidfile.display(), "removed a leftover pidfile"),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(DaemonError::io(
-                "remove the leftover pidfile",
-                &paths.pidfile,
-            )(source));
-        }
-    }
-    Ok(())
-}
-
-/// Whether someone listens on the socket: a non-blocking connect, so that a hung daemon with a
-/// full backlog cannot block the start (it counts as listening).
-fn socket_answers(path: &Path) -> bool {
-    use nix::errno::Errno;
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
-    use std::os::fd::AsRawFd;
-    let Ok(addr) = SocketAddrPath::new(path) else {
-        return false;
-    };
-    let Ok(fd) = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    ) else {
-        return false;
-    };
-    let Ok(addr) = UnixAddr::new(addr.path()) else {
-        return false;
-    };
-    matches!(
-        connect(fd.as_raw_fd(), &addr),
-        Ok(()) | Err(Errno::EAGAIN | Errno::EINPROGRESS)
-    )
-}
-
-/// A file's device and inode, without following a symlink.
-fn file_id(path: &Path) -> Option<(u64, u64)> {
-    std::fs::symlink_metadata(path)
-        .ok()
-        .map(|m| (m.dev(), m.ino()))
-}
-
-/// Removes `path` if it is still the file this daemon made: should `sockets/` have been
-/// removed and another daemon started meanwhile, its files are left alone.
-fn remove_if_ours(path: &Path, ours: Option<(u64, u64)>) {
-    if ours.is_none() || file_id(path) != ours {
-        return;
-    }
-    if let Err(e) = std::fs::remove_file(path) {
-        tracing::warn!(path = %path.display(), error = %e, "could not remove");
-    }
-}
-
-/// The identities of the files this daemon made.
-#[derive(Debug, Default)]
-struct OurFiles {
-    socket: Option<(u64, u64)>,
-    pidfile: Option<(u64, u64)>,
-}
-
 /// Removes the pidfile, the socket and the lock file, in that order, while the lock is held.
-fn remove_files(paths: &DaemonPaths, files: &OurFiles, lock: LifetimeLock) {
-    remove_if_ours(&paths.pidfile, files.pidfile);
-    remove_if_ours(&paths.socket, files.socket);
-    lock.remove();
+fn remove_files(sockets: &SocketsDir, files: &OurFiles, lock: LifetimeLock) {
+    sockets.remove_if_ours(PIDFILE_FILE, files.pidfile);
+    sockets.remove_if_ours(SOCKET_FILE, files.socket);
+    lock.remove(sockets);
 }

@@ -1,5 +1,5 @@
-//! The wrapper around the daemon's routes: it reports the daemon's version in every response's
-//! metadata and counts calls, for the idle exit.
+//! The wrapper around the daemon's routes: it reports the daemon's version and directory in
+//! every response's metadata and counts calls, for the idle exit.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -14,14 +14,15 @@ use pin_project_lite::pin_project;
 use tonic::body::Body;
 use tower::Service;
 
-use super::DaemonCounters;
-use crate::VERSION_METADATA_KEY;
+use super::counters::DaemonCounters;
+use crate::protocol::{DIRECTORY_METADATA_KEY, VERSION_METADATA_KEY};
 
 #[derive(Debug, Clone)]
-pub(crate) struct Tracked<S> {
-    pub(crate) inner: S,
-    pub(crate) version: Option<HeaderValue>,
-    pub(crate) counters: Arc<DaemonCounters>,
+pub(super) struct Tracked<S> {
+    pub(super) inner: S,
+    pub(super) version: Option<HeaderValue>,
+    pub(super) directory: HeaderValue,
+    pub(super) counters: Arc<DaemonCounters>,
 }
 
 impl<S, B> Service<http::Request<Body>> for Tracked<S>
@@ -42,6 +43,7 @@ where
             inner: self.inner.call(request),
             call: Some(InFlight::new(self.counters.clone())),
             version: self.version.clone(),
+            directory: Some(self.directory.clone()),
         }
     }
 }
@@ -64,11 +66,12 @@ impl Drop for InFlight {
 }
 
 pin_project! {
-    pub(crate) struct TrackedFuture<F> {
+    pub(super) struct TrackedFuture<F> {
         #[pin]
         inner: F,
         call: Option<InFlight>,
         version: Option<HeaderValue>,
+        directory: Option<HeaderValue>,
     }
 }
 
@@ -85,6 +88,9 @@ where
         if let Some(version) = this.version.take() {
             parts.headers.insert(VERSION_METADATA_KEY, version);
         }
+        if let Some(directory) = this.directory.take() {
+            parts.headers.insert(DIRECTORY_METADATA_KEY, directory);
+        }
         let body = TrackedBody {
             inner: body,
             _call: this.call.take(),
@@ -95,7 +101,7 @@ where
 
 pin_project! {
     /// A response body that counts its call as in flight until it is done or dropped.
-    pub(crate) struct TrackedBody<B> {
+    pub(super) struct TrackedBody<B> {
         #[pin]
         inner: B,
         _call: Option<InFlight>,

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tower::ServiceBuilder;
-use tower_local_daemon::{Daemon, LocalDaemon, LocalDaemonLayer, LocalDaemonStatus, probe};
+use tower_local_daemon::{
+    Daemon, DaemonPaths, LocalDaemon, LocalDaemonLayer, LocalDaemonStatus, probe,
+};
 
 pub use echo::echo_client::EchoClient;
 pub use echo::echo_server::EchoServer;
@@ -191,8 +193,9 @@ impl TestDir {
         &self.0
     }
 
-    pub fn sockets(&self) -> PathBuf {
-        self.0.join("sockets")
+    /// The daemon's files for this directory.
+    pub fn paths(&self) -> DaemonPaths {
+        DaemonPaths::new(&self.0)
     }
 }
 

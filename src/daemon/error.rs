@@ -1,0 +1,91 @@
+//! [`DaemonError`]: why a daemon could not start or serve.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Why a daemon could not start or serve.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum DaemonError {
+    /// Another daemon holds the directory's lifetime lock.
+    AlreadyRunning {
+        /// The holder's pid, as it wrote it in the lock file.
+        pid: Option<u32>,
+    },
+    /// A process that took no lock (an older daemon) still answers on the socket.
+    SocketInUse {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// The sockets directory is not a directory owned by the daemon's effective uid.
+    UnsafeDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// An I/O error while doing `action` on `path`.
+    Io {
+        /// What the daemon was doing.
+        action: &'static str,
+        /// The file it was doing it to.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// The version is not a valid metadata value.
+    InvalidVersion(String),
+    /// The gRPC server failed.
+    Serve(tonic::transport::Error),
+}
+
+impl DaemonError {
+    /// An I/O error met while doing `action` on `path`.
+    pub(crate) fn io(action: &'static str, path: &Path, source: io::Error) -> Self {
+        Self::Io {
+            action,
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+impl fmt::Display for DaemonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::AlreadyRunning { pid: Some(pid) } => write!(
+                f,
+                "a daemon is already running for this directory (pid {pid} holds the lock); stop it first"
+            ),
+            Self::AlreadyRunning { pid: None } => f.write_str(
+                "a daemon is already running for this directory (it holds the lock); stop it first",
+            ),
+            Self::SocketInUse { path } => write!(
+                f,
+                "a process that holds no lock still answers on {}; stop it first",
+                path.display()
+            ),
+            Self::UnsafeDirectory { path, problem } => {
+                write!(f, "refusing to use {}: {problem}", path.display())
+            }
+            Self::Io {
+                action,
+                path,
+                source,
+            } => write!(f, "failed to {action} at {}: {source}", path.display()),
+            Self::InvalidVersion(v) => write!(f, "version {v:?} is not a valid metadata value"),
+            Self::Serve(e) => write!(f, "the gRPC server failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for DaemonError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Io { source, .. } => Some(source),
+            Self::Serve(e) => Some(e),
+            _ => None,
+        }
+    }
+}

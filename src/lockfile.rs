@@ -1,0 +1,97 @@
+//! The lifetime lock file's record: the one place that knows its format.
+//!
+//! A daemon built with this crate `flock`s `<dir>/sockets/grpc.lock` for its lifetime and writes
+//! into it who holds it:
+//!
+//! ```text
+//! <pid>\n<start ticks>\n<boot id>\n
+//! ```
+//!
+//! The start is the holder's start time in clock ticks since boot (field 22 of
+//! `/proc/<pid>/stat`) and the kernel's `boot_id`. A client whose pidfile names the same pid
+//! compares them exactly with what the kernel says about that pid: a reused pid is told apart
+//! without any wall clock. Daemons of other implementations (heddle's own) write no record; the
+//! connect's peer check is then what proves the pid.
+
+use std::path::Path;
+
+use crate::pidfile::read_bounded;
+use crate::process::ProcessStart;
+
+/// Who holds the lifetime lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LockRecord {
+    pub(crate) pid: u32,
+    pub(crate) start: ProcessStart,
+}
+
+impl LockRecord {
+    pub(crate) fn render(&self) -> String {
+        format!(
+            "{}\n{}\n{}\n",
+            self.pid, self.start.ticks, self.start.boot_id
+        )
+    }
+
+    /// Parses a record; `None` for anything else, an empty file (a holder between its lock and
+    /// its write) included.
+    pub(crate) fn parse(bytes: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let mut lines = text.strip_suffix('\n')?.split('\n');
+        let (Some(pid), Some(ticks), Some(boot_id), None) =
+            (lines.next(), lines.next(), lines.next(), lines.next())
+        else {
+            return None;
+        };
+        if boot_id.is_empty() || !boot_id.bytes().all(|b| b.is_ascii_graphic()) {
+            return None;
+        }
+        Some(Self {
+            pid: pid.parse().ok()?,
+            start: ProcessStart {
+                ticks: ticks.parse().ok()?,
+                boot_id: boot_id.to_owned(),
+            },
+        })
+    }
+
+    /// Reads the record at `path`, as defensively as a pidfile; `None` when there is none.
+    pub(crate) fn read(path: &Path) -> Option<Self> {
+        read_bounded(path)
+            .ok()
+            .and_then(|(bytes, _)| Self::parse(&bytes))
+    }
+
+    /// The pid in a lock file, whatever the rest says: for naming the holder in an error.
+    pub(crate) fn holder_pid(bytes: &[u8]) -> Option<u32> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        text.split('\n').next()?.trim().parse().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_round_trips_and_garbage_is_none() {
+        let record = LockRecord {
+            pid: 42,
+            start: ProcessStart {
+                ticks: 12345,
+                boot_id: "0f1e-aa".into(),
+            },
+        };
+        assert_eq!(LockRecord::parse(record.render().as_bytes()), Some(record));
+        for bytes in [
+            &b""[..],
+            b"42\n",
+            b"42\n1\n\n",
+            b"42\nx\nb\n",
+            b"42\n1\nb\nextra\n",
+        ] {
+            assert_eq!(LockRecord::parse(bytes), None, "{bytes:?}");
+        }
+        assert_eq!(LockRecord::holder_pid(b"42\n"), Some(42));
+    }
+}

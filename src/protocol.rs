@@ -1,0 +1,25 @@
+//! What the client and the daemon side agree on: the files' names in the sockets directory, the
+//! pidfile's marker line and the response metadata keys. Both sides import these from here and
+//! from nowhere else.
+
+/// The directory, inside a repository directory, that holds the daemon's files.
+pub const SOCKETS_DIR: &str = "sockets";
+/// The socket's file name inside `<dir>/sockets/`.
+pub const SOCKET_FILE: &str = "grpc.sock";
+/// The pidfile's file name inside `<dir>/sockets/`.
+pub const PIDFILE_FILE: &str = "grpc.pid";
+/// The lifetime lock's file name inside `<dir>/sockets/`.
+pub const LOCK_FILE: &str = "grpc.lock";
+
+/// The fixed second line of a pidfile.
+pub const PIDFILE_MARKER: &str = "heddle-agent";
+
+/// The response metadata key under which a daemon built with this crate reports its version on
+/// every response, `grpc.health.v1.Health/Check` included.
+pub const VERSION_METADATA_KEY: &str = "local-daemon-version";
+
+/// The response metadata key under which a daemon built with this crate reports the identity
+/// of the directory it serves, as decimal `<device>:<inode>`, on every response. A client
+/// compares it with the directory it was built for: a correctness check that catches shared,
+/// linked and moved sockets directories, not authentication (the uid is the trust boundary).
+pub const DIRECTORY_METADATA_KEY: &str = "local-daemon-directory";
