@@ -5,7 +5,7 @@
 //! The daemon is this bench binary re-executed (so the same-executable check passes); the
 //! whole-process group runs the `demo` example's `call` subcommand, built by `scripts/bench`.
 
-#[path = "../examples/demo/echo.rs"]
+#[path = "../examples/demo/echo/mod.rs"]
 #[allow(clippy::all)]
 mod echo;
 
@@ -198,6 +198,7 @@ fn request() -> EchoRequest {
         message: "hello".into(),
         id: 1,
         delay_ms: 0,
+        status_code: 0,
     }
 }
 

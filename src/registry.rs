@@ -375,13 +375,13 @@ impl Entry {
     }
 
     /// The whole chain: probe (unless done), connect, peer check, channel, health. In require
-    /// mode it tries again until the deadline, which bounds the whole wait; the decision then
-    /// names the last reason an attempt gave.
+    /// mode it tries again until the deadline, which bounds the whole wait; the decision names
+    /// the reason of the last attempt.
     async fn detect(self: &Arc<Self>, mut probed: Option<(UdsTarget, Duration)>) -> Decision {
         let deadline = Instant::now().checked_add(self.settings.deadline);
-        let mut last = FallbackReason::DeadlineExceeded;
         loop {
             let attempt = self.attempt(probed.take());
+            // An attempt that hangs past the deadline ends there: the deadline is the whole wait.
             let result = match deadline {
                 Some(deadline) => tokio::time::timeout_at(deadline, attempt)
                     .await
@@ -390,16 +390,15 @@ impl Entry {
             };
             let reason = match result {
                 Ok(decision) => return decision,
-                Err(reason) if self.settings.mode != Mode::Require => return self.negative(reason),
                 Err(reason) => reason,
             };
-            if reason != FallbackReason::DeadlineExceeded {
-                last = reason;
+            let remaining =
+                deadline.map(|deadline| deadline.saturating_duration_since(Instant::now()));
+            if self.settings.mode != Mode::Require || remaining == Some(Duration::ZERO) {
+                return self.negative(reason);
             }
-            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
-                return self.negative(last);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            let pause = Duration::from_millis(20);
+            tokio::time::sleep(remaining.map_or(pause, |remaining| remaining.min(pause))).await;
         }
     }
 

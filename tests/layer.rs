@@ -346,6 +346,7 @@ fn runtime_without_time_driver_runs_in_process_with_a_reason_that_says_so() {
             message: String::new(),
             id: 1,
             delay_ms: 0,
+            status_code: 0,
         }))
         .unwrap();
     assert_eq!(response.get_ref().served_by, "in-process");
@@ -353,4 +354,80 @@ fn runtime_without_time_driver_runs_in_process_with_a_reason_that_says_so() {
         panic!("{:?}", svc.stats());
     };
     assert!(message.contains("time driver"), "{message}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn require_mode_waits_no_longer_than_the_deadline_even_when_an_attempt_hangs() {
+    let dir = TestDir::new("require-bound");
+    let paths = dir.paths();
+    std::fs::create_dir(&paths.sockets_dir).unwrap();
+    let pidfile = Pidfile {
+        pid: std::process::id(),
+        started_at: 0,
+    };
+    std::fs::write(&paths.pidfile, pidfile.render()).unwrap();
+    // Halfway through the wait a listener appears that never answers: the attempt that
+    // connects to it hangs, and must end at the deadline, not a deadline after its start.
+    let socket = paths.socket.clone();
+    let listener = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        std::os::unix::net::UnixListener::bind(socket).unwrap()
+    });
+    let deadline = Duration::from_secs(1);
+    let svc = layered(
+        test_layer(dir.path())
+            .mode(Mode::Require)
+            .deadline(deadline),
+    );
+    let start = tokio::time::Instant::now();
+    let status = EchoClient::new(svc)
+        .echo(EchoRequest::default())
+        .await
+        .unwrap_err();
+    let waited = start.elapsed();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(
+        status.message().contains("exceeded the deadline"),
+        "{}",
+        status.message()
+    );
+    // Paused time: the clock moves only by the timers the layer sets, so this is exact.
+    assert!(
+        waited <= deadline,
+        "waited {waited:?} for a {deadline:?} deadline"
+    );
+    drop(listener.await.unwrap());
+}
+
+#[tokio::test]
+#[should_panic(expected = "called before poll_ready returned Ready(Ok)")]
+async fn call_after_a_poll_ready_that_did_not_return_ready_panics_as_tower_services_do() {
+    use std::task::Context;
+    use tower::Service;
+
+    let dir = TestDir::new("unready-call");
+    let _daemon = DaemonProcess::start(dir.path());
+    let mut svc = layered(test_layer(dir.path()));
+    std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+    // The route changes: the next readiness waits for the checks to run again.
+    svc.reset();
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    assert!(svc.poll_ready(&mut cx).is_pending());
+    let _ = svc.call(http::Request::new(tonic::body::Body::empty()));
+}
+
+#[tokio::test]
+async fn an_endless_deadline_and_an_empty_service_list_work() {
+    let dir = TestDir::new("endless");
+    let daemon = DaemonProcess::start(dir.path());
+    let layer = test_layer(dir.path())
+        .deadline(Duration::MAX)
+        .required_services(Vec::<String>::new());
+    let report = layer.diagnose().await;
+    assert!(report.usable(), "{report}");
+    let response = echo(&mut EchoClient::new(layered(layer)), 1).await.unwrap();
+    assert_eq!(
+        response.extensions().get::<Route>(),
+        Some(&Route::Daemon { pid: daemon.pid() })
+    );
 }

@@ -45,6 +45,7 @@ fn request(id: u64) -> EchoRequest {
         message: String::new(),
         id,
         delay_ms: 0,
+        status_code: 0,
     }
 }
 

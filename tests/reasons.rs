@@ -227,7 +227,9 @@ fn pidfile_that_is_a_fifo_a_directory_or_a_symlink_is_unreadable_without_blockin
 
 #[test]
 fn pidfile_without_read_permission_probed_as_nobody() {
-    let nobody = NobodyBinary::new();
+    let Some(nobody) = NobodyBinary::new("pidfile_without_read_permission_probed_as_nobody") else {
+        return;
+    };
     let f = Fixture::new("r-pid-perm");
     f.give_sockets_dir_to_nobody();
     f.write_own_pidfile();
@@ -276,7 +278,11 @@ fn zombie_process_is_gone() {
 
 #[test]
 fn process_of_another_uid_probed_as_nobody_is_foreign_not_dead() {
-    let nobody = NobodyBinary::new();
+    let Some(nobody) =
+        NobodyBinary::new("process_of_another_uid_probed_as_nobody_is_foreign_not_dead")
+    else {
+        return;
+    };
     let f = Fixture::new("r-foreign-process");
     f.give_sockets_dir_to_nobody();
     f.write_own_pidfile(); // this root process: `kill(pid, 0)` gives nobody EPERM
@@ -294,13 +300,14 @@ fn process_of_another_uid_probed_as_nobody_is_foreign_not_dead() {
 
 #[test]
 fn daemon_of_another_uid_is_foreign() {
-    let nobody_bin = NobodyBinary::new();
+    let Some(nobody_bin) = NobodyBinary::new("daemon_of_another_uid_is_foreign") else {
+        return;
+    };
     let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
     let dir = TestDir::new("r-nobody-daemon");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let mut daemon = nobody_bin
-        .command()
-        .env(DAEMON_DIR_ENV, dir.path())
+        .command(Role::Daemon(dir.path().to_owned()))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -342,6 +349,68 @@ fn live_unrelated_process_is_another_executable() {
     );
     sleep.kill().unwrap();
     sleep.wait().unwrap();
+}
+
+/// A copy of this test binary at `path`, executable.
+fn copy_of_this_binary(path: &std::path::Path) {
+    std::fs::copy(std::env::current_exe().unwrap(), path).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[tokio::test]
+async fn daemon_whose_executable_name_is_not_utf8_is_used() {
+    use std::os::unix::ffi::OsStrExt;
+    let f = Fixture::new("r-non-utf8");
+    // The kernel keeps the first 15 bytes of the name as `comm`, raw.
+    let name = std::ffi::OsStr::from_bytes(b"d\xe6mon-\xff\xfe");
+    let program = f.dir.path().join(name);
+    copy_of_this_binary(&program);
+    let options = DaemonOptions {
+        program: Some(program.clone()),
+        ..DaemonOptions::default()
+    };
+    let daemon = DaemonProcess::start_with(f.dir.path(), options);
+    let svc = layered(test_layer(f.dir.path()).identity(IdentityPolicy::Executable(program)));
+    let response = echo(&mut EchoClient::new(svc), 1).await.unwrap();
+    assert_eq!(response.get_ref().pid, daemon.pid());
+}
+
+#[test]
+fn client_whose_own_executable_was_replaced_on_disk_still_knows_itself() {
+    let f = Fixture::new("r-client-upgraded");
+    let program = f.dir.path().join("tool");
+    copy_of_this_binary(&program);
+    let daemon = DaemonProcess::start_with(
+        f.dir.path(),
+        DaemonOptions {
+            program: Some(program.clone()),
+            ..DaemonOptions::default()
+        },
+    );
+    // A client of the same build, started before an upgrade replaces the file it runs.
+    let mut client = reexec(&program, Role::Call(f.dir.path().to_owned()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let upgrade = f.dir.path().join("tool.new");
+    copy_of_this_binary(&upgrade);
+    std::fs::rename(&upgrade, &program).unwrap();
+    // Now `current_exe()` of both ends in " (deleted)"; their executable is still one file.
+    writeln!(client.stdin.take().unwrap(), "go").unwrap();
+    let output = client.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let route = stdout
+        .lines()
+        .find_map(|l| l.split_once(CALL_OUTPUT_PREFIX).map(|(_, route)| route))
+        .unwrap_or_else(|| panic!("no route in {stdout}"));
+    assert_eq!(
+        route,
+        format!(
+            "{:?}",
+            Some(tower_local_daemon::Route::Daemon { pid: daemon.pid() })
+        )
+    );
 }
 
 #[tokio::test]
@@ -463,6 +532,9 @@ fn socket_path_that_is_a_regular_file_a_directory_or_a_symlink_is_not_a_socket()
 
 #[test]
 fn socket_owned_by_another_uid() {
+    if !root_or_skip("socket_owned_by_another_uid") {
+        return;
+    }
     let f = Fixture::new("r-socket-owner");
     f.write_own_pidfile();
     let _listener = std::os::unix::net::UnixListener::bind(f.socket()).unwrap();
@@ -541,15 +613,18 @@ async fn socket_listened_on_by_another_process_than_the_pidfile_names_is_a_peer_
 
 #[tokio::test]
 async fn socket_listened_on_by_another_uid_is_a_peer_uid_mismatch() {
-    let nobody_bin = NobodyBinary::new();
+    let Some(nobody_bin) =
+        NobodyBinary::new("socket_listened_on_by_another_uid_is_a_peer_uid_mismatch")
+    else {
+        return;
+    };
     let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
     let f = Fixture::new("r-peer-uid");
     f.write_own_pidfile();
     let sockets = DaemonPaths::new(f.dir.path()).sockets_dir;
     std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o777)).unwrap();
     let mut listener = nobody_bin
-        .command()
-        .env(LISTEN_ENV, f.socket())
+        .command(Role::Listen(f.socket()))
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -642,6 +717,15 @@ async fn health_not_serving_is_refused() {
         Err(FallbackReason::NotServing {
             service: String::new()
         })
+    );
+    // An empty list of required services still checks the whole server.
+    let svc = layered(test_layer(f.dir.path()).required_services(Vec::<String>::new()));
+    echo(&mut EchoClient::new(svc.clone()), 1).await.unwrap();
+    assert_eq!(
+        svc.stats().unwrap().route,
+        Some(Err(FallbackReason::NotServing {
+            service: String::new()
+        }))
     );
 }
 

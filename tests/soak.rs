@@ -104,6 +104,7 @@ async fn soak_with_kills_stops_and_restarts_runs_nothing_twice() {
                         message: String::new(),
                         id,
                         delay_ms: 0,
+                        status_code: 0,
                     };
                     let start = Instant::now();
                     let result = tokio::time::timeout(hang, client.echo(request))

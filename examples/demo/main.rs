@@ -92,6 +92,7 @@ async fn call(dir: &Path) -> ExitCode {
             message: "hello".into(),
             id: 1,
             delay_ms: 0,
+            status_code: 0,
         })
         .await;
     let latency = start.elapsed();

@@ -2,8 +2,9 @@
 //! binary re-executed), a client over the layer, and bounded waits.
 #![allow(dead_code, unused_imports)]
 
-#[path = "../../examples/demo/echo.rs"]
+#[path = "../../examples/demo/echo/mod.rs"]
 pub mod echo;
+pub mod reset;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,52 +15,132 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tower::ServiceBuilder;
 use tower_local_daemon::{
-    Daemon, DaemonPaths, LocalDaemon, LocalDaemonLayer, LocalDaemonStatus, probe,
+    Daemon, DaemonPaths, LocalDaemon, LocalDaemonLayer, LocalDaemonStatus, Pidfile, probe,
 };
 
 pub use echo::echo_client::EchoClient;
 pub use echo::echo_server::EchoServer;
 pub use echo::{CountRequest, EchoReply, EchoRequest, EchoService};
 
-/// The environment variable that turns a re-executed test binary into a daemon.
-pub const DAEMON_DIR_ENV: &str = "TLD_TEST_DAEMON_DIR";
+/// The one environment variable that tells a re-executed test binary which [`Role`] to play.
+pub const ROLE_ENV: &str = "TLD_TEST_ROLE";
+/// Options of the daemon role.
 pub const DAEMON_VERSION_ENV: &str = "TLD_TEST_DAEMON_VERSION";
 pub const DAEMON_LOG_ENV: &str = "TLD_TEST_DAEMON_LOG";
 pub const DAEMON_GRACE_MS_ENV: &str = "TLD_TEST_DAEMON_GRACE_MS";
 pub const DAEMON_IDLE_MS_ENV: &str = "TLD_TEST_DAEMON_IDLE_MS";
 pub const DAEMON_UMASK_ENV: &str = "TLD_TEST_DAEMON_UMASK";
-/// Turns a re-executed test binary into a client that connects to this socket, waits for the
-/// other end to close, and exits 0 (1 if it could not connect).
-pub const CONNECT_ENV: &str = "TLD_TEST_CONNECT";
-/// Turns a re-executed test binary into a prober that prints the probe's status of a directory.
-pub const PROBE_ENV: &str = "TLD_TEST_PROBE";
 pub const PROBE_OUTPUT_PREFIX: &str = "probe status: ";
-/// Turns a re-executed test binary into a process that listens on this socket for a minute.
-pub const LISTEN_ENV: &str = "TLD_TEST_LISTEN";
-/// The name of the `#[test]` that each test binary uses as its daemon entry point.
+/// The name of the `#[test]` that each test binary uses as its entry point when re-executed.
 pub const DAEMON_ENTRY: &str = "daemon_entry_point";
 
-/// Runs the daemon when this process was re-executed as one, and exits; otherwise returns.
+/// What a re-executed test binary does instead of running tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// Serves a daemon for this directory, with the options of the `TLD_TEST_DAEMON_*`
+    /// variables, until a signal stops it.
+    Daemon(PathBuf),
+    /// Prints the probe's status of this directory after [`PROBE_OUTPUT_PREFIX`], and exits.
+    Probe(PathBuf),
+    /// Connects to this socket, waits for the other end to close, and exits 0 (1 if it could
+    /// not connect).
+    Connect(PathBuf),
+    /// Listens on this socket for a minute, after printing `listening`.
+    Listen(PathBuf),
+    /// Waits for a line on stdin, makes one call through the layer for this directory, and
+    /// prints the route after [`CALL_OUTPUT_PREFIX`].
+    Call(PathBuf),
+}
+
+pub const CALL_OUTPUT_PREFIX: &str = "route: ";
+
+/// A command that runs `program` (a copy of this test binary) at its entry point, in `role`.
+pub fn reexec(program: &Path, role: Role) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(program);
+    // libtest needs a UTF-8 `argv[0]`; the kernel names the process after the file anyway.
+    command.arg0("tld-test-binary").args([
+        "--exact",
+        DAEMON_ENTRY,
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    role.set(&mut command);
+    command
+}
+
+impl Role {
+    /// Sets the role on a command that runs this test binary.
+    fn set(&self, command: &mut Command) {
+        let (name, path) = match self {
+            Self::Daemon(path) => ("daemon", path),
+            Self::Probe(path) => ("probe", path),
+            Self::Connect(path) => ("connect", path),
+            Self::Listen(path) => ("listen", path),
+            Self::Call(path) => ("call", path),
+        };
+        command.env(ROLE_ENV, format!("{name} {}", path.display()));
+    }
+
+    fn from_env() -> Option<Self> {
+        let value = std::env::var(ROLE_ENV).ok()?;
+        let (name, path) = value.split_once(' ')?;
+        let path = PathBuf::from(path);
+        Some(match name {
+            "daemon" => Self::Daemon(path),
+            "probe" => Self::Probe(path),
+            "connect" => Self::Connect(path),
+            "listen" => Self::Listen(path),
+            "call" => Self::Call(path),
+            other => panic!("unknown test role {other:?}"),
+        })
+    }
+}
+
+/// Plays the role this process was re-executed for, and exits; otherwise returns.
 ///
-/// Each test binary that spawns daemons has an ignored `#[test] fn daemon_entry_point()` calling
-/// this; the re-executed binary runs it with `--ignored --exact`.
+/// Each test binary that re-executes itself has an ignored `#[test] fn daemon_entry_point()`
+/// calling this; the re-executed binary runs it with `--ignored --exact`.
 pub fn run_daemon_if_asked() {
-    if let Ok(socket) = std::env::var(CONNECT_ENV) {
-        connect_and_wait(Path::new(&socket));
+    match Role::from_env() {
+        None => {}
+        Some(Role::Connect(socket)) => connect_and_wait(&socket),
+        Some(Role::Probe(dir)) => {
+            println!("{PROBE_OUTPUT_PREFIX}{:?}", probe(&dir).status);
+            std::process::exit(0);
+        }
+        Some(Role::Listen(socket)) => {
+            let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+            println!("listening");
+            std::thread::sleep(Duration::from_secs(60));
+            std::process::exit(0);
+        }
+        Some(Role::Daemon(dir)) => serve_daemon(&dir),
+        Some(Role::Call(dir)) => call_once(&dir),
     }
-    if let Ok(dir) = std::env::var(PROBE_ENV) {
-        println!("{PROBE_OUTPUT_PREFIX}{:?}", probe(&dir).status);
-        std::process::exit(0);
-    }
-    if let Ok(socket) = std::env::var(LISTEN_ENV) {
-        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-        println!("listening");
-        std::thread::sleep(Duration::from_secs(60));
-        std::process::exit(0);
-    }
-    let Ok(dir) = std::env::var(DAEMON_DIR_ENV) else {
-        return;
-    };
+}
+
+fn call_once(dir: &Path) -> ! {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let route = runtime.block_on(async {
+        let response = echo(&mut EchoClient::new(layered(test_layer(dir))), 1).await;
+        response
+            .unwrap()
+            .extensions()
+            .get::<tower_local_daemon::Route>()
+            .copied()
+    });
+    println!("{CALL_OUTPUT_PREFIX}{route:?}");
+    std::process::exit(0)
+}
+
+fn serve_daemon(dir: &Path) -> ! {
     if let Ok(mask) = std::env::var(DAEMON_UMASK_ENV) {
         let mask = u32::from_str_radix(&mask, 8).unwrap();
         nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
@@ -78,7 +159,9 @@ pub fn run_daemon_if_asked() {
                 .unwrap();
             service = service.with_log(file);
         }
-        let mut daemon = Daemon::new(&dir).add_service(EchoServer::new(service));
+        let mut daemon = Daemon::new(dir)
+            .add_service(EchoServer::new(service))
+            .add_service(reset::StreamResetter);
         if let Ok(version) = std::env::var(DAEMON_VERSION_ENV) {
             daemon = daemon.version(version);
         }
@@ -97,6 +180,21 @@ pub fn run_daemon_if_asked() {
             std::process::exit(3)
         }
     }
+}
+
+/// Whether this process may act as another user: true as root. Otherwise a test that needs it
+/// fails under `CI` (where it must run) and is skipped elsewhere, with one line saying how to
+/// run it.
+pub fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} acts as another user and needs root; CI runs as root"
+    );
+    eprintln!("skipped {test}: it acts as another user; run `sudo -E cargo test` to include it");
+    false
 }
 
 fn connect_and_wait(socket: &Path) -> ! {
@@ -119,24 +217,23 @@ pub struct NobodyBinary {
 }
 
 impl NobodyBinary {
-    /// Panics unless run as root: under CI these tests must run, not skip.
-    pub fn new() -> Self {
+    /// `None`, after [`root_or_skip`]'s line, unless run as root.
+    pub fn new(test: &str) -> Option<Self> {
         use std::os::unix::fs::PermissionsExt;
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "tests that act as another user run as root (CI runs as root)"
-        );
+        if !root_or_skip(test) {
+            return None;
+        }
         let dir = TestDir::new("nobody-bin");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let path = dir.path().join("test-binary");
         std::fs::copy(std::env::current_exe().unwrap(), &path).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        Self { dir, path }
+        Some(Self { dir, path })
     }
 
     /// Runs `probe(dir)` as `nobody` and returns the status's `Debug` text.
     pub fn probe(&self, dir: &Path) -> String {
-        let output = self.command().env(PROBE_ENV, dir).output().unwrap();
+        let output = self.command(Role::Probe(dir.to_owned())).output().unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout);
         stdout
             .lines()
@@ -145,19 +242,12 @@ impl NobodyBinary {
             .to_owned()
     }
 
-    /// The command that runs the copy as `nobody`, at its daemon entry point.
-    pub fn command(&self) -> Command {
+    /// The command that runs the copy as `nobody`, at its entry point, in `role`.
+    pub fn command(&self, role: Role) -> Command {
         use std::os::unix::process::CommandExt;
         let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
-        let mut command = Command::new(&self.path);
+        let mut command = reexec(&self.path, role);
         command
-            .args([
-                "--exact",
-                DAEMON_ENTRY,
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
             .uid(nobody.uid.as_raw())
             .gid(nobody.gid.as_raw())
             .current_dir(self.dir.path())
@@ -214,6 +304,8 @@ pub struct DaemonOptions {
     pub idle: Option<Duration>,
     /// The umask the daemon process sets before it starts, in octal.
     pub umask: Option<u32>,
+    /// The executable to run instead of this test binary: a copy of it.
+    pub program: Option<PathBuf>,
 }
 
 /// A daemon in another process: this test binary, re-executed. Killed when dropped.
@@ -231,25 +323,24 @@ impl DaemonProcess {
     pub fn start_with(dir: &Path, options: DaemonOptions) -> Self {
         let daemon = Self::spawn(dir, &options);
         let pid = daemon.pid();
-        wait_until(
-            "the daemon writes its pidfile",
-            || matches!(probe(dir).status, LocalDaemonStatus::Running { pid: p } if p == pid),
-        );
+        let pidfile = DaemonPaths::new(dir).pidfile;
+        wait_until("the daemon writes its pidfile", || {
+            std::fs::read(&pidfile)
+                .ok()
+                .and_then(|bytes| Pidfile::parse(&bytes).ok())
+                .is_some_and(|p| p.pid == pid)
+        });
         daemon
     }
 
     /// Starts a daemon process without waiting for it.
     pub fn spawn(dir: &Path, options: &DaemonOptions) -> Self {
-        let mut command = Command::new(std::env::current_exe().unwrap());
+        let program = match &options.program {
+            Some(program) => program.clone(),
+            None => std::env::current_exe().unwrap(),
+        };
+        let mut command = reexec(&program, Role::Daemon(dir.to_owned()));
         command
-            .args([
-                "--exact",
-                DAEMON_ENTRY,
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(DAEMON_DIR_ENV, dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -341,6 +432,7 @@ pub async fn echo(
         message: format!("hello {id}"),
         id,
         delay_ms: 0,
+        status_code: 0,
     };
     tokio::time::timeout(Duration::from_secs(20), client.echo(request))
         .await
@@ -367,4 +459,20 @@ where
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A bare tonic `Channel` to `dir`'s daemon socket, with none of the layer's checks: the
+/// baseline the layer's behaviour is compared with.
+pub async fn bare_channel(dir: &Path) -> tonic::transport::Channel {
+    let socket = DaemonPaths::new(dir).socket;
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .unwrap()
 }
