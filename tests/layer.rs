@@ -413,7 +413,7 @@ async fn call_after_a_poll_ready_that_did_not_return_ready_panics_as_tower_servi
     svc.reset();
     let mut cx = Context::from_waker(std::task::Waker::noop());
     assert!(svc.poll_ready(&mut cx).is_pending());
-    let _ = svc.call(http::Request::new(tonic::body::Body::empty()));
+    drop(svc.call(http::Request::new(tonic::body::Body::empty())));
 }
 
 #[tokio::test]
