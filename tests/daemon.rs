@@ -88,6 +88,58 @@ fn sigterm_stops_the_daemon_and_leaves_no_files() {
 }
 
 #[test]
+fn a_stopping_daemon_leaves_alone_the_files_of_a_daemon_that_replaced_its_directory() {
+    let dir = TestDir::new("replaced-dir");
+    let first = DaemonProcess::start(dir.path());
+    // `rm -rf sockets`, and a second daemon makes a new one: the first still holds its own,
+    // deleted directory. A new file may even get the inode number of the first's pidfile.
+    std::fs::remove_dir_all(dir.paths().sockets_dir).unwrap();
+    let second = DaemonProcess::start(dir.path());
+    first.signal(Signal::SIGTERM);
+    let (code, stderr) = first.wait_exit();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        listing(&dir.paths().sockets_dir),
+        ["grpc.lock", "grpc.pid", "grpc.sock"]
+    );
+    assert_eq!(
+        probe(dir.path()).status,
+        LocalDaemonStatus::Running { pid: second.pid() }
+    );
+}
+
+/// Whether `signal` is in the hex mask of `field` (`SigIgn`, `SigCgt`) of a process's status.
+fn signal_in_mask(pid: u32, field: &str, signal: Signal) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mask = status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .map(|mask| u64::from_str_radix(mask.trim(), 16).unwrap())
+        .unwrap();
+    mask & (1 << (signal as u32 - 1)) != 0
+}
+
+#[test]
+fn sigint_inherited_as_ignored_stays_ignored_and_sigterm_still_stops() {
+    let dir = TestDir::new("sigint-ignored");
+    let options = DaemonOptions {
+        sigint_ignored: true,
+        ..DaemonOptions::default()
+    };
+    let background = DaemonProcess::start_with(dir.path(), options);
+    assert!(signal_in_mask(background.pid(), "SigIgn", Signal::SIGINT));
+    assert!(!signal_in_mask(background.pid(), "SigCgt", Signal::SIGINT));
+    background.signal(Signal::SIGTERM);
+    assert_eq!(background.wait_exit().0, Some(0));
+
+    // In the foreground the daemon handles SIGINT.
+    let foreground = DaemonProcess::start(dir.path());
+    assert!(signal_in_mask(foreground.pid(), "SigCgt", Signal::SIGINT));
+    foreground.signal(Signal::SIGINT);
+    assert_eq!(foreground.wait_exit().0, Some(0));
+}
+
+#[test]
 fn crash_leftovers_read_as_stale_and_the_next_daemon_starts_and_serves() {
     let dir = TestDir::new("crash");
     let crashed = DaemonProcess::start(dir.path());

@@ -299,6 +299,30 @@ fn process_of_another_uid_probed_as_nobody_is_foreign_not_dead() {
 }
 
 #[test]
+fn process_of_another_uid_hidden_by_hidepid_is_unreadable_not_gone() {
+    let Some(nobody) =
+        NobodyBinary::new("process_of_another_uid_hidden_by_hidepid_is_unreadable_not_gone")
+    else {
+        return;
+    };
+    let f = Fixture::new("r-hidepid");
+    f.give_sockets_dir_to_nobody();
+    f.write_own_pidfile(); // alive, root's: under hidepid=2 nobody cannot see its /proc entry
+    assert_eq!(
+        nobody.probe_with_hidepid(f.dir.path()),
+        format!(
+            "{:?}",
+            f.stale(
+                std::process::id(),
+                FallbackReason::ProcessUnreadable {
+                    error: std::io::ErrorKind::PermissionDenied
+                }
+            )
+        )
+    );
+}
+
+#[test]
 fn daemon_of_another_uid_is_foreign() {
     let Some(nobody_bin) = NobodyBinary::new("daemon_of_another_uid_is_foreign") else {
         return;

@@ -30,6 +30,7 @@ pub const DAEMON_LOG_ENV: &str = "TLD_TEST_DAEMON_LOG";
 pub const DAEMON_GRACE_MS_ENV: &str = "TLD_TEST_DAEMON_GRACE_MS";
 pub const DAEMON_IDLE_MS_ENV: &str = "TLD_TEST_DAEMON_IDLE_MS";
 pub const DAEMON_UMASK_ENV: &str = "TLD_TEST_DAEMON_UMASK";
+pub const DAEMON_IGNORE_SIGINT_ENV: &str = "TLD_TEST_DAEMON_IGNORE_SIGINT";
 pub const PROBE_OUTPUT_PREFIX: &str = "probe status: ";
 /// The name of the `#[test]` that each test binary uses as its entry point when re-executed.
 pub const DAEMON_ENTRY: &str = "daemon_entry_point";
@@ -141,6 +142,17 @@ fn call_once(dir: &Path) -> ! {
 }
 
 fn serve_daemon(dir: &Path) -> ! {
+    if std::env::var_os(DAEMON_IGNORE_SIGINT_ENV).is_some() {
+        // As a shell does for a background job, before the daemon's code runs.
+        // SAFETY: no other thread runs yet, and SIG_IGN installs no handler code.
+        unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGINT,
+                nix::sys::signal::SigHandler::SigIgn,
+            )
+        }
+        .unwrap();
+    }
     if let Ok(mask) = std::env::var(DAEMON_UMASK_ENV) {
         let mask = u32::from_str_radix(&mask, 8).unwrap();
         nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
@@ -233,15 +245,49 @@ impl NobodyBinary {
 
     /// Runs `probe(dir)` as `nobody` and returns the status's `Debug` text.
     pub fn probe(&self, dir: &Path) -> String {
-        let output = self.command(Role::Probe(dir.to_owned())).output().unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        stdout
-            .lines()
-            .find_map(|l| l.split_once(PROBE_OUTPUT_PREFIX).map(|(_, status)| status))
-            .unwrap_or_else(|| panic!("no probe output: {stdout} {:?}", output.stderr))
-            .to_owned()
+        probe_output(self.command(Role::Probe(dir.to_owned())).output().unwrap())
     }
 
+    /// [`probe`](Self::probe), in a mount namespace whose `/proc` is mounted `hidepid=2`: the
+    /// processes of other users are invisible there.
+    pub fn probe_with_hidepid(&self, dir: &Path) -> String {
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+        let inner = reexec(&self.path, Role::Probe(dir.to_owned()));
+        let script = format!(
+            "mount -t proc -o hidepid=2 proc /proc && exec setpriv --reuid={} --regid={} \
+             --clear-groups \"$0\" \"$@\"",
+            nobody.uid, nobody.gid
+        );
+        let mut command = Command::new("unshare");
+        command
+            .args(["--mount", "--fork", "sh", "-c", &script])
+            .arg(inner.get_program())
+            .args(inner.get_args())
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null());
+        for (key, value) in inner.get_envs() {
+            if let Some(value) = value {
+                command.env(key, value);
+            }
+        }
+        probe_output(command.output().unwrap())
+    }
+}
+
+/// The status a re-executed prober printed.
+fn probe_output(output: std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .find_map(|l| l.split_once(PROBE_OUTPUT_PREFIX).map(|(_, status)| status))
+        .unwrap_or_else(|| {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            panic!("no probe output: {stdout} {stderr}")
+        })
+        .to_owned()
+}
+
+impl NobodyBinary {
     /// The command that runs the copy as `nobody`, at its entry point, in `role`.
     pub fn command(&self, role: Role) -> Command {
         use std::os::unix::process::CommandExt;
@@ -306,6 +352,8 @@ pub struct DaemonOptions {
     pub umask: Option<u32>,
     /// The executable to run instead of this test binary: a copy of it.
     pub program: Option<PathBuf>,
+    /// Starts with SIGINT ignored, as a background job of a shell does.
+    pub sigint_ignored: bool,
 }
 
 /// A daemon in another process: this test binary, re-executed. Killed when dropped.
@@ -355,6 +403,9 @@ impl DaemonProcess {
         }
         if let Some(mask) = options.umask {
             command.env(DAEMON_UMASK_ENV, format!("{mask:o}"));
+        }
+        if options.sigint_ignored {
+            command.env(DAEMON_IGNORE_SIGINT_ENV, "1");
         }
         if let Some(idle) = options.idle {
             command.env(DAEMON_IDLE_MS_ENV, idle.as_millis().to_string());
