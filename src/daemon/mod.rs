@@ -21,7 +21,7 @@
 //! | `<dir>/sockets/` | directory, mode `0700`, owned by the daemon's effective uid | created at start |
 //! | `<dir>/sockets/grpc.lock` | the holder's pid, its start ticks and the boot id, one a line; `flock`-ed for the daemon's life | at start |
 //! | `<dir>/sockets/grpc.sock` | the listening socket, mode `0600` from the moment it exists | after the lock |
-//! | `<dir>/sockets/grpc.pid` | the [`Pidfile`], written atomically | once serving |
+//! | `<dir>/sockets/grpc.pid` | the [`Pidfile`](crate::Pidfile), written atomically | once serving |
 //!
 //! The start, in order: take the lock (or fail with [`DaemonError::AlreadyRunning`] naming the
 //! holder), remove leftovers of a crashed daemon (never a socket someone still answers on),
@@ -71,6 +71,7 @@ mod error;
 mod files;
 mod listener;
 mod lock;
+mod serve;
 mod stop;
 mod tracked;
 
@@ -79,28 +80,22 @@ use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use http::HeaderValue;
-use tokio::net::UnixListener;
-use tokio::sync::watch;
 use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::service::Routes;
-use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
 use tower::Service;
 
 pub use self::counters::DaemonCounters;
 pub use self::error::DaemonError;
 use self::files::SocketsDir;
-use self::listener::{PeerCheckedIncoming, bind_private};
+use self::listener::bind_private;
 use self::lock::LifetimeLock;
-use self::stop::{SignalListeners, drain, stop_reason};
-use self::tracked::Tracked;
+pub use self::serve::BoundDaemon;
 use crate::paths::{DaemonPaths, FileIdentity};
-use crate::pidfile::Pidfile;
-use crate::protocol::{PIDFILE_FILE, SOCKET_FILE};
+use crate::protocol::SOCKET_FILE;
 
 /// A daemon for one repository directory: its options and the services it hosts.
 ///
@@ -253,134 +248,4 @@ impl Daemon {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
         self.bind()?.serve(shutdown).await
     }
-}
-
-/// A daemon that holds the lock and listens, ready to serve.
-#[derive(Debug)]
-pub struct BoundDaemon {
-    daemon: Daemon,
-    version: Option<HeaderValue>,
-    directory: HeaderValue,
-    sockets: SocketsDir,
-    lock: LifetimeLock,
-    listener: UnixListener,
-}
-
-/// The files this daemon made, by identity: only those are removed at the end.
-#[derive(Debug, Default)]
-struct OurFiles {
-    socket: Option<FileIdentity>,
-    pidfile: Option<FileIdentity>,
-}
-
-impl BoundDaemon {
-    /// The daemon's counters, readable while it serves.
-    pub fn counters(&self) -> Arc<DaemonCounters> {
-        self.daemon.counters.clone()
-    }
-
-    /// The daemon's files.
-    pub fn paths(&self) -> &DaemonPaths {
-        &self.daemon.paths
-    }
-
-    /// Serves until `shutdown` completes, a signal arrives (unless disabled) or the idle timeout
-    /// passes; then stops as the [module docs](self) describe and removes its files.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
-        let Self {
-            daemon,
-            version,
-            directory,
-            sockets,
-            lock,
-            listener,
-        } = self;
-        let mut files = OurFiles {
-            socket: sockets.identity(SOCKET_FILE),
-            pidfile: None,
-        };
-
-        // Start: health NOT_SERVING, the server running, health SERVING, then the pidfile.
-        let (reporter, health) = tonic_health::server::health_reporter();
-        let names: Vec<&'static str> = std::iter::once("")
-            .chain(daemon.services.iter().copied())
-            .collect();
-        set_all(&reporter, &names, ServingStatus::NotServing).await;
-        let routes = match daemon.routes {
-            Some(routes) => routes.add_service(health),
-            None => Routes::new(health),
-        };
-        let routes = Tracked {
-            inner: routes.prepare(),
-            version,
-            directory,
-            counters: daemon.counters.clone(),
-        };
-        let (abort_tx, abort_rx) = watch::channel(false);
-        let incoming = PeerCheckedIncoming {
-            listener,
-            counters: daemon.counters.clone(),
-            abort: abort_rx,
-            backoff: None,
-        };
-        let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tonic::transport::Server::builder().serve_with_incoming_shutdown(
-            routes,
-            incoming,
-            async {
-                let _ = accepting_stopped.await;
-            },
-        );
-        let mut server = std::pin::pin!(server);
-        let signals = SignalListeners::install(daemon.handle_signals);
-        set_all(&reporter, &names, ServingStatus::Serving).await;
-        let pidfile = Pidfile {
-            pid: std::process::id(),
-            started_at: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        };
-        match sockets.write_pidfile(&pidfile) {
-            Ok(id) => files.pidfile = id,
-            Err(source) => {
-                remove_files(&sockets, &files, lock);
-                let path = sockets.display_path(PIDFILE_FILE);
-                return Err(DaemonError::io("write the pidfile", &path, source));
-            }
-        }
-        let socket = &daemon.paths.socket;
-        tracing::info!(socket = %socket.display(), pid = pidfile.pid, "local daemon serving");
-
-        // Wait for a reason to stop, unless the server ends by itself.
-        let stop = stop_reason(shutdown, signals, daemon.idle_timeout, &daemon.counters);
-        let result = tokio::select! {
-            result = &mut server => result.map_err(DaemonError::Serve),
-            why = stop => {
-                tracing::info!(why, "local daemon stopping");
-                // Drain: health NOT_SERVING, carried to Watch subscribers before the listener
-                // closes; then the grace period for in-flight calls.
-                set_all(&reporter, &names, ServingStatus::NotServing).await;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                let _ = stop_accepting.send(());
-                drain(&mut server, daemon.grace_period, &abort_tx)
-                    .await
-                    .map_err(DaemonError::Serve)
-            }
-        };
-        remove_files(&sockets, &files, lock);
-        result
-    }
-}
-
-async fn set_all(reporter: &HealthReporter, names: &[&str], status: ServingStatus) {
-    for name in names {
-        reporter.set_service_status(*name, status).await;
-    }
-}
-
-/// Removes the pidfile, the socket and the lock file, in that order, while the lock is held.
-fn remove_files(sockets: &SocketsDir, files: &OurFiles, lock: LifetimeLock) {
-    sockets.remove_if_ours(PIDFILE_FILE, files.pidfile);
-    sockets.remove_if_ours(SOCKET_FILE, files.socket);
-    lock.remove(sockets);
 }
