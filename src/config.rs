@@ -134,6 +134,7 @@ pub(crate) struct Settings {
     pub(crate) reprobe_interval: Duration,
     pub(crate) keepalive_interval: Duration,
     pub(crate) keepalive_timeout: Duration,
+    pub(crate) linger: Duration,
 }
 
 impl Default for Settings {
@@ -151,6 +152,7 @@ impl Default for Settings {
             reprobe_interval: Duration::from_secs(1),
             keepalive_interval: Duration::from_secs(1),
             keepalive_timeout: Duration::from_secs(2),
+            linger: Duration::from_secs(5),
         }
     }
 }

@@ -215,9 +215,10 @@ pub(crate) async fn run(dir: &Path, settings: &Settings) -> Report {
     };
     checks.start();
     let shaken = within(deadline, async {
-        handshake(stream, dir, settings, ConnectionEnd::ignored())
-            .await
-            .map(|(_, version)| version)
+        let (_, version, task) = handshake(stream, dir, settings, ConnectionEnd::ignored()).await?;
+        // The report keeps nothing: the connection closes.
+        task.abort();
+        Ok(version)
     })
     .await;
     let served = match FileIdentity::following(dir) {

@@ -1,22 +1,23 @@
-//! [`ResponseFuture`] and [`Route`]: marks the route on each response, and gives the daemon
-//! route's errors, in the head or mid-body, the status code that says what happened.
+//! [`ResponseFuture`] and [`Route`]: the future of a call on either route, which marks the
+//! route on the response when asked to.
 
-use std::error::Error;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use http_body::Frame;
+use bytes::Bytes;
 use pin_project_lite::pin_project;
+use tonic::Status;
 use tonic::body::Body;
-use tonic::transport::channel::ResponseFuture as ChannelFuture;
-use tonic::{Code, Status, TimeoutExpired};
-use tower::BoxError;
+use tower::util::Oneshot;
+use tower::{BoxError, Service};
 
-use crate::reason::{FallbackReason, error_chain};
+use crate::connect::{DaemonFuture, SendError};
+use crate::reason::FallbackReason;
 
-/// Which route served a response: found in the response's extensions.
+/// Which route served a response: found in the response's extensions when the layer was
+/// built with [`mark_route`](crate::LocalDaemonLayer::mark_route).
 ///
 /// ```
 /// use tower_local_daemon::Route;
@@ -25,10 +26,12 @@ use crate::reason::{FallbackReason, error_chain};
 /// match response.extensions().get::<Route>() {
 ///     Some(Route::Daemon { pid }) => println!("served by daemon {pid}"),
 ///     Some(Route::InProcess) => println!("served in-process"),
-///     None => println!("not routed by a LocalDaemon"),
+///     Some(route) => println!("served by {route:?}"),
+///     None => println!("not marked"),
 /// }
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Route {
     /// The daemon with this pid served the call.
     Daemon {
@@ -38,6 +41,8 @@ pub enum Route {
     /// The in-process service served the call.
     InProcess,
 }
+
+type Request = http::Request<Body>;
 
 pin_project! {
     /// The response future of [`LocalDaemon`](crate::LocalDaemon).
@@ -49,50 +54,86 @@ pin_project! {
     /// | the daemon answered with a status | that status, unchanged |
     /// | the caller's own deadline (`grpc-timeout`) expired | `CANCELLED` "Timeout expired", as over a bare `Channel` |
     /// | the daemon reset the stream (HTTP/2 `RST_STREAM`) | the code gRPC maps its reason to: `REFUSED_STREAM` is `UNAVAILABLE`, `CANCEL` is `CANCELLED`, `ENHANCE_YOUR_CALM` is `RESOURCE_EXHAUSTED`, `INADEQUATE_SECURITY` is `PERMISSION_DENIED`, the others `INTERNAL` |
-    /// | the connection ended or broke mid-call (EOF, reset, GOAWAY, the daemon killed) | `UNAVAILABLE`: the call may have run on the daemon |
-    pub struct ResponseFuture<F> {
+    /// | the connection ended or broke mid-call (EOF, reset, the daemon killed) | `UNAVAILABLE`: the call may have run on the daemon |
+    /// | the connection closed before the request was handed to it | the call runs in-process (in mode `require`: `UNAVAILABLE`, "it did not run") |
+    pub struct ResponseFuture<S: Service<Request>> {
         #[pin]
-        kind: Kind<F>,
+        kind: Kind<S>,
     }
 }
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<F> {
-        Daemon { #[pin] future: ChannelFuture, pid: u32 },
-        InProcess { #[pin] future: F },
-        Refused { reason: Option<FallbackReason> },
+    enum Kind<S: Service<Request>> {
+        Daemon {
+            #[pin]
+            future: DaemonFuture,
+            pid: u32,
+            // Where the call runs should it come back unsent.
+            fallback: Option<S>,
+            mark: bool,
+        },
+        InProcess { #[pin] future: S::Future, mark: bool },
+        Rerouted { #[pin] oneshot: Oneshot<S, Request>, mark: bool },
+        Failed { status: Option<Status> },
     }
 }
 
-impl<F> ResponseFuture<F> {
-    pub(crate) fn daemon(future: ChannelFuture, pid: u32) -> Self {
+impl<S: Service<Request>> ResponseFuture<S> {
+    pub(crate) fn daemon(future: DaemonFuture, pid: u32, fallback: Option<S>, mark: bool) -> Self {
         Self {
-            kind: Kind::Daemon { future, pid },
+            kind: Kind::Daemon {
+                future,
+                pid,
+                fallback,
+                mark,
+            },
         }
     }
 
-    pub(crate) fn in_process(future: F) -> Self {
+    pub(crate) fn in_process(future: S::Future, mark: bool) -> Self {
         Self {
-            kind: Kind::InProcess { future },
+            kind: Kind::InProcess { future, mark },
         }
+    }
+
+    pub(crate) fn rerouted(service: S, request: Request, mark: bool) -> Self {
+        Self {
+            kind: Kind::Rerouted {
+                oneshot: Oneshot::new(service, request),
+                mark,
+            },
+        }
+    }
+
+    /// A call that did not run: its connection closed first, and mode `require` forbids the
+    /// in-process route.
+    pub(crate) fn unsent(request: Request) -> Self {
+        Self::failed(SendError::Unsent(Box::new(request)).into_status())
     }
 
     pub(crate) fn refused(reason: FallbackReason) -> Self {
+        Self::failed(Status::unavailable(format!(
+            "local daemon required (mode require) but not usable: {reason}; {}",
+            reason.remedy()
+        )))
+    }
+
+    fn failed(status: Status) -> Self {
         Self {
-            kind: Kind::Refused {
-                reason: Some(reason),
+            kind: Kind::Failed {
+                status: Some(status),
             },
         }
     }
 }
 
-impl<F> fmt::Debug for ResponseFuture<F> {
+impl<S: Service<Request>> fmt::Debug for ResponseFuture<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let route = match &self.kind {
             Kind::Daemon { .. } => "daemon",
-            Kind::InProcess { .. } => "in-process",
-            Kind::Refused { .. } => "refused",
+            Kind::InProcess { .. } | Kind::Rerouted { .. } => "in-process",
+            Kind::Failed { .. } => "failed",
         };
         f.debug_struct("ResponseFuture")
             .field("route", &route)
@@ -100,114 +141,84 @@ impl<F> fmt::Debug for ResponseFuture<F> {
     }
 }
 
-impl<F, E> Future for ResponseFuture<F>
+/// The in-process response, with the tonic body and, when asked, the route's mark.
+fn in_process<B>(response: http::Response<B>, mark: bool) -> http::Response<Body>
 where
-    F: Future<Output = Result<http::Response<Body>, E>>,
-    E: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let mut response = response.map(Body::new);
+    if mark {
+        response.extensions_mut().insert(Route::InProcess);
+    }
+    response
+}
+
+impl<S, B> Future for ResponseFuture<S>
+where
+    S: Service<Request, Response = http::Response<B>>,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     type Output = Result<http::Response<Body>, BoxError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::Daemon { future, pid } => {
-                let result = std::task::ready!(future.poll(cx));
-                Poll::Ready(match result {
-                    Ok(response) => {
-                        let mut response =
-                            response.map(|body| Body::new(DaemonBody { inner: body }));
-                        response
-                            .extensions_mut()
-                            .insert(Route::Daemon { pid: *pid });
-                        Ok(response)
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let mut kind = self.as_mut().project().kind;
+            let rerouted = match kind.as_mut().project() {
+                KindProj::Daemon {
+                    future,
+                    pid,
+                    fallback,
+                    mark,
+                } => match std::task::ready!(future.poll(cx)) {
+                    Ok(mut response) => {
+                        if *mark {
+                            response
+                                .extensions_mut()
+                                .insert(Route::Daemon { pid: *pid });
+                        }
+                        return Poll::Ready(Ok(response));
                     }
-                    Err(e) => Err(daemon_status(&*BoxError::from(e)).into()),
-                })
-            }
-            KindProj::InProcess { future } => {
-                let result = std::task::ready!(future.poll(cx));
-                Poll::Ready(result.map_err(Into::into).map(|mut response| {
-                    response.extensions_mut().insert(Route::InProcess);
-                    response
-                }))
-            }
-            KindProj::Refused { reason } => {
-                let reason = reason
-                    .take()
-                    .expect("ResponseFuture polled after completion");
-                Poll::Ready(Err(Status::unavailable(format!(
-                    "local daemon required (mode require) but not usable: {reason}; {}",
-                    reason.remedy()
-                ))
-                .into()))
-            }
+                    Err(SendError::Unsent(request)) if fallback.is_some() => {
+                        let service = fallback.take().expect("checked by the guard");
+                        Kind::Rerouted {
+                            oneshot: Oneshot::new(service, *request),
+                            mark: *mark,
+                        }
+                    }
+                    Err(e) => return Poll::Ready(Err(e.into_status().into())),
+                },
+                KindProj::InProcess { future, mark } => {
+                    // In-process futures may finish without ever yielding: spend tokio's
+                    // cooperative budget, so that a tight loop of them lets the runtime's
+                    // other tasks (a re-probe, timers) run.
+                    let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+                    let result = std::task::ready!(future.poll(cx));
+                    coop.made_progress();
+                    return Poll::Ready(
+                        result
+                            .map(|response| in_process(response, *mark))
+                            .map_err(Into::into),
+                    );
+                }
+                KindProj::Rerouted { oneshot, mark } => {
+                    let result = std::task::ready!(oneshot.poll(cx));
+                    return Poll::Ready(
+                        result
+                            .map(|response| in_process(response, *mark))
+                            .map_err(Into::into),
+                    );
+                }
+                KindProj::Failed { status } => {
+                    let status = status
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    return Poll::Ready(Err(status.into()));
+                }
+            };
+            kind.set(rerouted);
         }
-    }
-}
-
-/// An error on the daemon route, as the caller sees it.
-fn daemon_status(error: &(dyn Error + 'static)) -> Status {
-    let mut link = Some(error);
-    while let Some(error) = link {
-        if error.is::<TimeoutExpired>() {
-            return Status::cancelled(error.to_string());
-        }
-        if let Some(h2) = error.downcast_ref::<h2::Error>()
-            && h2.is_reset()
-            && h2.is_remote()
-            && let Some(reason) = h2.reason()
-        {
-            return Status::new(
-                code_of_reset(reason),
-                format!("the local daemon reset the stream: {reason}"),
-            );
-        }
-        link = error.source();
-    }
-    Status::unavailable(format!(
-        "local daemon connection failed; the call may have run on the daemon: {}",
-        error_chain(error)
-    ))
-}
-
-/// The code the gRPC spec gives a stream reset by the server (PROTOCOL-HTTP2.md, "Errors").
-/// tonic maps these only under its `server` feature, which a client need not build.
-fn code_of_reset(reason: h2::Reason) -> Code {
-    match reason {
-        h2::Reason::REFUSED_STREAM => Code::Unavailable,
-        h2::Reason::CANCEL => Code::Cancelled,
-        h2::Reason::ENHANCE_YOUR_CALM => Code::ResourceExhausted,
-        h2::Reason::INADEQUATE_SECURITY => Code::PermissionDenied,
-        _ => Code::Internal,
-    }
-}
-
-pin_project! {
-    /// The daemon's response body, whose errors get their codes as the head's do.
-    struct DaemonBody {
-        #[pin]
-        inner: Body,
-    }
-}
-
-impl http_body::Body for DaemonBody {
-    type Data = bytes::Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        self.project()
-            .inner
-            .poll_frame(cx)
-            .map_err(|status| daemon_status(&status))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }

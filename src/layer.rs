@@ -41,6 +41,7 @@ pub struct LocalDaemonLayer {
     dir: PathBuf,
     settings: Settings,
     mode_override: ModeOverride,
+    mark_route: bool,
 }
 
 impl LocalDaemonLayer {
@@ -55,6 +56,7 @@ impl LocalDaemonLayer {
             dir: heddle_dir.as_ref().to_owned(),
             settings: Settings::default(),
             mode_override: ModeOverride::Var(DEFAULT_MODE_ENV.to_owned()),
+            mark_route: false,
         }
     }
 
@@ -152,6 +154,21 @@ impl LocalDaemonLayer {
         self
     }
 
+    /// Marks each response with the [`Route`](crate::Route) that served it, in its extensions
+    /// (default off). The mark costs an allocation per response (`http::Extensions` allocates
+    /// its map), so it is for tests, demos and `status` verbs, not for every call of a tool.
+    pub fn mark_route(mut self, mark: bool) -> Self {
+        self.mark_route = mark;
+        self
+    }
+
+    /// How long an entry whose last service was dropped keeps its daemon connection (default
+    /// 5 s): a CLI that builds its service per verb keeps a warm connection between verbs.
+    pub fn linger(mut self, linger: Duration) -> Self {
+        self.settings.linger = linger;
+        self
+    }
+
     /// HTTP/2 keepalive on the daemon connection: a ping every `interval`, also while idle, and
     /// the connection is given up when a ping is not answered within `timeout`; calls then go
     /// in-process. The defaults (1 s and 2 s) notice a hung daemon within about three seconds.
@@ -181,7 +198,7 @@ impl<S> Layer<S> for LocalDaemonLayer {
     type Service = LocalDaemon<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        let shared = Shared::new(self.dir.clone(), self.resolved_settings());
+        let shared = Shared::new(self.dir.clone(), self.resolved_settings(), self.mark_route);
         LocalDaemon::new(inner, Arc::new(shared))
     }
 }

@@ -5,29 +5,31 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use tonic::body::Body;
 use tower::{BoxError, Service};
 
 use crate::config::{Mode, Settings};
 use crate::connect::EndCause;
 use crate::future::ResponseFuture;
-use crate::reason::FallbackReason;
-use crate::registry::{self, Decision, Entry, RouteStats};
+use crate::registry::{Decision, Entry, Lease, RouteStats};
 
 /// What all clones of one layered service share.
 #[derive(Debug)]
 pub(crate) struct Shared {
     dir: PathBuf,
     settings: Settings,
-    entry: OnceLock<Arc<Entry>>,
+    mark_route: bool,
+    lease: OnceLock<Lease>,
 }
 
 impl Shared {
-    pub(crate) fn new(dir: PathBuf, settings: Settings) -> Self {
+    pub(crate) fn new(dir: PathBuf, settings: Settings, mark_route: bool) -> Self {
         Self {
             dir,
             settings,
-            entry: OnceLock::new(),
+            mark_route,
+            lease: OnceLock::new(),
         }
     }
 
@@ -37,8 +39,9 @@ impl Shared {
             return None;
         }
         Some(
-            self.entry
-                .get_or_init(|| registry::entry_for(&self.dir, &self.settings)),
+            self.lease
+                .get_or_init(|| Lease::take(&self.dir, &self.settings))
+                .entry(),
         )
     }
 }
@@ -49,21 +52,35 @@ impl Shared {
 struct Cached {
     generation: u64,
     decision: Decision,
+    /// On the daemon route: the last task seen to call from the route's runtime. A task never
+    /// changes runtime, and its id is a thread-local read, where the runtime's handle is two
+    /// atomic operations on a line every worker shares.
+    task: Option<tokio::task::Id>,
     ready: bool,
 }
 
 /// Routes each call to the local daemon or to the in-process service `S`.
 ///
 /// Built by [`LocalDaemonLayer`](crate::LocalDaemonLayer). `S` is any service of tonic's
-/// shape: a generated `FooServer<T>`, [`tonic::service::Routes`], or a remote `Channel`.
+/// shape whose response body is an [`http_body::Body`] of [`Bytes`]: a generated
+/// `FooServer<T>`, [`tonic::service::Routes`], a remote `Channel`, or any of them under
+/// tower-http layers that change the body.
 ///
 /// # Routing
 ///
 /// `poll_ready` decides the route: on the first call it runs the checks (shared with every
-/// concurrent first call of every clone); later it reads one atomic generation. It then drives
-/// the readiness of the chosen route only, and `call` sends the request there. A routing outcome
-/// is never a `poll_ready` error: in [`Mode::Require`] a refused call fails in its future with
-/// `UNAVAILABLE` naming the reason.
+/// concurrent first call of every clone on the same runtime); later it reads one atomic
+/// generation, and on the daemon route checks that the call comes from the runtime whose
+/// connection it would use. It then drives the readiness of the chosen route only, and `call`
+/// sends the request there. A routing outcome is never a `poll_ready` error: in
+/// [`Mode::Require`] a refused call fails in its future with `UNAVAILABLE` naming the reason.
+///
+/// # Runtimes
+///
+/// Any tokio runtime can call, and several at once: each runtime that calls gets its own
+/// connection to the daemon, checked once for all its concurrent calls, because a connection
+/// and its keepalive timers belong to the drivers of the runtime that made it. A runtime that
+/// ends takes only its own connection with it; the next runtime connects again.
 ///
 /// # Errors
 ///
@@ -71,10 +88,8 @@ struct Cached {
 /// daemon's own status unchanged, the caller's deadline as a bare `Channel` reports it, a stream
 /// reset by the code its HTTP/2 reason maps to, and a connection that ends mid-call as
 /// `UNAVAILABLE`. Such a request is never re-sent in-process: it may have run on the daemon. A
-/// request is routed in-process instead only when the daemon channel fails its readiness,
-/// before the request is handed to it. A request already handed to the channel when its
-/// connection turns out to be closing fails with `UNAVAILABLE` (at most one per caller per
-/// daemon death), and the route goes in-process at once.
+/// request that provably never left (its connection closed before the request was handed to
+/// it) runs in-process instead, on a clone of `S`, except in [`Mode::Require`].
 ///
 /// # Panics
 ///
@@ -88,7 +103,7 @@ pub struct LocalDaemon<S> {
 impl<S: Clone> Clone for LocalDaemon<S> {
     fn clone(&self) -> Self {
         let route = self.route.clone().map(|cached| Cached {
-            // A clone's channel handle was never made ready.
+            // A clone was never made ready.
             ready: false,
             ..cached
         });
@@ -145,8 +160,8 @@ impl<S> LocalDaemon<S> {
         self.shared.entry().map(|e| e.stats())
     }
 
-    /// Forgets this service's registry entry's decision and counters: the next call runs the
-    /// checks again.
+    /// Forgets this service's registry entry's decision, connections and counters: the next
+    /// call runs the checks again.
     pub fn reset(&self) {
         if let Some(entry) = self.shared.entry() {
             entry.reset();
@@ -154,8 +169,9 @@ impl<S> LocalDaemon<S> {
     }
 }
 
-/// The route for the next call: the warm path is one atomic load and a comparison. A new
-/// decision replaces the cached one, readiness included.
+/// The route for the next call: the warm path is one atomic load and a comparison (on the
+/// daemon route, also a thread-local read). A new decision replaces the cached one, readiness
+/// included.
 fn poll_route<'a>(
     shared: &Shared,
     route: &'a mut Option<Cached>,
@@ -165,22 +181,24 @@ fn poll_route<'a>(
         // Mode off: in-process for good.
         return Poll::Ready(route.get_or_insert(Cached {
             generation: 0,
-            decision: Decision::InProcess(FallbackReason::Disabled),
+            decision: Decision::InProcess,
+            task: None,
             ready: false,
         }));
     };
-    let fresh = route.as_ref().is_some_and(|cached| {
-        cached.generation == entry.generation()
-            && !(matches!(
-                cached.decision,
-                Decision::InProcess(_) | Decision::Refused(_)
-            ) && entry.reprobe_due())
-    });
+    let fresh = match route {
+        Some(cached) if cached.generation == entry.generation() => match &cached.decision {
+            Decision::Daemon(daemon) => same_runtime(&mut cached.task, daemon.runtime),
+            Decision::InProcess | Decision::Refused(_) => !entry.reprobe_due(),
+        },
+        _ => false,
+    };
     if !fresh {
         let (generation, decision) = std::task::ready!(entry.poll_decision(cx));
         *route = Some(Cached {
             generation,
             decision,
+            task: tokio::task::try_id(),
             ready: false,
         });
     }
@@ -190,14 +208,29 @@ fn poll_route<'a>(
     }
 }
 
-impl<S> Service<http::Request<Body>> for LocalDaemon<S>
+/// Whether this call comes from `runtime`: the task that last did, or the runtime's handle.
+fn same_runtime(task: &mut Option<tokio::task::Id>, runtime: tokio::runtime::Id) -> bool {
+    let current = tokio::task::try_id();
+    if current.is_some() && current == *task {
+        return true;
+    }
+    let same = tokio::runtime::Handle::try_current().is_ok_and(|h| h.id() == runtime);
+    if same {
+        *task = current;
+    }
+    same
+}
+
+impl<S, B> Service<http::Request<Body>> for LocalDaemon<S>
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>>,
+    S: Service<http::Request<Body>, Response = http::Response<B>> + Clone,
     S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     type Response = http::Response<Body>;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future>;
+    type Future = ResponseFuture<S>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         loop {
@@ -208,20 +241,20 @@ where
                 return Poll::Pending;
             };
             let readiness = match &mut cached.decision {
-                Decision::Daemon(daemon) => match daemon.channel.channel.poll_ready(cx) {
+                Decision::Daemon(daemon) => match daemon.client.poll_ready(cx) {
                     Poll::Ready(Err(e)) => {
                         // Nothing was sent: the call may still go in-process.
-                        tracing::debug!(error = %e, "local daemon channel failed its readiness");
-                        let id = daemon.id;
+                        tracing::debug!(error = %e, "local daemon connection closed");
+                        let (id, runtime) = (daemon.id, daemon.runtime);
                         self.route = None;
                         if let Some(entry) = self.shared.entry() {
-                            entry.connection_lost(id, EndCause::Daemon);
+                            entry.connection_ended(id, runtime, EndCause::Daemon);
                         }
                         continue;
                     }
                     poll => poll.map(|_| Ok(())),
                 },
-                Decision::InProcess(_) => self.inner.poll_ready(cx).map_err(Into::into),
+                Decision::InProcess => self.inner.poll_ready(cx).map_err(Into::into),
                 Decision::Refused(_) => Poll::Ready(Ok(())),
             };
             cached.ready = matches!(readiness, Poll::Ready(Ok(())));
@@ -239,20 +272,40 @@ where
             panic!("LocalDaemon::call was called before poll_ready returned Ready(Ok)");
         };
         *ready = false;
+        let mark = self.shared.mark_route;
         let entry = self.shared.entry();
         match decision {
             Decision::Daemon(daemon) => {
+                let mut future = daemon.client.send(request);
+                let Some(request) = future.unsent_now() else {
+                    if let Some(entry) = entry {
+                        entry.count_daemon_call();
+                    }
+                    // Where the call runs should it come back unsent: nowhere in require mode.
+                    let fallback =
+                        (self.shared.settings.mode != Mode::Require).then(|| self.inner.clone());
+                    return ResponseFuture::daemon(future, daemon.pid, fallback, mark);
+                };
+                // The connection closed before the request was handed to it.
+                let (id, runtime) = (daemon.id, daemon.runtime);
                 if let Some(entry) = entry {
-                    entry.count_daemon_call();
+                    entry.connection_ended(id, runtime, EndCause::Daemon);
                 }
-                let pid = daemon.channel.target.pid;
-                ResponseFuture::daemon(daemon.channel.channel.call(request), pid)
+                match self.shared.settings.mode {
+                    Mode::Require => ResponseFuture::unsent(request),
+                    _ => {
+                        if let Some(entry) = entry {
+                            entry.count_in_process_call();
+                        }
+                        ResponseFuture::rerouted(self.inner.clone(), request, mark)
+                    }
+                }
             }
-            Decision::InProcess(_) => {
+            Decision::InProcess => {
                 if let Some(entry) = entry {
                     entry.count_in_process_call();
                 }
-                ResponseFuture::in_process(self.inner.call(request))
+                ResponseFuture::in_process(self.inner.call(request), mark)
             }
             Decision::Refused(reason) => ResponseFuture::refused(reason.clone()),
         }

@@ -191,10 +191,7 @@ async fn connection_from_another_uid_is_dropped_and_counted() {
     let socket = dir.paths().socket;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777)).unwrap();
 
-    let mut client = nobody
-        .command(Role::Connect(socket.clone()))
-        .spawn()
-        .unwrap();
+    let mut client = spawn(&mut nobody.command(Role::Connect(socket.clone())));
     let status = tokio::task::spawn_blocking(move || client.wait().unwrap())
         .await
         .unwrap();

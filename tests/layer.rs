@@ -214,6 +214,7 @@ async fn hung_daemon_is_noticed_by_keepalive_and_calls_go_in_process() {
     let daemon = DaemonProcess::start(dir.path());
     let svc = layered(
         test_layer(dir.path())
+            .deadline(Duration::from_millis(500))
             .reprobe_interval(Duration::from_secs(3600))
             .keepalive(Duration::from_millis(200), Duration::from_millis(300)),
     );
@@ -224,12 +225,24 @@ async fn hung_daemon_is_noticed_by_keepalive_and_calls_go_in_process() {
     );
 
     daemon.signal(Signal::SIGSTOP);
-    wait_until_async("keepalive gives the connection up", || async {
-        svc.stats().unwrap().route == Some(Err(FallbackReason::ConnectionLost))
-    })
-    .await;
-    let response = echo(&mut client, 2).await.unwrap();
+    // A call sent before keepalive gives the connection up fails with it (it may have run);
+    // the next call checks the daemon again, which does not answer within the deadline.
+    let mut failed = 0;
+    let response = loop {
+        match echo(&mut client, 2).await {
+            Ok(response) => break response,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                failed += 1;
+                assert!(failed <= 1, "more than one call failed: {status:?}");
+            }
+        }
+    };
     assert_eq!(served_by(&response), ("in-process", Some(Route::InProcess)));
+    assert_eq!(
+        svc.stats().unwrap().route,
+        Some(Err(FallbackReason::DeadlineExceeded))
+    );
 }
 
 #[tokio::test]

@@ -330,12 +330,12 @@ fn daemon_of_another_uid_is_foreign() {
     let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
     let dir = TestDir::new("r-nobody-daemon");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    let mut daemon = nobody_bin
-        .command(Role::Daemon(dir.path().to_owned()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = spawn(
+        nobody_bin
+            .command(Role::Daemon(dir.path().to_owned()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     let paths = DaemonPaths::new(dir.path());
     wait_until("the nobody daemon writes its pidfile", || {
         paths.pidfile.exists()
@@ -412,11 +412,11 @@ fn client_whose_own_executable_was_replaced_on_disk_still_knows_itself() {
         },
     );
     // A client of the same build, started before an upgrade replaces the file it runs.
-    let mut client = reexec(&program, Role::Call(f.dir.path().to_owned()))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut client = spawn(
+        reexec(&program, Role::Call(f.dir.path().to_owned()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
     let upgrade = f.dir.path().join("tool.new");
     copy_of_this_binary(&upgrade);
     std::fs::rename(&upgrade, &program).unwrap();
@@ -442,7 +442,7 @@ async fn executable_replaced_on_disk_after_the_daemon_started() {
     let f = Fixture::new("r-replaced");
     let bin = f.dir.path().join("daemon-binary");
     std::fs::copy("/bin/sleep", &bin).unwrap();
-    let mut daemon = Command::new(&bin).arg("60").spawn().unwrap();
+    let mut daemon = spawn(Command::new(&bin).arg("60"));
     f.write_pidfile(daemon.id(), now() + 1);
     // An upgrade: a new file renamed over the path the daemon was started from.
     let new = f.dir.path().join("daemon-binary.new");
@@ -647,11 +647,11 @@ async fn socket_listened_on_by_another_uid_is_a_peer_uid_mismatch() {
     f.write_own_pidfile();
     let sockets = DaemonPaths::new(f.dir.path()).sockets_dir;
     std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let mut listener = nobody_bin
-        .command(Role::Listen(f.socket()))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut listener = spawn(
+        nobody_bin
+            .command(Role::Listen(f.socket()))
+            .stdout(Stdio::piped()),
+    );
     // libtest prints its own lines first.
     let mut stdout = BufReader::new(listener.stdout.take().unwrap());
     let mut line = String::new();

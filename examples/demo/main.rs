@@ -76,7 +76,7 @@ async fn call(dir: &Path) -> ExitCode {
         .map(Duration::from_millis)
         .unwrap_or_default();
     let svc = ServiceBuilder::new()
-        .layer(LocalDaemonLayer::new(dir))
+        .layer(LocalDaemonLayer::new(dir).mark_route(true))
         .service(LazyFallback::new(move || async move {
             // Stands for opening the repository: paid only when a call runs in-process.
             if !build_cost.is_zero() {
@@ -106,6 +106,7 @@ async fn call(dir: &Path) -> ExitCode {
     let route = match response.extensions().get::<Route>() {
         Some(Route::Daemon { pid }) => format!("daemon (pid {pid})"),
         Some(Route::InProcess) => "in-process".to_owned(),
+        Some(other) => format!("{other:?}"),
         None => "unknown".to_owned(),
     };
     let reason = match svc.stats().and_then(|s| s.route) {

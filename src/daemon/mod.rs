@@ -116,7 +116,7 @@ use crate::protocol::SOCKET_FILE;
 /// // The health service is always hosted: a client of it over the layer reaches the daemon.
 /// let fallback = tonic_health::server::health_reporter().1;
 /// let svc = tower::ServiceBuilder::new()
-///     .layer(LocalDaemonLayer::new(&dir).mode_env_value(None).required_version("1.0.0"))
+///     .layer(LocalDaemonLayer::new(&dir).mode_env_value(None).mark_route(true).required_version("1.0.0"))
 ///     .service(fallback);
 /// let request = HealthCheckRequest { service: String::new() };
 /// let response = HealthClient::new(svc).check(request).await.unwrap();

@@ -55,6 +55,21 @@ pub enum Role {
 
 pub const CALL_OUTPUT_PREFIX: &str = "route: ";
 
+/// Spawns `command`, again while its program is "busy": a copy of this binary just written can
+/// still be open for writing in a child that another test thread forked meanwhile, until that
+/// child's `exec`.
+pub fn spawn(command: &mut Command) -> Child {
+    for _ in 0..100 {
+        match command.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            result => return result.unwrap(),
+        }
+    }
+    panic!("{command:?} stayed busy for a second")
+}
+
 /// A command that runs `program` (a copy of this test binary) at its entry point, in `role`.
 pub fn reexec(program: &Path, role: Role) -> Command {
     use std::os::unix::process::CommandExt;
@@ -411,7 +426,7 @@ impl DaemonProcess {
             command.env(DAEMON_IDLE_MS_ENV, idle.as_millis().to_string());
         }
         Self {
-            child: command.spawn().unwrap(),
+            child: spawn(&mut command),
             dir: dir.to_owned(),
         }
     }
@@ -459,10 +474,12 @@ impl Drop for DaemonProcess {
 /// The layered service over the in-process echo service.
 pub type Layered = LocalDaemon<EchoServer<EchoService>>;
 
-/// A layer for `dir` that ignores the environment, with short intervals for tests.
+/// A layer for `dir` that ignores the environment and marks each response's route, with short
+/// intervals for tests.
 pub fn test_layer(dir: &Path) -> LocalDaemonLayer {
     LocalDaemonLayer::new(dir)
         .mode_env_value(None)
+        .mark_route(true)
         .deadline(Duration::from_secs(5))
         .reprobe_interval(Duration::from_millis(100))
 }

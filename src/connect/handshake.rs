@@ -1,0 +1,214 @@
+//! The third check: HTTP/2 over the checked connection, then `grpc.health.v1.Health/Check`
+//! for every required service, the directory the daemon serves and its version.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::UnixStream;
+use tokio::task::AbortHandle;
+use tonic::body::Body;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tower::BoxError;
+
+use super::checked::connect_checked;
+use super::client::DaemonClient;
+use super::end::{ConnectionEnd, Watched};
+use crate::config::Settings;
+use crate::paths::FileIdentity;
+use crate::probe::UdsTarget;
+use crate::protocol::{DIRECTORY_METADATA_KEY, VERSION_METADATA_KEY};
+use crate::reason::{FallbackReason, error_chain};
+
+/// A daemon connection that passed every check.
+#[derive(Debug)]
+pub(crate) struct DaemonConnection {
+    pub(crate) target: UdsTarget,
+    pub(crate) client: DaemonClient,
+    /// The version the daemon reported, if any.
+    pub(crate) version: Option<String>,
+    /// The task that drives the connection: aborting it closes the socket.
+    pub(crate) task: AbortHandle,
+}
+
+/// Where the time of [`establish`] went.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct HandshakeTimings {
+    pub(crate) connect: Duration,
+    pub(crate) handshake: Duration,
+}
+
+/// The outcome of [`establish`], with its timings even when it failed.
+#[derive(Debug)]
+pub(crate) struct Established {
+    pub(crate) result: Result<DaemonConnection, FallbackReason>,
+    pub(crate) timings: HandshakeTimings,
+}
+
+/// Connect, peer check, HTTP/2 and the health handshake under the one deadline of `settings`;
+/// the daemon must serve `dir`. `on_end` fires once when the connection ends.
+pub(crate) async fn establish(
+    target: UdsTarget,
+    dir: &Path,
+    settings: &Settings,
+    on_end: ConnectionEnd,
+) -> Established {
+    let start = Instant::now();
+    let connect_done = Mutex::new(None::<Instant>);
+    let attempt = async {
+        let stream = connect_checked(&target).await?;
+        *crate::sync::lock(&connect_done) = Some(Instant::now());
+        let (client, version, task) = handshake(stream, dir, settings, on_end).await?;
+        Ok(DaemonConnection {
+            target: target.clone(),
+            client,
+            version,
+            task,
+        })
+    };
+    let result = match tokio::time::Instant::now().checked_add(settings.deadline) {
+        Some(deadline) => tokio::time::timeout_at(deadline, attempt)
+            .await
+            .unwrap_or(Err(FallbackReason::DeadlineExceeded)),
+        None => attempt.await,
+    };
+    let end = Instant::now();
+    let connected = crate::sync::lock(&connect_done).unwrap_or(end);
+    Established {
+        result,
+        timings: HandshakeTimings {
+            connect: connected - start,
+            handshake: end - connected,
+        },
+    }
+}
+
+/// HTTP/2 over a checked connection, its driving task spawned on the current runtime, then the
+/// health handshake; returns the client, the daemon's version and the task. A failed handshake
+/// aborts the task.
+pub(crate) async fn handshake(
+    stream: UnixStream,
+    dir: &Path,
+    settings: &Settings,
+    on_end: ConnectionEnd,
+) -> Result<(DaemonClient, Option<String>, AbortHandle), FallbackReason> {
+    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_timeout)
+        .keep_alive_while_idle(true);
+    let (sender, connection) = builder
+        .handshake::<_, Body>(TokioIo::new(stream))
+        .await
+        .map_err(|e| FallbackReason::HandshakeFailed {
+            message: error_chain(&e),
+        })?;
+    let task = tokio::spawn(Watched::new(connection, on_end)).abort_handle();
+    let client = DaemonClient::new(sender);
+    match check_health(client.clone(), dir, settings).await {
+        Ok(version) => Ok((client, version, task)),
+        Err(reason) => {
+            task.abort();
+            Err(reason)
+        }
+    }
+}
+
+/// Asks `Health/Check` for every required service (the whole server when none is named) over
+/// `transport`; checks the directory the daemon reports; returns the daemon's version.
+pub(crate) async fn check_health<T>(
+    transport: T,
+    dir: &Path,
+    settings: &Settings,
+) -> Result<Option<String>, FallbackReason>
+where
+    T: tonic::client::GrpcService<Body>,
+    T::Error: Into<BoxError>,
+    T::ResponseBody: http_body::Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error: Into<BoxError> + Send,
+{
+    let mut client = HealthClient::new(transport);
+    let mut version = None;
+    let mut served = None;
+    let whole_server = [String::new()];
+    let services = match settings.required_services.as_slice() {
+        [] => &whole_server[..],
+        named => named,
+    };
+    for service in services {
+        let request = HealthCheckRequest {
+            service: service.clone(),
+        };
+        match client.check(request).await {
+            Ok(response) => {
+                if response.get_ref().status != ServingStatus::Serving as i32 {
+                    return Err(FallbackReason::NotServing {
+                        service: service.clone(),
+                    });
+                }
+                let text = |key| {
+                    let value = response.metadata().get(key)?;
+                    Some(String::from_utf8_lossy(value.as_bytes()).into_owned())
+                };
+                version = text(VERSION_METADATA_KEY);
+                served = text(DIRECTORY_METADATA_KEY);
+            }
+            Err(status) => match status.code() {
+                tonic::Code::NotFound => {
+                    return Err(FallbackReason::ServiceNotHosted {
+                        service: service.clone(),
+                    });
+                }
+                tonic::Code::Unimplemented if settings.accept_unimplemented_health => {}
+                tonic::Code::Unimplemented => return Err(FallbackReason::HealthUnimplemented),
+                _ => {
+                    return Err(FallbackReason::HandshakeFailed {
+                        message: status.to_string(),
+                    });
+                }
+            },
+        }
+    }
+    if let Some(expected) = &settings.required_version
+        && version.as_ref() != Some(expected)
+    {
+        return Err(FallbackReason::VersionMismatch {
+            expected: expected.clone(),
+            actual: version,
+        });
+    }
+    check_directory(served.as_deref(), dir, settings.accept_unverified_directory)?;
+    Ok(version)
+}
+
+/// The daemon must serve `dir`: the identity it reports is the one `dir` has now. A renamed
+/// directory keeps its inode, so a rename is no mismatch; a shared, linked or moved sockets
+/// directory is.
+fn check_directory(
+    served: Option<&str>,
+    dir: &Path,
+    accept_unreported: bool,
+) -> Result<(), FallbackReason> {
+    let Some(served) = served else {
+        return match accept_unreported {
+            true => Ok(()),
+            false => Err(FallbackReason::DirectoryUnreported),
+        };
+    };
+    let expected = FileIdentity::following(dir);
+    match (&expected, FileIdentity::parse(served)) {
+        (Ok(expected), Some(served)) if *expected == served => Ok(()),
+        _ => Err(FallbackReason::DirectoryMismatch {
+            expected: match expected {
+                Ok(id) => id.to_string(),
+                Err(e) => format!("unreadable: {e}"),
+            },
+            served: served.to_owned(),
+        }),
+    }
+}

@@ -1,0 +1,23 @@
+//! The second and third checks, and the daemon route they leave behind: a connection to the
+//! socket whose peer is the pidfile's process of our uid ([`checked`]), HTTP/2 over that one
+//! connection with `grpc.health.v1.Health/Check` and the directory and version checks
+//! ([`handshake`]), the client that sends the layer's calls over it ([`client`]), and the
+//! signal of its end ([`end`]). [`upstream`] keeps heddle's one-call functions.
+//!
+//! A connection never redials: once it ends, a new one must pass every check again, which the
+//! registry's re-probe does.
+
+mod checked;
+mod client;
+mod end;
+mod handshake;
+mod upstream;
+
+pub(crate) use self::checked::connect_checked;
+pub(crate) use self::client::{DaemonClient, DaemonFuture, SendError};
+pub(crate) use self::end::{ConnectionEnd, EndCause};
+pub(crate) use self::handshake::{DaemonConnection, establish, handshake};
+pub use self::upstream::{
+    LocalDaemonChannel, connect_local_daemon_channel, detect_local_daemon_with_connect_probe,
+    try_connect_local_daemon_channel, try_detect_local_daemon_with_connect_probe,
+};

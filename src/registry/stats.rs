@@ -1,0 +1,108 @@
+//! [`RouteStats`] and the counters behind them. The per-call counters are sharded by thread, so
+//! that concurrent callers never write one cache line.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use crate::probe::UdsTarget;
+use crate::reason::FallbackReason;
+use crate::sync::lock;
+
+/// The diagnostic counters of one entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RouteStats {
+    /// How many times the checks ran (first detection, re-probes, and a connection for each
+    /// further runtime).
+    pub probes: u64,
+    /// How many connections passed every check.
+    pub channels_built: u64,
+    /// Calls sent to the daemon.
+    pub daemon_calls: u64,
+    /// Calls served in-process.
+    pub in_process_calls: u64,
+    /// Decisions to run in-process, per reason (a decision, not a call).
+    pub fallbacks: Vec<(FallbackReason, u64)>,
+    /// The current decision: the daemon's target, or the reason calls run in-process; `None`
+    /// before the first decision.
+    pub route: Option<Result<UdsTarget, FallbackReason>>,
+}
+
+/// A counter that many threads add to, each on a cache line of its own; a read sums them.
+#[derive(Debug, Default)]
+pub(super) struct ShardedCounter {
+    shards: [Shard; SHARDS],
+}
+
+const SHARDS: usize = 16;
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard(AtomicU64);
+
+impl ShardedCounter {
+    pub(super) fn add_one(&self) {
+        self.shards[shard()].0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn sum(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.0.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    fn clear(&self) {
+        for shard in &self.shards {
+            shard.0.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// This thread's shard: threads take shards in turn as they first count.
+fn shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    SHARD.with(|shard| *shard)
+}
+
+/// The counters of one entry.
+#[derive(Debug, Default)]
+pub(super) struct Counters {
+    pub(super) probes: AtomicU64,
+    pub(super) channels_built: AtomicU64,
+    pub(super) daemon_calls: ShardedCounter,
+    pub(super) in_process_calls: ShardedCounter,
+    fallbacks: Mutex<Vec<(FallbackReason, u64)>>,
+}
+
+impl Counters {
+    pub(super) fn count_fallback(&self, reason: &FallbackReason) {
+        let mut fallbacks = lock(&self.fallbacks);
+        match fallbacks.iter_mut().find(|(r, _)| r == reason) {
+            Some((_, n)) => *n += 1,
+            None => fallbacks.push((reason.clone(), 1)),
+        }
+    }
+
+    pub(super) fn clear(&self) {
+        self.probes.store(0, Ordering::Relaxed);
+        self.channels_built.store(0, Ordering::Relaxed);
+        self.daemon_calls.clear();
+        self.in_process_calls.clear();
+        lock(&self.fallbacks).clear();
+    }
+
+    pub(super) fn snapshot(&self, route: Option<Result<UdsTarget, FallbackReason>>) -> RouteStats {
+        RouteStats {
+            probes: self.probes.load(Ordering::Relaxed),
+            channels_built: self.channels_built.load(Ordering::Relaxed),
+            daemon_calls: self.daemon_calls.sum(),
+            in_process_calls: self.in_process_calls.sum(),
+            fallbacks: lock(&self.fallbacks).clone(),
+            route,
+        }
+    }
+}
