@@ -8,6 +8,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
@@ -22,7 +23,10 @@ use crate::sync::{Waiters, lock};
 ///
 /// The build runs once for all concurrent callers, on a task of its own. A build error fails
 /// the calls that waited for that build with `UNAVAILABLE` naming the error, and the next call
-/// builds again.
+/// builds again. A finished build is shared by the whole process, whichever runtime calls; a
+/// build whose runtime shut down before it finished is started again by the next call, on that
+/// call's runtime. So the built service must not hold resources bound to one runtime (a
+/// `Channel` made on it, a task spawned on it).
 ///
 /// ```
 /// use tower::ServiceBuilder;
@@ -49,6 +53,7 @@ pub struct LazyFallback<F, S> {
 struct Shared<F, S> {
     factory: F,
     state: Mutex<Build<S>>,
+    next_build: AtomicU64,
 }
 
 enum Build<S> {
@@ -114,6 +119,7 @@ where
             shared: Arc::new(Shared {
                 factory,
                 state: Mutex::new(Build::NotStarted),
+                next_build: AtomicU64::new(0),
             }),
             local: Local::Empty,
         }
@@ -146,9 +152,10 @@ where
                 waiters.register(cx);
                 return Poll::Pending;
             }
-            // A call after a failed build builds again.
-            Build::Failed { id, .. } => *id + 1,
-            Build::NotStarted => 0,
+            // A call after a failed or interrupted build builds again.
+            Build::Failed { .. } | Build::NotStarted => {
+                self.shared.next_build.fetch_add(1, Ordering::Relaxed)
+            }
         };
         *state = Build::Building {
             id,
@@ -195,12 +202,13 @@ impl<F, S> Drop for FinishBuild<F, S> {
                 id: self.id,
                 message,
             },
-            None => Build::Failed {
+            None if std::thread::panicking() => Build::Failed {
                 id: self.id,
-                message: "the build stopped before it finished (it panicked, or its runtime \
-                          shut down)"
-                    .into(),
+                message: "the build panicked".into(),
             },
+            // Its runtime shut down: not the build's fault. The next call builds again, on
+            // its own runtime.
+            None => Build::NotStarted,
         };
         let mut state = self.shared.lock();
         if matches!(&*state, Build::Building { id, .. } if *id == self.id)

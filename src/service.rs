@@ -56,8 +56,14 @@ struct Cached {
     /// changes runtime, and its id is a thread-local read, where the runtime's handle is two
     /// atomic operations on a line every worker shares.
     task: Option<tokio::task::Id>,
+    /// Calls routed by a negative decision since the slow path last looked at the clock.
+    unchecked: u8,
     ready: bool,
 }
+
+/// How many calls a negative decision routes before the slow path looks at the clock itself,
+/// in case the timer that sets the due flag runs on a runtime that is not being driven.
+const CLOCK_CHECK_EVERY: u8 = 64;
 
 /// Routes each call to the local daemon or to the in-process service `S`.
 ///
@@ -183,13 +189,17 @@ fn poll_route<'a>(
             generation: 0,
             decision: Decision::InProcess,
             task: None,
+            unchecked: 0,
             ready: false,
         }));
     };
     let fresh = match route {
         Some(cached) if cached.generation == entry.generation() => match &cached.decision {
             Decision::Daemon(daemon) => same_runtime(&mut cached.task, daemon.runtime),
-            Decision::InProcess | Decision::Refused(_) => !entry.reprobe_due(),
+            Decision::InProcess | Decision::Refused(_) => {
+                cached.unchecked += 1;
+                !entry.reprobe_due() && cached.unchecked < CLOCK_CHECK_EVERY
+            }
         },
         _ => false,
     };
@@ -199,6 +209,7 @@ fn poll_route<'a>(
             generation,
             decision,
             task: tokio::task::try_id(),
+            unchecked: 0,
             ready: false,
         });
     }

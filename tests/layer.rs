@@ -225,6 +225,10 @@ async fn hung_daemon_is_noticed_by_keepalive_and_calls_go_in_process() {
     );
 
     daemon.signal(Signal::SIGSTOP);
+    let status = format!("/proc/{}/status", daemon.pid());
+    wait_until("the daemon is stopped", || {
+        std::fs::read_to_string(&status).is_ok_and(|s| s.contains("State:\tT"))
+    });
     // A call sent before keepalive gives the connection up fails with it (it may have run);
     // the next call checks the daemon again, which does not answer within the deadline.
     let mut failed = 0;

@@ -90,12 +90,21 @@ impl Slot {
     }
 }
 
+/// A re-probe on a task of the runtime that made the call that found it due.
+#[derive(Debug)]
+struct Reprobe {
+    id: ReprobeId,
+    runtime: tokio::runtime::Id,
+    started: Instant,
+    /// Calls of that runtime that wait for it: see [`Entry::poll_decision`].
+    waiters: Waiters,
+}
+
 #[derive(Debug)]
 struct State {
     verdict: Verdict,
-    /// A background re-probe in flight, and when it started: one whose runtime stopped
-    /// driving it is given up after a while.
-    reprobe: Option<(ReprobeId, Instant)>,
+    /// A background re-probe in flight.
+    reprobe: Option<Reprobe>,
     /// The runtimes with a timer armed for the negative verdict's re-probe.
     timers: Vec<tokio::runtime::Id>,
     runtimes: Vec<(tokio::runtime::Id, Slot)>,
@@ -117,6 +126,9 @@ impl State {
     fn close_all(&mut self) {
         for (_, slot) in self.runtimes.drain(..) {
             slot.close();
+        }
+        if let Some(reprobe) = self.reprobe.take() {
+            reprobe.waiters.wake_all();
         }
     }
 }
@@ -214,14 +226,24 @@ impl Entry {
         match &state.verdict {
             Verdict::Negative { reason, since } => {
                 let decision = self.negative(reason.clone());
-                let stalled = |started: &Instant| {
-                    started.elapsed() > self.settings.deadline + self.settings.reprobe_interval
-                };
-                let idle = state
-                    .reprobe
-                    .as_ref()
-                    .is_none_or(|(_, started)| stalled(started));
-                if !(idle && since.elapsed() >= self.settings.reprobe_interval) {
+                let since = *since;
+                if let Some(reprobe) = &mut state.reprobe {
+                    // A re-probe that has run longer than the deadline is not being driven: its
+                    // runtime only runs tasks while a call of it waits (a one-thread runtime
+                    // whose calls never yield, or one that idles). A call of that runtime then
+                    // waits for it, which lets it run; another runtime starts its own.
+                    let stalled = reprobe.started.elapsed() > self.settings.deadline;
+                    let here = runtime.as_ref().is_some_and(|h| h.id() == reprobe.runtime);
+                    if stalled && here {
+                        reprobe.waiters.register(cx);
+                        return Poll::Pending;
+                    }
+                    if !stalled || runtime.is_none() {
+                        return Poll::Ready((self.generation(), decision));
+                    }
+                    state.reprobe = None;
+                }
+                if since.elapsed() < self.settings.reprobe_interval {
                     self.arm_timer(&mut state, runtime.as_ref());
                     return Poll::Ready((self.generation(), decision));
                 }
@@ -230,7 +252,12 @@ impl Entry {
                     // In the background: this call and the next ones go on in-process.
                     if let Some(handle) = runtime.as_ref().filter(|_| time_driver_available()) {
                         let id = self.ids.reprobe();
-                        state.reprobe = Some((id, Instant::now()));
+                        state.reprobe = Some(Reprobe {
+                            id,
+                            runtime: handle.id(),
+                            started: Instant::now(),
+                            waiters: Waiters::default(),
+                        });
                         self.spawn_run(handle, Run::Reprobe(id), None);
                     }
                     return Poll::Ready((self.generation(), decision));
@@ -480,7 +507,7 @@ impl Entry {
             Run::Waited(id) => {
                 matches!(state.slot(runtime), Some(Slot::Connecting { id: i, .. }) if *i == id)
             }
-            Run::Reprobe(id) => state.reprobe.as_ref().is_some_and(|(r, _)| *r == id),
+            Run::Reprobe(id) => state.reprobe.as_ref().is_some_and(|r| r.id == id),
         };
         if !current {
             // Superseded (a reset, a newer run): its connection is not wanted.
@@ -489,12 +516,15 @@ impl Entry {
             }
             return;
         }
-        if let Run::Reprobe(_) = run {
-            state.reprobe = None;
-        }
-        let waiters = match state.take_slot(runtime) {
-            Some(Slot::Connecting { waiters, .. }) => Some(waiters),
-            other => {
+        let waiters = match (run, state.take_slot(runtime)) {
+            (Run::Reprobe(_), slot) => {
+                if let Some(slot) = slot {
+                    slot.close();
+                }
+                state.reprobe.take().map(|r| r.waiters)
+            }
+            (Run::Waited(_), Some(Slot::Connecting { waiters, .. })) => Some(waiters),
+            (Run::Waited(_), other) => {
                 if let Some(slot) = other {
                     slot.close();
                 }
@@ -574,7 +604,6 @@ impl Entry {
         let mut state = self.lock();
         state.close_all();
         state.verdict = Verdict::Unprobed;
-        state.reprobe = None;
         state.timers.clear();
         self.counters.clear();
         self.bump();
