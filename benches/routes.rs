@@ -1,6 +1,7 @@
 //! Both routes measured against their baselines, each comparison in one group with an A/A
 //! control (the layered side measured a second time, after the baseline) so the noise floor is
-//! visible. `scripts/bench` runs these quickly and prints one table of medians and ratios.
+//! visible. Each group names its baseline where it is defined ([`group`]); `scripts/bench`
+//! runs these quickly and prints one table of medians and ratios, and draws the chart.
 //!
 //! The daemon is this bench binary re-executed (so the same-executable check passes); the
 //! whole-process group runs the `demo` example's `call` subcommand, built by `scripts/bench`.
@@ -178,6 +179,21 @@ fn demo_binary() -> Option<PathBuf> {
 
 // ---- Helpers ----
 
+/// A criterion group whose baseline is the function `baseline`: recorded beside criterion's
+/// results, for `scripts/bench`.
+fn baseline_group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+    baseline: &str,
+) -> BenchmarkGroup<'a, WallTime> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/criterion")
+        .join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("baseline.txt"), baseline).unwrap();
+    c.benchmark_group(name)
+}
+
 fn current_thread() -> Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -236,9 +252,7 @@ fn bench_calls<T>(
     });
 }
 
-/// A layered service over the bench daemon, called until it serves on the daemon route: a
-/// channel lives on the runtime that made it, so each runtime's first calls may run in-process
-/// until the re-probe after the previous runtime's connection ended.
+/// A layered service over the bench daemon, called until it serves on the daemon route.
 fn layered_on_daemon(
     rt: &Runtime,
     dir: &Path,
@@ -275,7 +289,7 @@ fn warm_in_process(c: &mut Criterion) {
     let layered = ServiceBuilder::new()
         .layer(layer(&empty))
         .service(in_process());
-    let mut group = c.benchmark_group("1 warm in-process call");
+    let mut group = baseline_group(c, "1 warm in-process call", "bare");
     bench_calls(&mut group, "layer", &rt, EchoClient::new(layered.clone()));
     bench_calls(&mut group, "bare", &rt, EchoClient::new(in_process()));
     bench_calls(&mut group, "layer (A/A)", &rt, EchoClient::new(layered));
@@ -292,7 +306,7 @@ fn warm_in_process(c: &mut Criterion) {
             .await
             .unwrap()
     });
-    let mut group = c.benchmark_group("1 layer floor, trivial service");
+    let mut group = baseline_group(c, "1 layer floor, trivial service", "bare");
     for (name, use_layer) in [("layer", true), ("bare", false), ("layer (A/A)", true)] {
         let mut layered = layered.clone();
         let mut bare = trivial();
@@ -359,14 +373,18 @@ where
 // ---- 2. Warm call, daemon route ----
 
 fn warm_daemon(c: &mut Criterion, fixture: &Fixture) {
-    let rt = current_thread();
-    let layered = layered_on_daemon(&rt, &fixture.dir);
-    let channel = daemon_channel(&rt, &fixture.dir);
-    let mut group = c.benchmark_group("2 warm daemon call");
-    bench_calls(&mut group, "layer", &rt, EchoClient::new(layered.clone()));
-    bench_calls(&mut group, "bare channel", &rt, EchoClient::new(channel));
-    bench_calls(&mut group, "layer (A/A)", &rt, EchoClient::new(layered));
-    group.finish();
+    for (name, rt) in [
+        ("2 warm daemon call", current_thread()),
+        ("2 warm daemon call, multi_thread", multi_thread()),
+    ] {
+        let layered = layered_on_daemon(&rt, &fixture.dir);
+        let channel = daemon_channel(&rt, &fixture.dir);
+        let mut group = baseline_group(c, name, "bare channel");
+        bench_calls(&mut group, "layer", &rt, EchoClient::new(layered.clone()));
+        bench_calls(&mut group, "bare channel", &rt, EchoClient::new(channel));
+        bench_calls(&mut group, "layer (A/A)", &rt, EchoClient::new(layered));
+        group.finish();
+    }
 }
 
 // ---- 3. Floors and alternatives, per runtime flavour ----
@@ -384,7 +402,7 @@ fn floors(c: &mut Criterion, fixture: &Fixture) {
                 .await
                 .unwrap()
         });
-        let mut group = c.benchmark_group(format!("3 floors, {flavour} client"));
+        let mut group = baseline_group(c, &format!("3 floors, {flavour} client"), "raw unix echo");
         bench_calls(&mut group, "daemon route", &rt, EchoClient::new(layered));
         bench_calls(
             &mut group,
@@ -419,7 +437,7 @@ fn first_call_without_daemon(c: &mut Criterion) {
     // A deep path, as repositories have.
     let empty = std::env::temp_dir().join("tld-bench/a/b/c/d/e/f/g/h/.heddle");
     std::fs::create_dir_all(&empty).unwrap();
-    let mut group = c.benchmark_group("4 first call, no daemon");
+    let mut group = baseline_group(c, "4 first call, no daemon", "bare");
     group.bench_function("fresh layer", |b| {
         b.iter_custom(|iters| {
             time_each(
@@ -477,7 +495,7 @@ where
 fn first_call_with_daemon(c: &mut Criterion, fixture: &Fixture) {
     let rt = current_thread();
     let dir = &fixture.dir;
-    let mut group = c.benchmark_group("5 first call, daemon");
+    let mut group = baseline_group(c, "5 first call, daemon", "warm call");
     group.bench_function("fresh layer (checks + call)", |b| {
         b.iter_custom(|iters| {
             time_each(
@@ -506,7 +524,7 @@ fn concurrent(c: &mut Criterion, fixture: &Fixture) {
     let rt = multi_thread();
     let layered = layered_on_daemon(&rt, &fixture.dir);
     let channel = daemon_channel(&rt, &fixture.dir);
-    let mut group = c.benchmark_group("6 64 concurrent callers, time per call");
+    let mut group = baseline_group(c, "6 64 concurrent callers, time per call", "bare channel");
     for (name, use_layer) in [
         ("layer", true),
         ("bare channel", false),
@@ -559,7 +577,11 @@ fn whole_process(c: &mut Criterion, fixture: &Fixture) {
     };
     let empty = fixture.dir.parent().unwrap().join("demo-no-daemon");
     std::fs::create_dir_all(&empty).unwrap();
-    let mut group = c.benchmark_group("7 whole process, demo call");
+    let mut group = baseline_group(
+        c,
+        "7 whole process, demo call",
+        "in-process, cheap fallback",
+    );
     group.sample_size(20);
     let cases = [
         ("daemon route", &fixture.demo_daemon_dir, "0"),

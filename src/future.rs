@@ -74,8 +74,9 @@ pin_project! {
             mark: bool,
         },
         InProcess { #[pin] future: S::Future, mark: bool },
-        Rerouted { #[pin] oneshot: Oneshot<S, Request>, mark: bool },
-        Failed { status: Option<Status> },
+        // Rare, and large (a whole request): boxed, so that the common routes stay small.
+        Rerouted { oneshot: Pin<Box<Oneshot<S, Request>>>, mark: bool },
+        Failed { status: Option<Box<Status>> },
     }
 }
 
@@ -100,7 +101,7 @@ impl<S: Service<Request>> ResponseFuture<S> {
     pub(crate) fn rerouted(service: S, request: Request, mark: bool) -> Self {
         Self {
             kind: Kind::Rerouted {
-                oneshot: Oneshot::new(service, request),
+                oneshot: Box::pin(Oneshot::new(service, request)),
                 mark,
             },
         }
@@ -122,7 +123,7 @@ impl<S: Service<Request>> ResponseFuture<S> {
     fn failed(status: Status) -> Self {
         Self {
             kind: Kind::Failed {
-                status: Some(status),
+                status: Some(Box::new(status)),
             },
         }
     }
@@ -184,7 +185,7 @@ where
                     Err(SendError::Unsent(request)) if fallback.is_some() => {
                         let service = fallback.take().expect("checked by the guard");
                         Kind::Rerouted {
-                            oneshot: Oneshot::new(service, *request),
+                            oneshot: Box::pin(Oneshot::new(service, *request)),
                             mark: *mark,
                         }
                     }
@@ -204,7 +205,7 @@ where
                     );
                 }
                 KindProj::Rerouted { oneshot, mark } => {
-                    let result = std::task::ready!(oneshot.poll(cx));
+                    let result = std::task::ready!(oneshot.as_mut().poll(cx));
                     return Poll::Ready(
                         result
                             .map(|response| in_process(response, *mark))
@@ -215,7 +216,7 @@ where
                     let status = status
                         .take()
                         .expect("ResponseFuture polled after completion");
-                    return Poll::Ready(Err(status.into()));
+                    return Poll::Ready(Err(Box::new(*status)));
                 }
             };
             kind.set(rerouted);

@@ -117,3 +117,6 @@ pub fn reset(heddle_dir: impl AsRef<Path>) {
         entry.reset();
     }
 }
+
+#[cfg(test)]
+mod tests;
