@@ -148,13 +148,9 @@ fn a_detection_whose_runtime_ends_is_started_again_by_the_next_runtime() {
         .start_paused(true)
         .build()
         .unwrap();
-    let mut call = first.block_on(async {
-        let entry = entry.clone();
-        let mut call =
-            spawn(async move { std::future::poll_fn(|cx| entry.poll_decision(cx)).await });
-        assert_pending!(call.poll());
-        call
-    });
+    let waiting = entry.clone();
+    let mut call = spawn(async move { std::future::poll_fn(|cx| waiting.poll_decision(cx)).await });
+    first.block_on(async { assert_pending!(call.poll()) });
     // The runtime goes away with the detection's task: not the daemon's fault.
     drop(first);
     assert!(call.is_woken());
