@@ -97,37 +97,62 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
-mod config;
-mod connect;
-pub mod daemon;
-mod diagnose;
-mod future;
-mod layer;
-mod lazy;
+// Both sides.
 mod lockfile;
 mod paths;
 mod peer;
 mod pidfile;
-mod probe;
 mod process;
 mod protocol;
+
+// The client.
+#[cfg(feature = "client")]
+mod config;
+#[cfg(feature = "client")]
+mod connect;
+#[cfg(feature = "client")]
+mod diagnose;
+#[cfg(feature = "client")]
+mod future;
+#[cfg(feature = "client")]
+mod layer;
+#[cfg(feature = "client")]
+mod lazy;
+#[cfg(feature = "client")]
+mod probe;
+#[cfg(feature = "client")]
 mod reason;
+#[cfg(feature = "client")]
 mod registry;
+#[cfg(feature = "client")]
 mod service;
+#[cfg(feature = "client")]
 mod sync;
 
+// The daemon.
+#[cfg(feature = "daemon")]
+pub mod daemon;
+
+#[cfg(feature = "client")]
 pub use config::{DEFAULT_MODE_ENV, IdentityPolicy, InvalidMode, Mode};
+#[cfg(feature = "client")]
 pub use connect::{
     LocalDaemonChannel, connect_local_daemon_channel, detect_local_daemon_with_connect_probe,
     try_connect_local_daemon_channel, try_detect_local_daemon_with_connect_probe,
 };
+#[cfg(feature = "daemon")]
 pub use daemon::Daemon;
+#[cfg(feature = "client")]
 pub use diagnose::{Check, CheckOutcome, Report, diagnose};
+#[cfg(feature = "client")]
 pub use future::{ResponseFuture, Route};
+#[cfg(feature = "client")]
 pub use layer::LocalDaemonLayer;
+#[cfg(feature = "client")]
 pub use lazy::{LazyFallback, LazyFuture};
 pub use paths::DaemonPaths;
 pub use pidfile::{MAX_PIDFILE_LEN, Pidfile, PidfileError};
+#[cfg(feature = "client")]
 pub use probe::{
     DETECT_CACHE_TTL, LocalDaemonProbe, LocalDaemonStatus, UdsTarget, detect_local_daemon, probe,
 };
@@ -135,6 +160,9 @@ pub use protocol::{
     DIRECTORY_METADATA_KEY, LOCK_FILE, PIDFILE_FILE, PIDFILE_MARKER, SOCKET_FILE, SOCKETS_DIR,
     VERSION_METADATA_KEY,
 };
+#[cfg(feature = "client")]
 pub use reason::FallbackReason;
+#[cfg(feature = "client")]
 pub use registry::{RouteStats, reset};
+#[cfg(feature = "client")]
 pub use service::LocalDaemon;

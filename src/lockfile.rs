@@ -13,8 +13,10 @@
 //! without any wall clock. Daemons of other implementations (heddle's own) write no record; the
 //! connect's peer check is then what proves the pid.
 
+#[cfg(feature = "client")]
 use std::path::Path;
 
+#[cfg(feature = "client")]
 use crate::pidfile::read_bounded;
 use crate::process::ProcessStart;
 
@@ -26,6 +28,7 @@ pub(crate) struct LockRecord {
 }
 
 impl LockRecord {
+    #[cfg(feature = "daemon")]
     pub(crate) fn render(&self) -> String {
         format!(
             "{}\n{}\n{}\n",
@@ -33,6 +36,7 @@ impl LockRecord {
         )
     }
 
+    #[cfg(feature = "client")]
     /// Parses a record; `None` for anything else, an empty file (a holder between its lock and
     /// its write) included.
     pub(crate) fn parse(bytes: &[u8]) -> Option<Self> {
@@ -56,6 +60,7 @@ impl LockRecord {
     }
 
     /// Reads the record at `path`, as defensively as a pidfile; `None` when there is none.
+    #[cfg(feature = "client")]
     pub(crate) fn read(path: &Path) -> Option<Self> {
         read_bounded(path)
             .ok()
@@ -63,13 +68,14 @@ impl LockRecord {
     }
 
     /// The pid in a lock file, whatever the rest says: for naming the holder in an error.
+    #[cfg(feature = "daemon")]
     pub(crate) fn holder_pid(bytes: &[u8]) -> Option<u32> {
         let text = std::str::from_utf8(bytes).ok()?;
         text.split('\n').next()?.trim().parse().ok()
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "client", feature = "daemon"))]
 mod tests {
     use super::*;
 

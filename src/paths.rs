@@ -53,6 +53,7 @@ impl DaemonPaths {
         }
     }
 
+    #[cfg(feature = "client")]
     /// These paths with a socket or pidfile elsewhere. The socket's directory is then the one
     /// the checks require to be private, and the lock file is looked for beside the pidfile.
     pub(crate) fn with_overrides(mut self, socket: Option<&Path>, pidfile: Option<&Path>) -> Self {
@@ -69,6 +70,7 @@ impl DaemonPaths {
 }
 
 /// A file's directory; `.` for a bare file name.
+#[cfg(feature = "client")]
 fn parent_of(file: &Path) -> PathBuf {
     match file.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
@@ -99,6 +101,7 @@ impl FileIdentity {
     }
 
     /// Parses the `dev:ino` text form.
+    #[cfg(feature = "client")]
     pub(crate) fn parse(text: &str) -> Option<Self> {
         let (dev, ino) = text.split_once(':')?;
         Some(Self {
@@ -115,6 +118,7 @@ impl fmt::Display for FileIdentity {
 }
 
 /// What identifies a directory across spellings: its device and inode when it exists.
+#[cfg(feature = "client")]
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum DirIdentity {
     Inode(FileIdentity),
@@ -122,6 +126,7 @@ pub(crate) enum DirIdentity {
     Path(PathBuf),
 }
 
+#[cfg(feature = "client")]
 impl DirIdentity {
     /// One `stat`: about 1.6 µs, where canonicalising a deep path costs about 12 µs.
     pub(crate) fn of(dir: &Path) -> Self {

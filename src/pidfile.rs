@@ -15,10 +15,13 @@
 //! [`MAX_PIDFILE_LEN`] bytes are read.
 
 use std::fmt;
-use std::fs::OpenOptions;
-use std::io::{self, Read};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::Path;
+#[cfg(feature = "client")]
+use std::{
+    fs::OpenOptions,
+    io::{self, Read},
+    os::unix::fs::{MetadataExt, OpenOptionsExt},
+    path::Path,
+};
 
 use crate::protocol::PIDFILE_MARKER;
 
@@ -87,6 +90,7 @@ impl fmt::Display for PidfileError {
 impl std::error::Error for PidfileError {}
 
 /// Why a pidfile could not be read at all.
+#[cfg(feature = "client")]
 #[derive(Debug)]
 pub(crate) enum ReadError {
     /// Nothing at the path.
@@ -134,6 +138,7 @@ impl Pidfile {
     }
 
     /// Reads and parses the pidfile at `path`: no symlinks, no blocking, bounded, one link.
+    #[cfg(feature = "client")]
     pub(crate) fn read(path: &Path) -> Result<Self, ReadError> {
         let (bytes, links) = read_bounded(path)?;
         if links != 1 {
@@ -145,6 +150,7 @@ impl Pidfile {
 
 /// Reads at most [`MAX_PIDFILE_LEN`] + 1 bytes of the regular file at `path`, without following
 /// a symlink or blocking on a FIFO; returns them with the file's link count.
+#[cfg(feature = "client")]
 pub(crate) fn read_bounded(path: &Path) -> Result<(Vec<u8>, u64), ReadError> {
     let file = OpenOptions::new()
         .read(true)
@@ -182,6 +188,7 @@ fn parse_canonical_decimal(digits: &[u8]) -> Option<u64> {
 }
 
 /// Open flags for pidfiles: never follow a symlink, never block on a FIFO.
+#[cfg(feature = "client")]
 const NO_FOLLOW_NO_BLOCK: i32 = nix::fcntl::OFlag::O_NOFOLLOW.bits()
     | nix::fcntl::OFlag::O_NONBLOCK.bits()
     | nix::fcntl::OFlag::O_CLOEXEC.bits();

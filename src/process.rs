@@ -9,6 +9,7 @@ use std::fmt;
 use std::io;
 use std::sync::OnceLock;
 
+#[cfg(feature = "client")]
 use crate::paths::FileIdentity;
 
 /// When a process started: its start time in clock ticks since boot, and the kernel's
@@ -30,8 +31,10 @@ impl fmt::Display for ProcessStart {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ProcessError {
     /// No such process (ESRCH).
+    #[cfg(feature = "client")]
     Gone,
     /// Killed and not yet reaped: `kill(pid, 0)` still succeeds.
+    #[cfg(feature = "client")]
     Zombie,
     /// The process's information could not be read (for example under `hidepid`).
     Unreadable(io::ErrorKind),
@@ -41,6 +44,7 @@ pub(crate) enum ProcessError {
 }
 
 /// A process that `kill(pid, 0)` found alive; its facts are read in order of cost.
+#[cfg(feature = "client")]
 #[derive(Debug)]
 pub(crate) struct ProcessInfo {
     pub(crate) pid: u32,
@@ -51,6 +55,7 @@ pub(crate) struct ProcessInfo {
 }
 
 /// Our own executable's identity, resolved once per process.
+#[cfg(feature = "client")]
 pub(crate) fn own_executable() -> Result<FileIdentity, io::ErrorKind> {
     static OWN: OnceLock<Result<FileIdentity, io::ErrorKind>> = OnceLock::new();
     *OWN.get_or_init(imp::own_executable)
@@ -58,20 +63,19 @@ pub(crate) fn own_executable() -> Result<FileIdentity, io::ErrorKind> {
 
 #[cfg(target_os = "linux")]
 mod imp {
-    use std::path::Path;
-
     use super::*;
-    use nix::errno::Errno;
-    use nix::sys::signal::kill;
-    use nix::unistd::Pid;
+    #[cfg(feature = "client")]
+    use {nix::errno::Errno, nix::sys::signal::kill, nix::unistd::Pid, std::path::Path};
 
     /// `/proc/self/exe` names the file we run even after it was replaced or deleted on disk,
     /// where `current_exe()` would give a path ending in ` (deleted)`.
+    #[cfg(feature = "client")]
     pub(super) fn own_executable() -> Result<FileIdentity, io::ErrorKind> {
         FileIdentity::following(Path::new("/proc/self/exe")).map_err(|e| e.kind())
     }
 
     /// Alive in the sense of `kill(pid, 0)`: EPERM means alive and someone else's.
+    #[cfg(feature = "client")]
     pub(crate) fn check_alive(pid: u32) -> Result<ProcessInfo, ProcessError> {
         match kill(Pid::from_raw(pid as i32), None) {
             Ok(()) => Ok(ProcessInfo {
@@ -84,6 +88,7 @@ mod imp {
         }
     }
 
+    #[cfg(feature = "client")]
     impl ProcessInfo {
         /// The effective uid, from `/proc/<pid>/status`; a zombie is reported as such.
         pub(crate) fn effective_uid(&self) -> Result<u32, ProcessError> {
@@ -157,6 +162,7 @@ mod imp {
     }
 
     /// This process's own start, for the daemon's lock record.
+    #[cfg(feature = "daemon")]
     pub(crate) fn own_start() -> Result<ProcessStart, ProcessError> {
         let stat =
             std::fs::read("/proc/self/stat").map_err(|e| ProcessError::Unreadable(e.kind()))?;
@@ -198,7 +204,7 @@ mod imp {
         std::str::from_utf8(digits).ok()?.parse().ok()
     }
 
-    #[cfg(test)]
+    #[cfg(all(test, feature = "client", feature = "daemon"))]
     mod tests {
         use super::*;
 
@@ -223,19 +229,23 @@ mod imp {
 mod imp {
     use super::*;
 
+    #[cfg(feature = "client")]
     pub(super) fn own_executable() -> Result<FileIdentity, io::ErrorKind> {
         let path = std::env::current_exe().map_err(|e| e.kind())?;
         FileIdentity::following(&path).map_err(|e| e.kind())
     }
 
+    #[cfg(feature = "client")]
     pub(crate) fn check_alive(_pid: u32) -> Result<ProcessInfo, ProcessError> {
         Err(ProcessError::Unsupported)
     }
 
+    #[cfg(feature = "daemon")]
     pub(crate) fn own_start() -> Result<ProcessStart, ProcessError> {
         Err(ProcessError::Unsupported)
     }
 
+    #[cfg(feature = "client")]
     impl ProcessInfo {
         pub(crate) fn effective_uid(&self) -> Result<u32, ProcessError> {
             Err(ProcessError::Unsupported)
@@ -252,4 +262,7 @@ mod imp {
     }
 }
 
-pub(crate) use imp::{check_alive, own_start};
+#[cfg(feature = "client")]
+pub(crate) use imp::check_alive;
+#[cfg(feature = "daemon")]
+pub(crate) use imp::own_start;
