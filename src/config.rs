@@ -6,6 +6,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::paths::DaemonPaths;
+use crate::protocol::PIDFILE_MARKER;
 
 /// Which executable an acceptable daemon runs.
 ///
@@ -17,6 +18,7 @@ use crate::paths::DaemonPaths;
 /// # let _ = separate;
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum IdentityPolicy {
     /// The daemon runs the same executable file (device and inode) as this process: the usual
     /// case of a CLI whose `agent serve` verb is the daemon.
@@ -35,6 +37,7 @@ pub enum IdentityPolicy {
 /// assert!("sometimes".parse::<Mode>().is_err());
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Mode {
     /// Use the daemon when it passes every check; otherwise run in-process.
     #[default]
@@ -125,6 +128,7 @@ pub(crate) struct Settings {
     pub(crate) socket_path: Option<PathBuf>,
     pub(crate) pidfile_path: Option<PathBuf>,
     pub(crate) identity: IdentityPolicy,
+    pub(crate) marker: String,
     pub(crate) required_services: Vec<String>,
     pub(crate) accept_unimplemented_health: bool,
     pub(crate) accept_unverified_directory: bool,
@@ -143,6 +147,7 @@ impl Default for Settings {
             socket_path: None,
             pidfile_path: None,
             identity: IdentityPolicy::SameExecutable,
+            marker: PIDFILE_MARKER.to_owned(),
             required_services: vec![String::new()],
             accept_unimplemented_health: false,
             accept_unverified_directory: false,

@@ -13,6 +13,7 @@ use crate::reason::FallbackReason;
 
 /// How one check went.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CheckOutcome {
     /// The check passed.
     Passed,
@@ -24,6 +25,7 @@ pub enum CheckOutcome {
 
 /// One check of a [`Report`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Check {
     /// The check's name: `mode`, `directory`, `pidfile`, `process`, `socket`, `connect` or
     /// `handshake`, in that order.
@@ -52,12 +54,48 @@ pub struct Check {
 /// # }
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Report {
     /// The checks, in the order the client runs them.
     pub checks: Vec<Check>,
 }
 
+impl Check {
+    /// A check, for a report built by hand (a test, a mock of a `status` verb).
+    pub fn new(
+        name: &'static str,
+        outcome: CheckOutcome,
+        detail: impl Into<String>,
+        elapsed: Duration,
+    ) -> Self {
+        Self {
+            name,
+            outcome,
+            detail: detail.into(),
+            elapsed,
+        }
+    }
+}
+
 impl Report {
+    /// A report of these checks, for one built by hand.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_local_daemon::{Check, CheckOutcome, FallbackReason, Report};
+    ///
+    /// let report = Report::new(vec![Check::new(
+    ///     "pidfile",
+    ///     CheckOutcome::Failed(FallbackReason::NoPidfile),
+    ///     "no pidfile",
+    ///     Duration::ZERO,
+    /// )]);
+    /// assert_eq!(report.reason(), Some(&FallbackReason::NoPidfile));
+    /// ```
+    pub fn new(checks: Vec<Check>) -> Self {
+        Self { checks }
+    }
+
     /// Whether a client with these options would use the daemon.
     pub fn usable(&self) -> bool {
         self.checks
@@ -190,7 +228,7 @@ pub(crate) async fn run(dir: &Path, settings: &Settings) -> Report {
     let paths = settings.paths(dir);
     checks.start();
     let mut pid = None;
-    let probed = probe_observed(&paths, &settings.identity, |result| {
+    let probed = probe_observed(&paths, settings, |result| {
         if let Ok(Passed::Pidfile(pidfile)) = &result {
             pid = Some(pidfile.pid);
         }

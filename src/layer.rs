@@ -120,6 +120,14 @@ impl LocalDaemonLayer {
         self
     }
 
+    /// The second line of an acceptable daemon's pidfile (default `heddle-agent`), for a tool
+    /// that is not heddle: its [`Daemon`](crate::Daemon) must write the same
+    /// ([`Daemon::pidfile_marker`](crate::Daemon::pidfile_marker)).
+    pub fn pidfile_marker(mut self, marker: impl Into<String>) -> Self {
+        self.settings.marker = marker.into();
+        self
+    }
+
     /// Which executable an acceptable daemon runs (default: our own).
     pub fn identity(mut self, identity: IdentityPolicy) -> Self {
         self.settings.identity = identity;

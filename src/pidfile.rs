@@ -40,6 +40,7 @@ pub const MAX_PIDFILE_LEN: usize = 256;
 /// # Ok::<(), tower_local_daemon::PidfileError>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct Pidfile {
     /// The daemon's process id.
     pub pid: u32,
@@ -81,7 +82,7 @@ impl fmt::Display for PidfileError {
             Self::MissingFinalNewline => f.write_str("does not end with a newline"),
             Self::LineCount { found } => write!(f, "has {found} lines, not 3"),
             Self::InvalidPid => f.write_str("first line is not a pid in 1..=2147483647"),
-            Self::InvalidMarker => write!(f, "second line is not `{PIDFILE_MARKER}`"),
+            Self::InvalidMarker => f.write_str("second line is not the expected marker"),
             Self::InvalidStartTime => f.write_str("third line is not decimal Unix seconds"),
         }
     }
@@ -109,8 +110,31 @@ pub(crate) enum ReadError {
 }
 
 impl Pidfile {
+    /// A pidfile naming `pid`, started at `started_at` (Unix seconds).
+    ///
+    /// ```
+    /// let pidfile = tower_local_daemon::Pidfile::new(7, 1_700_000_000);
+    /// assert_eq!(pidfile.render(), "7\nheddle-agent\n1700000000\n");
+    /// ```
+    pub fn new(pid: u32, started_at: u64) -> Self {
+        Self { pid, started_at }
+    }
+
     /// Parses the exact canonical format; anything else is an error, never a panic.
     pub fn parse(bytes: &[u8]) -> Result<Self, PidfileError> {
+        Self::parse_with_marker(bytes, PIDFILE_MARKER)
+    }
+
+    /// [`parse`](Self::parse) for a tool whose pidfiles carry `marker` on their second line.
+    ///
+    /// ```
+    /// use tower_local_daemon::{Pidfile, PidfileError};
+    ///
+    /// let bytes = b"7\nmytool-daemon\n1\n";
+    /// assert_eq!(Pidfile::parse_with_marker(bytes, "mytool-daemon"), Ok(Pidfile::new(7, 1)));
+    /// assert_eq!(Pidfile::parse(bytes), Err(PidfileError::InvalidMarker));
+    /// ```
+    pub fn parse_with_marker(bytes: &[u8], marker: &str) -> Result<Self, PidfileError> {
         if bytes.len() > MAX_PIDFILE_LEN {
             return Err(PidfileError::TooLong);
         }
@@ -118,13 +142,13 @@ impl Pidfile {
             return Err(PidfileError::MissingFinalNewline);
         };
         let lines: Vec<&[u8]> = body.split(|&b| b == b'\n').collect();
-        let [pid, marker, started_at] = lines[..] else {
+        let [pid, line, started_at] = lines[..] else {
             return Err(PidfileError::LineCount { found: lines.len() });
         };
         let pid = parse_canonical_decimal(pid)
             .filter(|pid| (1..=i32::MAX as u64).contains(pid))
             .ok_or(PidfileError::InvalidPid)? as u32;
-        if marker != PIDFILE_MARKER.as_bytes() {
+        if line != marker.as_bytes() {
             return Err(PidfileError::InvalidMarker);
         }
         let started_at =
@@ -134,17 +158,22 @@ impl Pidfile {
 
     /// The canonical bytes of this pidfile.
     pub fn render(&self) -> String {
-        format!("{}\n{PIDFILE_MARKER}\n{}\n", self.pid, self.started_at)
+        self.render_with_marker(PIDFILE_MARKER)
+    }
+
+    /// The canonical bytes of this pidfile with `marker` on its second line.
+    pub fn render_with_marker(&self, marker: &str) -> String {
+        format!("{}\n{marker}\n{}\n", self.pid, self.started_at)
     }
 
     /// Reads and parses the pidfile at `path`: no symlinks, no blocking, bounded, one link.
     #[cfg(feature = "client")]
-    pub(crate) fn read(path: &Path) -> Result<Self, ReadError> {
+    pub(crate) fn read(path: &Path, marker: &str) -> Result<Self, ReadError> {
         let (bytes, links) = read_bounded(path)?;
         if links != 1 {
             return Err(ReadError::Linked { links });
         }
-        Self::parse(&bytes).map_err(ReadError::Malformed)
+        Self::parse_with_marker(&bytes, marker).map_err(ReadError::Malformed)
     }
 }
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::config::IdentityPolicy;
+use crate::config::{IdentityPolicy, Settings};
 use crate::lockfile::LockRecord;
 use crate::paths::{DaemonPaths, DirIdentity, FileIdentity};
 use crate::peer::own_uid;
@@ -24,6 +24,7 @@ use crate::sync::lock;
 
 /// Where a daemon that passed the probe listens.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct UdsTarget {
     /// The Unix socket to connect to.
     pub socket_path: PathBuf,
@@ -31,8 +32,19 @@ pub struct UdsTarget {
     pub pid: u32,
 }
 
+impl UdsTarget {
+    /// A target: the daemon `pid` listens on `socket_path`.
+    pub fn new(socket_path: impl Into<PathBuf>, pid: u32) -> Self {
+        Self {
+            socket_path: socket_path.into(),
+            pid,
+        }
+    }
+}
+
 /// What the probe concluded.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LocalDaemonStatus {
     /// The pidfile names a live process of ours, and its socket is in place.
     Running {
@@ -73,6 +85,7 @@ impl LocalDaemonStatus {
 
 /// The result of [`probe`]: the paths it looked at and what it found.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LocalDaemonProbe {
     /// The socket path checked.
     pub socket_path: PathBuf,
@@ -83,6 +96,19 @@ pub struct LocalDaemonProbe {
 }
 
 impl LocalDaemonProbe {
+    /// A probe's result, for one built by hand (a test, a mock).
+    pub fn new(
+        socket_path: impl Into<PathBuf>,
+        pid_path: impl Into<PathBuf>,
+        status: LocalDaemonStatus,
+    ) -> Self {
+        Self {
+            socket_path: socket_path.into(),
+            pid_path: pid_path.into(),
+            status,
+        }
+    }
+
     /// The target to connect to, or the reason there is none.
     pub(crate) fn into_target(self) -> Result<UdsTarget, FallbackReason> {
         match self.status {
@@ -126,10 +152,7 @@ impl LocalDaemonProbe {
 /// assert_eq!(found.status, LocalDaemonStatus::Absent { reason: FallbackReason::NoPidfile });
 /// ```
 pub fn probe(heddle_dir: impl AsRef<Path>) -> LocalDaemonProbe {
-    probe_paths(
-        &DaemonPaths::new(heddle_dir),
-        &IdentityPolicy::SameExecutable,
-    )
+    probe_paths(&DaemonPaths::new(heddle_dir), &Settings::default())
 }
 
 /// [`probe`], cached per directory for [`DETECT_CACHE_TTL`]: the target when the daemon is
@@ -181,15 +204,15 @@ pub(crate) enum Passed<'a> {
 }
 
 /// [`probe`] with resolved paths and an identity policy.
-pub(crate) fn probe_paths(paths: &DaemonPaths, identity: &IdentityPolicy) -> LocalDaemonProbe {
-    probe_observed(paths, identity, |_| {})
+pub(crate) fn probe_paths(paths: &DaemonPaths, settings: &Settings) -> LocalDaemonProbe {
+    probe_observed(paths, settings, |_| {})
 }
 
 /// [`probe_paths`], telling `observe` how each stage went, as it ends: the one definition of
 /// the stages' order, which `diagnose` reports.
 pub(crate) fn probe_observed(
     paths: &DaemonPaths,
-    identity: &IdentityPolicy,
+    settings: &Settings,
     mut observe: impl FnMut(Result<Passed<'_>, &FallbackReason>),
 ) -> LocalDaemonProbe {
     let mut stage = |result: Result<Passed<'_>, FallbackReason>| match result {
@@ -205,11 +228,11 @@ pub(crate) fn probe_observed(
     let status = (|| {
         let absent = |reason| LocalDaemonStatus::Absent { reason };
         stage(check_sockets_dir(&paths.sockets_dir).map(|()| Passed::Directory)).map_err(absent)?;
-        let pidfile = read_pidfile(&paths.pidfile);
+        let pidfile = read_pidfile(&paths.pidfile, &settings.marker);
         stage(pidfile.as_ref().map(Passed::Pidfile).map_err(Clone::clone)).map_err(absent)?;
         let pid = pidfile.expect("checked by the stage").pid;
         let stale = |reason| LocalDaemonStatus::Stale { pid, reason };
-        stage(check_process(pid, &paths.lock, identity).map(|()| Passed::Process(pid)))
+        stage(check_process(pid, &paths.lock, &settings.identity).map(|()| Passed::Process(pid)))
             .map_err(stale)?;
         stage(check_socket(&paths.socket).map(|()| Passed::Socket)).map_err(
             |reason| match reason {
@@ -253,8 +276,8 @@ fn check_sockets_dir(dir: &Path) -> Result<(), FallbackReason> {
 }
 
 /// The pidfile stage.
-fn read_pidfile(pid_path: &Path) -> Result<Pidfile, FallbackReason> {
-    Pidfile::read(pid_path).map_err(|e| match e {
+fn read_pidfile(pid_path: &Path, marker: &str) -> Result<Pidfile, FallbackReason> {
+    Pidfile::read(pid_path, marker).map_err(|e| match e {
         ReadError::Missing => FallbackReason::NoPidfile,
         ReadError::Malformed(e) => FallbackReason::MalformedPidfile(e),
         ReadError::NotRegularFile => FallbackReason::UnreadablePidfile { error: None },

@@ -205,6 +205,56 @@ pub enum FallbackReason {
 }
 
 impl FallbackReason {
+    /// A stable, snake_case name for the reason, for logs and metrics: it never changes for an
+    /// existing reason, and a new reason gets a new name.
+    ///
+    /// ```
+    /// use tower_local_daemon::FallbackReason;
+    ///
+    /// assert_eq!(FallbackReason::NoPidfile.code(), "no_pidfile");
+    /// assert_eq!(FallbackReason::ForeignSocket { uid: 0 }.code(), "foreign_socket");
+    /// ```
+    pub fn code(&self) -> &'static str {
+        use FallbackReason::*;
+        match self {
+            SymlinkedSocketsDir => "symlinked_sockets_dir",
+            SocketsDirNotADirectory => "sockets_dir_not_a_directory",
+            ForeignSocketsDir { .. } => "foreign_sockets_dir",
+            OpenSocketsDir { .. } => "open_sockets_dir",
+            NoPidfile => "no_pidfile",
+            MalformedPidfile(_) => "malformed_pidfile",
+            UnreadablePidfile { .. } => "unreadable_pidfile",
+            LinkedPidfile { .. } => "linked_pidfile",
+            ProcessGone => "process_gone",
+            ProcessUnreadable { .. } => "process_unreadable",
+            ForeignProcess { .. } => "foreign_process",
+            ExecutableMismatch => "executable_mismatch",
+            ExecutableReplaced => "executable_replaced",
+            PidReused { .. } => "pid_reused",
+            NoSocket => "no_socket",
+            NotASocket => "not_a_socket",
+            ForeignSocket { .. } => "foreign_socket",
+            LinkedSocket { .. } => "linked_socket",
+            ConnectionRefused => "connection_refused",
+            Busy => "busy",
+            ConnectFailed { .. } => "connect_failed",
+            PeerUidMismatch { .. } => "peer_uid_mismatch",
+            PeerPidMismatch { .. } => "peer_pid_mismatch",
+            HandshakeFailed { .. } => "handshake_failed",
+            DeadlineExceeded => "deadline_exceeded",
+            NotServing { .. } => "not_serving",
+            ServiceNotHosted { .. } => "service_not_hosted",
+            HealthUnimplemented => "health_unimplemented",
+            VersionMismatch { .. } => "version_mismatch",
+            DirectoryMismatch { .. } => "directory_mismatch",
+            DirectoryUnreported => "directory_unreported",
+            ConnectionLost => "connection_lost",
+            Disabled => "disabled",
+            Unsupported => "unsupported",
+            RuntimeUnusable { .. } => "runtime_unusable",
+        }
+    }
+
     /// What to do about it, in one sentence for a person.
     pub fn remedy(&self) -> &'static str {
         use FallbackReason::*;

@@ -63,7 +63,7 @@ async fn stale_pidfile_of_an_exited_process_serves_in_process_as_process_gone() 
     let pid = exited.id();
     exited.wait().unwrap();
     std::fs::create_dir_all(dir.paths().sockets_dir).unwrap();
-    let pidfile = Pidfile { pid, started_at: 1 };
+    let pidfile = Pidfile::new(pid, 1);
     std::fs::write(dir.paths().pidfile, pidfile.render()).unwrap();
 
     let svc = layered(test_layer(dir.path()));
@@ -378,10 +378,7 @@ async fn require_mode_waits_no_longer_than_the_deadline_even_when_an_attempt_han
     let dir = TestDir::new("require-bound");
     let paths = dir.paths();
     std::fs::create_dir(&paths.sockets_dir).unwrap();
-    let pidfile = Pidfile {
-        pid: std::process::id(),
-        started_at: 0,
-    };
+    let pidfile = Pidfile::new(std::process::id(), 0);
     std::fs::write(&paths.pidfile, pidfile.render()).unwrap();
     // Halfway through the wait a listener appears that never answers: the attempt that
     // connects to it hangs, and must end at the deadline, not a deadline after its start.
@@ -446,5 +443,30 @@ async fn an_endless_deadline_and_an_empty_service_list_work() {
     assert_eq!(
         response.extensions().get::<Route>(),
         Some(&Route::Daemon { pid: daemon.pid() })
+    );
+}
+
+#[tokio::test]
+async fn a_tool_with_its_own_pidfile_marker_finds_its_daemon_and_only_it() {
+    let dir = TestDir::new("marker");
+    let options = DaemonOptions {
+        marker: Some("mytool-daemon".into()),
+        ..DaemonOptions::default()
+    };
+    let daemon = DaemonProcess::start_with(dir.path(), options);
+    let svc = layered(test_layer(dir.path()).pidfile_marker("mytool-daemon"));
+    let response = echo(&mut EchoClient::new(svc), 1).await.unwrap();
+    assert_eq!(
+        served_by(&response),
+        ("daemon", Some(Route::Daemon { pid: daemon.pid() }))
+    );
+    // A client that expects heddle's marker does not take it for one of its daemons.
+    let svc = layered(test_layer(dir.path()));
+    echo(&mut EchoClient::new(svc.clone()), 2).await.unwrap();
+    assert_eq!(
+        svc.stats().unwrap().route,
+        Some(Err(FallbackReason::MalformedPidfile(
+            tower_local_daemon::PidfileError::InvalidMarker
+        )))
     );
 }

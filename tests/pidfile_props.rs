@@ -21,7 +21,7 @@ fn is_canonical(bytes: &[u8]) -> Option<(u32, u64)> {
 
 fn canonical() -> impl Strategy<Value = Vec<u8>> {
     (1..=i32::MAX as u32, any::<u64>())
-        .prop_map(|(pid, started_at)| Pidfile { pid, started_at }.render().into_bytes())
+        .prop_map(|(pid, started_at)| Pidfile::new(pid, started_at).render().into_bytes())
 }
 
 /// Bytes that pidfiles go wrong with.
@@ -73,7 +73,7 @@ proptest! {
     #[test]
     fn canonical_pidfiles_are_accepted(bytes in canonical()) {
         let (pid, started_at) = is_canonical(&bytes).expect("rendered pidfiles are canonical");
-        prop_assert_eq!(Pidfile::parse(&bytes), Ok(Pidfile { pid, started_at }));
+        prop_assert_eq!(Pidfile::parse(&bytes), Ok(Pidfile::new(pid, started_at)));
     }
 
     #[test]
@@ -84,7 +84,7 @@ proptest! {
         let mutated = apply(bytes, &mutations);
         match is_canonical(&mutated) {
             Some((pid, started_at)) => {
-                prop_assert_eq!(Pidfile::parse(&mutated), Ok(Pidfile { pid, started_at }))
+                prop_assert_eq!(Pidfile::parse(&mutated), Ok(Pidfile::new(pid, started_at)))
             }
             None => prop_assert!(Pidfile::parse(&mutated).is_err(), "{:?}", mutated),
         }

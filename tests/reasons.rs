@@ -68,7 +68,7 @@ impl Fixture {
     }
 
     fn write_pidfile(&self, pid: u32, started_at: u64) {
-        std::fs::write(self.pidfile(), Pidfile { pid, started_at }.render()).unwrap();
+        std::fs::write(self.pidfile(), Pidfile::new(pid, started_at).render()).unwrap();
         std::fs::set_permissions(self.pidfile(), std::fs::Permissions::from_mode(0o644)).unwrap();
     }
 

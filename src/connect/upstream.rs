@@ -26,6 +26,7 @@ use crate::sync::lock;
 /// The channel never redials: once its connection ends, its calls fail with `UNAVAILABLE`, and
 /// a new channel needs the checks again.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct LocalDaemonChannel {
     /// The daemon's socket and pid.
     pub target: UdsTarget,
@@ -67,7 +68,7 @@ pub async fn try_detect_local_daemon_with_connect_probe(
     timeout: Duration,
 ) -> Result<UdsTarget, FallbackReason> {
     let paths = DaemonPaths::new(heddle_dir);
-    let target = probe_paths(&paths, &Settings::default().identity).into_target()?;
+    let target = probe_paths(&paths, &Settings::default()).into_target()?;
     tokio::time::timeout(timeout, connect_checked(&target))
         .await
         .map_err(|_| FallbackReason::DeadlineExceeded)??;
@@ -107,7 +108,7 @@ pub async fn try_connect_local_daemon_channel(
         deadline: timeout,
         ..Settings::default()
     };
-    let target = probe_paths(&DaemonPaths::new(dir), &settings.identity).into_target()?;
+    let target = probe_paths(&DaemonPaths::new(dir), &settings).into_target()?;
     let attempt = async {
         let stream = connect_checked(&target).await?;
         let channel = channel_over(stream, &settings).await?;

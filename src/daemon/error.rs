@@ -36,6 +36,8 @@ pub enum DaemonError {
     },
     /// The version is not a valid metadata value.
     InvalidVersion(String),
+    /// The pidfile marker is not one line of visible ASCII.
+    InvalidMarker(String),
     /// The gRPC server failed.
     Serve(tonic::transport::Error),
 }
@@ -75,6 +77,9 @@ impl fmt::Display for DaemonError {
                 source,
             } => write!(f, "failed to {action} at {}: {source}", path.display()),
             Self::InvalidVersion(v) => write!(f, "version {v:?} is not a valid metadata value"),
+            Self::InvalidMarker(m) => {
+                write!(f, "pidfile marker {m:?} is not one line of visible ASCII")
+            }
             Self::Serve(e) => write!(f, "the gRPC server failed: {e}"),
         }
     }

@@ -19,7 +19,6 @@ use nix::unistd::UnlinkatFlags;
 use super::error::DaemonError;
 use crate::paths::{FileIdentity, SocketAddrPath};
 use crate::peer::own_uid;
-use crate::pidfile::Pidfile;
 use crate::protocol::{PIDFILE_FILE, SOCKET_FILE};
 
 /// The open sockets directory.
@@ -142,13 +141,13 @@ impl SocketsDir {
 
     /// Writes the pidfile atomically: a temporary file beside it, then a rename over it.
     /// Returns the identity of the file written.
-    pub(super) fn write_pidfile(&self, pidfile: &Pidfile) -> io::Result<Option<FileIdentity>> {
+    pub(super) fn write_pidfile(&self, contents: &str) -> io::Result<Option<FileIdentity>> {
         let tmp = format!("{PIDFILE_FILE}.tmp.{}", std::process::id());
         let result = (|| {
             // A crashed daemon with the same pid may have left the temporary file behind; the
             // directory is the daemon's own (0700), so truncating it is safe.
             let mut file = self.open_file(&tmp, true)?;
-            file.write_all(pidfile.render().as_bytes())?;
+            file.write_all(contents.as_bytes())?;
             file.sync_all()?;
             nix::fcntl::renameat(&self.fd, tmp.as_str(), &self.fd, PIDFILE_FILE)?;
             Ok(self.identity(PIDFILE_FILE))

@@ -95,7 +95,7 @@ use self::listener::bind_private;
 use self::lock::LifetimeLock;
 pub use self::serve::BoundDaemon;
 use crate::paths::{DaemonPaths, FileIdentity};
-use crate::protocol::SOCKET_FILE;
+use crate::protocol::{PIDFILE_MARKER, SOCKET_FILE};
 
 /// A daemon for one repository directory: its options and the services it hosts.
 ///
@@ -134,6 +134,7 @@ pub struct Daemon {
     routes: Option<Routes>,
     services: Vec<&'static str>,
     version: Option<String>,
+    marker: String,
     grace_period: Duration,
     idle_timeout: Option<Duration>,
     handle_signals: bool,
@@ -163,6 +164,7 @@ impl Daemon {
             routes: None,
             services: Vec::new(),
             version: None,
+            marker: PIDFILE_MARKER.to_owned(),
             grace_period: Duration::from_secs(5),
             idle_timeout: None,
             handle_signals: true,
@@ -217,6 +219,15 @@ impl Daemon {
         self
     }
 
+    /// The second line of the pidfile (default `heddle-agent`), for a tool that is not heddle;
+    /// its clients name the same with
+    /// [`LocalDaemonLayer::pidfile_marker`](crate::LocalDaemonLayer::pidfile_marker). One line
+    /// of visible ASCII.
+    pub fn pidfile_marker(mut self, marker: impl Into<String>) -> Self {
+        self.marker = marker.into();
+        self
+    }
+
     /// Takes the lock, removes leftovers and listens; nothing is served until
     /// [`BoundDaemon::serve`]. Must be called inside a Tokio runtime with I/O enabled.
     pub fn bind(self) -> Result<BoundDaemon, DaemonError> {
@@ -225,6 +236,9 @@ impl Daemon {
             .as_deref()
             .map(|v| HeaderValue::from_str(v).map_err(|_| DaemonError::InvalidVersion(v.into())))
             .transpose()?;
+        if self.marker.is_empty() || !self.marker.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(DaemonError::InvalidMarker(self.marker));
+        }
         let sockets = SocketsDir::open(&self.paths.sockets_dir)?;
         let directory = FileIdentity::following(&self.dir)
             .map_err(|e| DaemonError::io("inspect the directory", &self.dir, e))?;

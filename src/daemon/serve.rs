@@ -103,13 +103,11 @@ impl BoundDaemon {
         let mut server = std::pin::pin!(server);
         let signals = SignalListeners::install(daemon.handle_signals);
         set_all(&reporter, &names, ServingStatus::Serving).await;
-        let pidfile = Pidfile {
-            pid: std::process::id(),
-            started_at: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        };
-        match sockets.write_pidfile(&pidfile) {
+        let started_at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let pidfile = Pidfile::new(std::process::id(), started_at);
+        match sockets.write_pidfile(&pidfile.render_with_marker(&daemon.marker)) {
             Ok(id) => files.pidfile = id,
             Err(source) => {
                 remove_files(&sockets, &files, lock);

@@ -329,7 +329,7 @@ impl Entry {
 
     fn probe(&self) -> Result<UdsTarget, FallbackReason> {
         self.counters.probes.fetch_add(1, Ordering::Relaxed);
-        let probed = probe_paths(&self.paths, &self.settings.identity);
+        let probed = probe_paths(&self.paths, &self.settings);
         probed.into_target().inspect_err(|reason| {
             tracing::debug!(dir = %self.dir.display(), %reason, "local daemon probe");
         })
@@ -430,6 +430,7 @@ impl Entry {
                     id,
                     runtime,
                 };
+                self.trace_decision("daemon", None);
                 state.verdict = Verdict::Target(connection.target);
                 state.runtimes.push((
                     runtime,
@@ -455,6 +456,11 @@ impl Entry {
         runtime: Option<&Handle>,
     ) {
         self.counters.count_fallback(&reason);
+        let route = match self.settings.mode {
+            Mode::Require => "refused",
+            _ => "in-process",
+        };
+        self.trace_decision(route, Some(&reason));
         state.close_all();
         state.verdict = Verdict::Negative {
             reason,
@@ -464,6 +470,21 @@ impl Entry {
         self.reprobe_due.store(false, Ordering::Relaxed);
         self.arm_timer(state, runtime);
         self.bump();
+    }
+
+    /// Each decision in a span of its own, whose fields name the route and the reason's stable
+    /// code, for logs and for subscribers that count.
+    fn trace_decision(&self, route: &'static str, reason: Option<&FallbackReason>) {
+        let span = tracing::info_span!(
+            "local_daemon_decision",
+            dir = %self.dir.display(),
+            route,
+            reason = reason.map(FallbackReason::code),
+        );
+        span.in_scope(|| match reason {
+            Some(reason) => tracing::debug!(%reason, "calls run {route}"),
+            None => tracing::debug!("calls go to the daemon"),
+        });
     }
 
     /// Sets the due flag once the interval has passed, by a timer on the calling runtime: each

@@ -15,7 +15,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tower::ServiceBuilder;
 use tower_local_daemon::{
-    Daemon, DaemonPaths, LocalDaemon, LocalDaemonLayer, LocalDaemonStatus, Pidfile, probe,
+    Daemon, DaemonPaths, LocalDaemon, LocalDaemonLayer, LocalDaemonStatus, PIDFILE_MARKER, Pidfile,
+    probe,
 };
 
 pub use echo::echo_client::EchoClient;
@@ -31,6 +32,7 @@ pub const DAEMON_GRACE_MS_ENV: &str = "TLD_TEST_DAEMON_GRACE_MS";
 pub const DAEMON_IDLE_MS_ENV: &str = "TLD_TEST_DAEMON_IDLE_MS";
 pub const DAEMON_UMASK_ENV: &str = "TLD_TEST_DAEMON_UMASK";
 pub const DAEMON_IGNORE_SIGINT_ENV: &str = "TLD_TEST_DAEMON_IGNORE_SIGINT";
+pub const DAEMON_MARKER_ENV: &str = "TLD_TEST_DAEMON_MARKER";
 pub const PROBE_OUTPUT_PREFIX: &str = "probe status: ";
 /// The name of the `#[test]` that each test binary uses as its entry point when re-executed.
 pub const DAEMON_ENTRY: &str = "daemon_entry_point";
@@ -197,6 +199,9 @@ fn serve_daemon(dir: &Path) -> ! {
         }
         if let Some(ms) = env_ms(DAEMON_IDLE_MS_ENV) {
             daemon = daemon.idle_timeout(ms);
+        }
+        if let Ok(marker) = std::env::var(DAEMON_MARKER_ENV) {
+            daemon = daemon.pidfile_marker(marker);
         }
         daemon.serve(std::future::pending()).await
     });
@@ -369,6 +374,8 @@ pub struct DaemonOptions {
     pub program: Option<PathBuf>,
     /// Starts with SIGINT ignored, as a background job of a shell does.
     pub sigint_ignored: bool,
+    /// The pidfile's marker line, for a tool that is not heddle.
+    pub marker: Option<String>,
 }
 
 /// A daemon in another process: this test binary, re-executed. Killed when dropped.
@@ -387,10 +394,11 @@ impl DaemonProcess {
         let daemon = Self::spawn(dir, &options);
         let pid = daemon.pid();
         let pidfile = DaemonPaths::new(dir).pidfile;
+        let marker = options.marker.as_deref().unwrap_or(PIDFILE_MARKER);
         wait_until("the daemon writes its pidfile", || {
             std::fs::read(&pidfile)
                 .ok()
-                .and_then(|bytes| Pidfile::parse(&bytes).ok())
+                .and_then(|bytes| Pidfile::parse_with_marker(&bytes, marker).ok())
                 .is_some_and(|p| p.pid == pid)
         });
         daemon
@@ -418,6 +426,9 @@ impl DaemonProcess {
         }
         if let Some(mask) = options.umask {
             command.env(DAEMON_UMASK_ENV, format!("{mask:o}"));
+        }
+        if let Some(marker) = &options.marker {
+            command.env(DAEMON_MARKER_ENV, marker);
         }
         if options.sigint_ignored {
             command.env(DAEMON_IGNORE_SIGINT_ENV, "1");
