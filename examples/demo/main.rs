@@ -2,7 +2,7 @@
 //! (the daemon runs our own executable) holds between them.
 //!
 //! ```text
-//! cargo run --example demo                 # the tour: in-process, daemon, in-process again
+//! cargo run --example demo                 # the tour: in-process, daemon, in-process, payoff
 //! cargo run --example demo -- serve DIR    # run a daemon for DIR until SIGTERM or Ctrl-C
 //! cargo run --example demo -- call DIR     # one call through the layer, then exit
 //! cargo run --example demo -- status DIR   # every check, its outcome and what to do
@@ -114,8 +114,15 @@ async fn call(dir: &Path) -> ExitCode {
         Some(Err(reason)) => reason.to_string(),
         None => format!("mode {}", svc.mode()),
     };
+    // A second call in the same process: what every later call of a long-lived client pays.
+    let start = Instant::now();
+    let warm = client.echo(EchoRequest::default()).await;
+    let warm_latency = start.elapsed();
     println!("route:   {route}");
     println!("latency: {latency:.2?} (the whole first call, checks included)");
+    if warm.is_ok() {
+        println!("warm:    {warm_latency:.2?} (a second call in the same process)");
+    }
     println!("reason:  {reason}");
     println!(
         "reply:   {:?} from {}",
@@ -148,10 +155,17 @@ fn tour() -> ExitCode {
     code
 }
 
+/// What building the in-process service costs in the tour: it stands for opening a repository.
+const TOUR_BUILD_MS: u64 = 150;
+
 fn run_tour(dir: &Path) -> ExitCode {
     let exe = std::env::current_exe().expect("our own executable");
+    println!(
+        "Each call runs as its own process, as a CLI verb does. Building the in-process service \
+         takes {TOUR_BUILD_MS} ms here, as opening a large repository would.\n"
+    );
     println!("1. No daemon is running. A call runs in-process:");
-    demo_call(&exe, dir);
+    let in_process = demo_call(&exe, dir);
 
     println!("2. Start a daemon for it (this same binary, `demo serve DIR`), then call again:");
     let mut daemon = DaemonChild(
@@ -173,26 +187,90 @@ fn run_tour(dir: &Path) -> ExitCode {
         std::thread::sleep(Duration::from_millis(10));
     }
     println!("   (daemon pid {})", daemon.0.id());
-    demo_call(&exe, dir);
+    let on_daemon = demo_call(&exe, dir);
 
     println!("3. Stop the daemon (SIGTERM: it removes its files), then call again:");
     daemon.stop();
     demo_call(&exe, dir);
+
+    println!("The payoff, one command (a whole process) on each route:");
+    println!(
+        "   {:<44} {:>12}",
+        "in-process, opening the repository",
+        fmt(in_process.process)
+    );
+    println!(
+        "   {:<44} {:>12}",
+        "daemon, first call (checks included)",
+        fmt(on_daemon.process)
+    );
+    if let Some(warm) = on_daemon.warm {
+        println!(
+            "   {:<44} {:>12}",
+            "daemon, a warm call in a long-lived client",
+            fmt(warm)
+        );
+    }
+    println!(
+        "A daemon pays off when opening the repository ({TOUR_BUILD_MS} ms here) costs more than \
+         its checks and one round trip ({} here): for every command, once a daemon runs.",
+        fmt(on_daemon.first.unwrap_or(on_daemon.process))
+    );
     println!("`cargo run --example demo -- status DIR` explains a decision check by check.");
     ExitCode::SUCCESS
 }
 
+/// What one `demo call` process took: the whole process, and the call latencies it printed.
+struct Timed {
+    process: Duration,
+    first: Option<Duration>,
+    warm: Option<Duration>,
+}
+
 /// Runs `demo call DIR` as its own process, as a CLI verb would run, and indents its output.
-fn demo_call(exe: &PathBuf, dir: &Path) {
+fn demo_call(exe: &PathBuf, dir: &Path) -> Timed {
+    let start = Instant::now();
     let output = Command::new(exe)
         .arg("call")
         .arg(dir)
+        .env("DEMO_FALLBACK_BUILD_MS", TOUR_BUILD_MS.to_string())
         .output()
         .expect("the call runs");
-    for line in String::from_utf8_lossy(&output.stdout).lines() {
+    let process = start.elapsed();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    for line in stdout.lines() {
         println!("   {line}");
     }
     println!();
+    let latency = |prefix: &str| {
+        let line = stdout.lines().find_map(|l| l.strip_prefix(prefix))?;
+        let text = line.split_whitespace().next()?;
+        parse_duration(text)
+    };
+    Timed {
+        process,
+        first: latency("latency: "),
+        warm: latency("warm:    "),
+    }
+}
+
+/// Reads back a duration printed with `{:.2?}`.
+fn parse_duration(text: &str) -> Option<Duration> {
+    let split = text.find(|c: char| c.is_alphabetic() || c == 'µ')?;
+    let (value, unit) = text.split_at(split);
+    let value: f64 = value.parse().ok()?;
+    let seconds = match unit {
+        "s" => value,
+        "ms" => value / 1e3,
+        "µs" => value / 1e6,
+        "ns" => value / 1e9,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(seconds))
+}
+
+fn fmt(duration: Duration) -> String {
+    format!("{duration:.2?}")
 }
 
 /// The tour's daemon: stopped with SIGTERM, and killed if the tour ends early.
