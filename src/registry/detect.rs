@@ -1,15 +1,20 @@
 //! Running the checks: on a task of the calling runtime, so that a call that gives up does not
-//! stop the work the other calls wait for, and a guard that ends every run, however its task
-//! ends.
+//! stop the work the other calls wait for; a guard that ends every run, however its task ends;
+//! and the timer that makes a negative decision due for a re-probe.
 
-use std::sync::Weak;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use crate::connect::{ConnectionEnd, DaemonConnection};
-use crate::reason::FallbackReason;
+use tokio::runtime::Handle;
+use tokio::time::Instant;
 
 use super::entry::Entry;
+use super::state::{Slot, State};
+use crate::config::Mode;
+use crate::connect::{ConnectionEnd, DaemonConnection, establish};
+use crate::probe::{UdsTarget, probe_paths};
+use crate::reason::FallbackReason;
 
 /// A connection that passed every check, with its id and its end signal.
 #[derive(Debug)]
@@ -96,4 +101,196 @@ impl Drop for FinishRun {
 /// timer on a runtime without it panics inside tokio, which prints its own message.
 pub(super) fn time_driver_available() -> bool {
     std::panic::catch_unwind(|| drop(tokio::time::sleep(Duration::ZERO))).is_ok()
+}
+
+impl Entry {
+    /// Runs the checks on a task of `handle`'s runtime, so that a call that gives up does not
+    /// stop the work the others wait for; its guard reports how the run ended.
+    pub(super) fn spawn_run(
+        self: &Arc<Self>,
+        handle: &Handle,
+        run: Run,
+        probed: Option<UdsTarget>,
+    ) {
+        let mut finish = FinishRun {
+            entry: Arc::downgrade(self),
+            run,
+            runtime: handle.id(),
+            outcome: None,
+        };
+        let entry = self.clone();
+        handle.spawn(async move {
+            finish.outcome = Some(entry.detect(probed, finish.runtime).await);
+            drop(finish);
+        });
+    }
+
+    pub(super) fn probe(&self) -> Result<UdsTarget, FallbackReason> {
+        self.counters.probes.fetch_add(1, Ordering::Relaxed);
+        let probed = probe_paths(&self.paths, &self.settings);
+        probed.into_target().inspect_err(|reason| {
+            tracing::debug!(dir = %self.dir.display(), %reason, "local daemon probe");
+        })
+    }
+
+    /// The checks for one runtime: probe (unless the caller just did), connect, peer check,
+    /// HTTP/2, health. Each runtime probes again: a daemon may have restarted since another
+    /// runtime's checks, and the probe costs microseconds. In require mode they try again until the deadline, which bounds the
+    /// whole wait; the outcome is the last attempt's.
+    async fn detect(
+        self: Arc<Self>,
+        mut target: Option<UdsTarget>,
+        runtime: tokio::runtime::Id,
+    ) -> Outcome {
+        let deadline = Instant::now().checked_add(self.settings.deadline);
+        loop {
+            let attempt = self.attempt(target.take(), runtime);
+            // An attempt that hangs past the deadline ends there.
+            let result = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, attempt)
+                    .await
+                    .unwrap_or(Err(FallbackReason::DeadlineExceeded)),
+                None => attempt.await,
+            };
+            let reason = match result {
+                Ok(checked) => return Ok(checked),
+                Err(reason) => reason,
+            };
+            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if self.settings.mode != Mode::Require || remaining == Some(Duration::ZERO) {
+                return Err(reason);
+            }
+            let pause = Duration::from_millis(20);
+            tokio::time::sleep(remaining.map_or(pause, |r| r.min(pause))).await;
+        }
+    }
+
+    /// One run of the chain.
+    async fn attempt(
+        self: &Arc<Self>,
+        target: Option<UdsTarget>,
+        runtime: tokio::runtime::Id,
+    ) -> Outcome {
+        let probe_start = Instant::now();
+        let target = match target {
+            Some(target) => target,
+            None => self.probe()?,
+        };
+        let probe_time = probe_start.elapsed();
+        let id = self.ids.connection();
+        let end = self.connection_end(id, runtime);
+        let established = establish(target, &self.dir, &self.settings, end.clone()).await;
+        tracing::debug!(
+            dir = %self.dir.display(),
+            outcome = ?established.result.as_ref().map(|c| (c.target.pid, &c.version)),
+            probe_us = probe_time.as_micros() as u64,
+            connect_us = established.timings.connect.as_micros() as u64,
+            handshake_us = established.timings.handshake.as_micros() as u64,
+            "local daemon detection"
+        );
+        established.result.map(|connection| Checked {
+            connection,
+            id,
+            end,
+        })
+    }
+
+    fn connection_end(
+        self: &Arc<Self>,
+        id: ConnectionId,
+        runtime: tokio::runtime::Id,
+    ) -> ConnectionEnd {
+        let entry: Weak<Self> = Arc::downgrade(self);
+        ConnectionEnd::new(move |cause| {
+            if let Some(entry) = entry.upgrade() {
+                entry.connection_ended(id, runtime, cause);
+            }
+        })
+    }
+
+    /// Sets the due flag once the interval has passed, by a timer on the calling runtime: each
+    /// runtime that routes by the negative verdict arms one, so an idle runtime cannot hold
+    /// back the others. The timer's guard also sets the flag if its runtime goes away first;
+    /// the slow path then compares the time itself. Without a runtime with timers the flag is
+    /// set at once, and the slow path does all the waiting.
+    pub(super) fn arm_timer(self: &Arc<Self>, state: &mut State, runtime: Option<&Handle>) {
+        let Some(handle) = runtime else {
+            self.reprobe_due.store(true, Ordering::Relaxed);
+            return;
+        };
+        if state.timers.contains(&handle.id()) {
+            return;
+        }
+        state.timers.push(handle.id());
+        if !time_driver_available() {
+            self.reprobe_due.store(true, Ordering::Relaxed);
+            return;
+        }
+        struct SetOnDrop(Weak<Entry>);
+        impl Drop for SetOnDrop {
+            fn drop(&mut self) {
+                if let Some(entry) = self.0.upgrade() {
+                    entry.reprobe_due.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        let guard = SetOnDrop(Arc::downgrade(self));
+        let interval = self.settings.reprobe_interval;
+        handle.spawn(async move {
+            tokio::time::sleep(interval).await;
+            drop(guard);
+        });
+    }
+
+    /// A run of the checks ended.
+    pub(super) fn run_ended(self: &Arc<Self>, run: Run, runtime: tokio::runtime::Id, end: RunEnd) {
+        let mut state = self.lock();
+        let current = match run {
+            Run::Waited(id) => {
+                matches!(state.slot(runtime), Some(Slot::Connecting { id: i, .. }) if *i == id)
+            }
+            Run::Reprobe(id) => state.reprobe.as_ref().is_some_and(|r| r.id == id),
+        };
+        if !current {
+            // Superseded (a reset, a newer run): its connection is not wanted.
+            if let RunEnd::Finished(Ok(checked)) = end {
+                checked.connection.task.abort();
+            }
+            return;
+        }
+        let waiters = match (run, state.take_slot(runtime)) {
+            (Run::Reprobe(_), slot) => {
+                if let Some(slot) = slot {
+                    slot.close();
+                }
+                state.reprobe.take().map(|r| r.waiters)
+            }
+            (Run::Waited(_), Some(Slot::Connecting { waiters, .. })) => Some(waiters),
+            (Run::Waited(_), other) => {
+                if let Some(slot) = other {
+                    slot.close();
+                }
+                None
+            }
+        };
+        match end {
+            RunEnd::Finished(outcome) => self.install(&mut state, runtime, outcome),
+            // The runtime went away: not the daemon's doing. The next call tries again.
+            RunEnd::Interrupted => {
+                self.reprobe_due.store(true, Ordering::Relaxed);
+                self.bump();
+            }
+            RunEnd::Panicked => {
+                let reason = FallbackReason::RuntimeUnusable {
+                    message: "the checks' task panicked".into(),
+                };
+                let handle = Handle::try_current().ok();
+                self.set_negative(&mut state, reason, handle.as_ref());
+            }
+        }
+        drop(state);
+        if let Some(waiters) = waiters {
+            waiters.wake_all();
+        }
+    }
 }

@@ -7,29 +7,28 @@
 //! runtime would drive; the probe's result is shared, and each runtime's checks run once for
 //! all its concurrent calls. Every change bumps the generation, the one thing a warm call reads.
 //!
-//! A connection that *finishes* (the daemon closed it or sent GOAWAY, it broke, or keepalive
-//! gave up) ends the daemon route for everyone at once. A connection dropped unfinished, because
-//! its runtime shut down, ends only that runtime's connection: the next runtime connects again.
+//! A connection that *finishes* (the daemon sent GOAWAY or closed it, or it broke) ends the
+//! daemon route for everyone at once. One that keepalive gave up on ends only its runtime's
+//! route: that runtime may simply not have been driven for a while, and its next call checks
+//! again within the deadline. One dropped unfinished, because its runtime shut down, ends only
+//! that runtime's connection: the next runtime connects again.
+//!
+//! The types of the state are in `state`; running the checks, and re-probing, in `detect`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tokio::runtime::Handle;
-use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use super::detect::{
-    Checked, ConnectionId, DetectionId, FinishRun, Ids, Outcome, ReprobeId, Run, RunEnd,
-    time_driver_available,
-};
+use super::detect::{Checked, ConnectionId, Ids, Outcome, Run, time_driver_available};
+use super::state::{Reprobe, Slot, State, Verdict};
 use super::stats::{Counters, RouteStats};
 use crate::config::{Mode, Settings};
-use crate::connect::{ConnectionEnd, DaemonClient, EndCause, establish};
+use crate::connect::{DaemonClient, EndCause};
 use crate::paths::DaemonPaths;
-use crate::probe::{UdsTarget, probe_paths};
 use crate::reason::FallbackReason;
 use crate::sync::{Waiters, lock};
 
@@ -54,101 +53,22 @@ pub(crate) struct DaemonRoute {
     pub(crate) runtime: tokio::runtime::Id,
 }
 
-/// What the whole process knows of the daemon.
-#[derive(Debug)]
-enum Verdict {
-    Unprobed,
-    /// The probe found this daemon; each runtime connects to it on its first call.
-    Target(UdsTarget),
-    /// No usable daemon, for this reason, since `since`.
-    Negative {
-        reason: FallbackReason,
-        since: Instant,
-    },
-}
-
-/// One runtime's connection.
-#[derive(Debug)]
-enum Slot {
-    /// The checks run on a task of the runtime; its calls wait for them.
-    Connecting { id: DetectionId, waiters: Waiters },
-    Connected {
-        route: DaemonRoute,
-        /// The task that dispatches requests: aborting it ends the connection once its
-        /// in-flight streams are done.
-        task: AbortHandle,
-    },
-}
-
-impl Slot {
-    /// Lets go of the slot: a connection closes, the calls waiting for checks are woken.
-    fn close(self) {
-        match self {
-            Slot::Connecting { waiters, .. } => waiters.wake_all(),
-            Slot::Connected { task, .. } => task.abort(),
-        }
-    }
-}
-
-/// A re-probe on a task of the runtime that made the call that found it due.
-#[derive(Debug)]
-struct Reprobe {
-    id: ReprobeId,
-    runtime: tokio::runtime::Id,
-    started: Instant,
-    /// Calls of that runtime that wait for it: see [`Entry::poll_decision`].
-    waiters: Waiters,
-}
-
-#[derive(Debug)]
-struct State {
-    verdict: Verdict,
-    /// A background re-probe in flight.
-    reprobe: Option<Reprobe>,
-    /// The runtimes with a timer armed for the negative verdict's re-probe.
-    timers: Vec<tokio::runtime::Id>,
-    runtimes: Vec<(tokio::runtime::Id, Slot)>,
-}
-
-impl State {
-    fn slot(&mut self, runtime: tokio::runtime::Id) -> Option<&mut Slot> {
-        self.runtimes
-            .iter_mut()
-            .find(|(id, _)| *id == runtime)
-            .map(|(_, slot)| slot)
-    }
-
-    fn take_slot(&mut self, runtime: tokio::runtime::Id) -> Option<Slot> {
-        let index = self.runtimes.iter().position(|(id, _)| *id == runtime)?;
-        Some(self.runtimes.swap_remove(index).1)
-    }
-
-    fn close_all(&mut self) {
-        for (_, slot) in self.runtimes.drain(..) {
-            slot.close();
-        }
-        if let Some(reprobe) = self.reprobe.take() {
-            reprobe.waiters.wake_all();
-        }
-    }
-}
-
 /// One directory's route, shared process-wide.
 #[derive(Debug)]
 pub(crate) struct Entry {
     pub(super) dir: PathBuf,
-    paths: DaemonPaths,
+    pub(super) paths: DaemonPaths,
     pub(super) settings: Settings,
     /// Bumped under `state`'s lock on every change.
     generation: AtomicU64,
     /// Set once a negative verdict may be old enough to be checked again; the slow path
     /// compares the time itself.
-    reprobe_due: AtomicBool,
+    pub(super) reprobe_due: AtomicBool,
     /// How many services use the entry; at zero it is released after the linger.
     pub(super) users: AtomicUsize,
-    ids: Ids,
+    pub(super) ids: Ids,
     state: Mutex<State>,
-    counters: Counters,
+    pub(super) counters: Counters,
 }
 
 impl Entry {
@@ -187,11 +107,11 @@ impl Entry {
         self.counters.in_process_calls.add_one();
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
     }
 
-    fn bump(&self) {
+    pub(super) fn bump(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
@@ -303,22 +223,6 @@ impl Entry {
         Poll::Pending
     }
 
-    /// Runs the checks on a task of `handle`'s runtime, so that a call that gives up does not
-    /// stop the work the others wait for; its guard reports how the run ended.
-    fn spawn_run(self: &Arc<Self>, handle: &Handle, run: Run, probed: Option<UdsTarget>) {
-        let mut finish = FinishRun {
-            entry: Arc::downgrade(self),
-            run,
-            runtime: handle.id(),
-            outcome: None,
-        };
-        let entry = self.clone();
-        handle.spawn(async move {
-            finish.outcome = Some(entry.detect(probed, finish.runtime).await);
-            drop(finish);
-        });
-    }
-
     /// The decision now, for a runtime without a connection of its own.
     fn current(&self, state: &State) -> Decision {
         match &state.verdict {
@@ -327,91 +231,13 @@ impl Entry {
         }
     }
 
-    fn probe(&self) -> Result<UdsTarget, FallbackReason> {
-        self.counters.probes.fetch_add(1, Ordering::Relaxed);
-        let probed = probe_paths(&self.paths, &self.settings);
-        probed.into_target().inspect_err(|reason| {
-            tracing::debug!(dir = %self.dir.display(), %reason, "local daemon probe");
-        })
-    }
-
-    /// The checks for one runtime: probe (unless the caller just did), connect, peer check,
-    /// HTTP/2, health. Each runtime probes again: a daemon may have restarted since another
-    /// runtime's checks, and the probe costs microseconds. In require mode they try again until the deadline, which bounds the
-    /// whole wait; the outcome is the last attempt's.
-    async fn detect(
-        self: Arc<Self>,
-        mut target: Option<UdsTarget>,
-        runtime: tokio::runtime::Id,
-    ) -> Outcome {
-        let deadline = Instant::now().checked_add(self.settings.deadline);
-        loop {
-            let attempt = self.attempt(target.take(), runtime);
-            // An attempt that hangs past the deadline ends there.
-            let result = match deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline, attempt)
-                    .await
-                    .unwrap_or(Err(FallbackReason::DeadlineExceeded)),
-                None => attempt.await,
-            };
-            let reason = match result {
-                Ok(checked) => return Ok(checked),
-                Err(reason) => reason,
-            };
-            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            if self.settings.mode != Mode::Require || remaining == Some(Duration::ZERO) {
-                return Err(reason);
-            }
-            let pause = Duration::from_millis(20);
-            tokio::time::sleep(remaining.map_or(pause, |r| r.min(pause))).await;
-        }
-    }
-
-    /// One run of the chain.
-    async fn attempt(
-        self: &Arc<Self>,
-        target: Option<UdsTarget>,
-        runtime: tokio::runtime::Id,
-    ) -> Outcome {
-        let probe_start = Instant::now();
-        let target = match target {
-            Some(target) => target,
-            None => self.probe()?,
-        };
-        let probe_time = probe_start.elapsed();
-        let id = self.ids.connection();
-        let end = self.connection_end(id, runtime);
-        let established = establish(target, &self.dir, &self.settings, end.clone()).await;
-        tracing::debug!(
-            dir = %self.dir.display(),
-            outcome = ?established.result.as_ref().map(|c| (c.target.pid, &c.version)),
-            probe_us = probe_time.as_micros() as u64,
-            connect_us = established.timings.connect.as_micros() as u64,
-            handshake_us = established.timings.handshake.as_micros() as u64,
-            "local daemon detection"
-        );
-        established.result.map(|connection| Checked {
-            connection,
-            id,
-            end,
-        })
-    }
-
-    fn connection_end(
-        self: &Arc<Self>,
-        id: ConnectionId,
-        runtime: tokio::runtime::Id,
-    ) -> ConnectionEnd {
-        let entry: Weak<Self> = Arc::downgrade(self);
-        ConnectionEnd::new(move |cause| {
-            if let Some(entry) = entry.upgrade() {
-                entry.connection_ended(id, runtime, cause);
-            }
-        })
-    }
-
     /// Installs the outcome of a runtime's checks (its slot already taken out).
-    fn install(self: &Arc<Self>, state: &mut State, runtime: tokio::runtime::Id, outcome: Outcome) {
+    pub(super) fn install(
+        self: &Arc<Self>,
+        state: &mut State,
+        runtime: tokio::runtime::Id,
+        outcome: Outcome,
+    ) {
         let checked = match outcome {
             // A connection that ended before this moment found nothing to end, and its signal
             // fires only once: it is checked here, under the lock `connection_ended` takes.
@@ -449,7 +275,7 @@ impl Entry {
     }
 
     /// No usable daemon, for every runtime: connections close, and a re-probe is scheduled.
-    fn set_negative(
+    pub(super) fn set_negative(
         self: &Arc<Self>,
         state: &mut State,
         reason: FallbackReason,
@@ -485,92 +311,6 @@ impl Entry {
             Some(reason) => tracing::debug!(%reason, "calls run {route}"),
             None => tracing::debug!("calls go to the daemon"),
         });
-    }
-
-    /// Sets the due flag once the interval has passed, by a timer on the calling runtime: each
-    /// runtime that routes by the negative verdict arms one, so an idle runtime cannot hold
-    /// back the others. The timer's guard also sets the flag if its runtime goes away first;
-    /// the slow path then compares the time itself. Without a runtime with timers the flag is
-    /// set at once, and the slow path does all the waiting.
-    fn arm_timer(self: &Arc<Self>, state: &mut State, runtime: Option<&Handle>) {
-        let Some(handle) = runtime else {
-            self.reprobe_due.store(true, Ordering::Relaxed);
-            return;
-        };
-        if state.timers.contains(&handle.id()) {
-            return;
-        }
-        state.timers.push(handle.id());
-        if !time_driver_available() {
-            self.reprobe_due.store(true, Ordering::Relaxed);
-            return;
-        }
-        struct SetOnDrop(Weak<Entry>);
-        impl Drop for SetOnDrop {
-            fn drop(&mut self) {
-                if let Some(entry) = self.0.upgrade() {
-                    entry.reprobe_due.store(true, Ordering::Relaxed);
-                }
-            }
-        }
-        let guard = SetOnDrop(Arc::downgrade(self));
-        let interval = self.settings.reprobe_interval;
-        handle.spawn(async move {
-            tokio::time::sleep(interval).await;
-            drop(guard);
-        });
-    }
-
-    /// A run of the checks ended.
-    pub(super) fn run_ended(self: &Arc<Self>, run: Run, runtime: tokio::runtime::Id, end: RunEnd) {
-        let mut state = self.lock();
-        let current = match run {
-            Run::Waited(id) => {
-                matches!(state.slot(runtime), Some(Slot::Connecting { id: i, .. }) if *i == id)
-            }
-            Run::Reprobe(id) => state.reprobe.as_ref().is_some_and(|r| r.id == id),
-        };
-        if !current {
-            // Superseded (a reset, a newer run): its connection is not wanted.
-            if let RunEnd::Finished(Ok(checked)) = end {
-                checked.connection.task.abort();
-            }
-            return;
-        }
-        let waiters = match (run, state.take_slot(runtime)) {
-            (Run::Reprobe(_), slot) => {
-                if let Some(slot) = slot {
-                    slot.close();
-                }
-                state.reprobe.take().map(|r| r.waiters)
-            }
-            (Run::Waited(_), Some(Slot::Connecting { waiters, .. })) => Some(waiters),
-            (Run::Waited(_), other) => {
-                if let Some(slot) = other {
-                    slot.close();
-                }
-                None
-            }
-        };
-        match end {
-            RunEnd::Finished(outcome) => self.install(&mut state, runtime, outcome),
-            // The runtime went away: not the daemon's doing. The next call tries again.
-            RunEnd::Interrupted => {
-                self.reprobe_due.store(true, Ordering::Relaxed);
-                self.bump();
-            }
-            RunEnd::Panicked => {
-                let reason = FallbackReason::RuntimeUnusable {
-                    message: "the checks' task panicked".into(),
-                };
-                let handle = Handle::try_current().ok();
-                self.set_negative(&mut state, reason, handle.as_ref());
-            }
-        }
-        drop(state);
-        if let Some(waiters) = waiters {
-            waiters.wake_all();
-        }
     }
 
     /// The daemon connection `id` of `runtime` ended.

@@ -10,6 +10,7 @@
 
 mod detect;
 mod entry;
+mod state;
 mod stats;
 
 use std::collections::HashMap;
