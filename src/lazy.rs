@@ -16,7 +16,7 @@ use pin_project_lite::pin_project;
 use tonic::Status;
 use tower::{BoxError, Service};
 
-use crate::sync::{Waiters, lock};
+use crate::sync::{CatchUnwind, Waiters, lock};
 
 /// A service built by an async factory on the first call that reaches it, then shared by every
 /// clone.
@@ -173,8 +173,12 @@ where
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
-                    let built = (finish.shared.factory)().await;
-                    finish.built = Some(built.map_err(|e| e.to_string()));
+                    let shared = finish.shared.clone();
+                    let built = CatchUnwind::new(async move { (shared.factory)().await }).await;
+                    finish.built = Some(match built {
+                        Ok(built) => built.map_err(|e| e.to_string()),
+                        Err(()) => Err("the build panicked".into()),
+                    });
                     drop(finish);
                 });
             }
@@ -202,12 +206,8 @@ impl<F, S> Drop for FinishBuild<F, S> {
                 id: self.id,
                 message,
             },
-            None if std::thread::panicking() => Build::Failed {
-                id: self.id,
-                message: "the build panicked".into(),
-            },
-            // Its runtime shut down: not the build's fault. The next call builds again, on
-            // its own runtime.
+            // Its runtime shut down (the build's own panics are caught in its task): not the
+            // build's fault. The next call builds again, on its own runtime.
             None => Build::NotStarted,
         };
         let mut state = self.shared.lock();
@@ -313,56 +313,5 @@ where
                 .expect("LazyFuture polled after completion")
                 .into())),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::Duration;
-
-    use tokio_test::task::spawn;
-    use tokio_test::{assert_pending, assert_ready_ok};
-    use tower::Service;
-
-    use super::LazyFallback;
-
-    type Built = tower::util::ServiceFn<fn(u32) -> std::future::Ready<Result<u32, std::io::Error>>>;
-
-    fn double(n: u32) -> std::future::Ready<Result<u32, std::io::Error>> {
-        std::future::ready(Ok(n * 2))
-    }
-
-    /// A fallback whose build takes a second of (paused) time; `builds` counts the builds.
-    fn slow_fallback(
-        builds: Arc<AtomicUsize>,
-    ) -> impl Service<u32, Response = u32, Error = tower::BoxError> + Clone {
-        LazyFallback::new(move || {
-            let builds = builds.clone();
-            async move {
-                builds.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                Ok::<_, std::io::Error>(tower::service_fn(double as fn(_) -> _) as Built)
-            }
-        })
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn every_waiting_clone_is_woken_by_the_one_build() {
-        let builds = Arc::new(AtomicUsize::new(0));
-        let fallback = slow_fallback(builds.clone());
-        let mut clones: Vec<_> = (0..3).map(|_| spawn(fallback.clone())).collect();
-        for clone in &mut clones {
-            assert_pending!(clone.enter(|cx, mut svc| svc.as_mut().get_mut().poll_ready(cx)));
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        for clone in &mut clones {
-            assert!(clone.is_woken());
-            assert_ready_ok!(clone.enter(|cx, mut svc| svc.as_mut().get_mut().poll_ready(cx)));
-            let doubled = clone.enter(|_, mut svc| svc.as_mut().get_mut().call(21));
-            assert_eq!(doubled.await.unwrap(), 42);
-        }
-        assert_eq!(builds.load(Ordering::Relaxed), 1);
     }
 }

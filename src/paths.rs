@@ -96,6 +96,7 @@ impl FileIdentity {
     }
 
     /// The identity of what `path` names, following symlinks.
+    #[cfg(feature = "client")]
     pub(crate) fn following(path: &Path) -> io::Result<Self> {
         std::fs::metadata(path).map(|m| Self::of(&m))
     }

@@ -1,10 +1,16 @@
-//! The two synchronisation helpers that the registry's detections and [`LazyFallback`]'s builds
-//! share: a lock that outlives a panic, and the tasks waiting for a shared piece of work.
+//! The helpers that the registry's detections and [`LazyFallback`]'s builds share: a lock that
+//! outlives a panic, the tasks waiting for a shared piece of work, and a future whose panic is
+//! its outcome rather than its task's end.
 //!
 //! [`LazyFallback`]: crate::LazyFallback
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard};
-use std::task::{Context, Waker};
+use std::task::{Context, Poll, Waker};
+
+use pin_project_lite::pin_project;
 
 /// Locks `mutex`, taking over its state when a panicking holder poisoned it: every state this
 /// crate guards is valid between its statements, and a poisoned lock must not turn one panic
@@ -33,5 +39,34 @@ impl Waiters {
     /// Wakes every waiter.
     pub(crate) fn wake_all(self) {
         self.0.into_iter().for_each(Waker::wake);
+    }
+}
+
+pin_project! {
+    /// A future that resolves to `Err(())` if polling it panics. The work shared by many
+    /// callers runs in one, so that its guard can tell its own panic (a failure) from its
+    /// task being dropped with a runtime that shuts down (an interruption).
+    pub(crate) struct CatchUnwind<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F> CatchUnwind<F> {
+    pub(crate) fn new(inner: F) -> Self {
+        Self { inner }
+    }
+}
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.project().inner;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(_) => Poll::Ready(Err(())),
+        }
     }
 }

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use support::*;
+use tokio_test::task::spawn;
+use tokio_test::{assert_pending, assert_ready_ok};
 use tower::ServiceBuilder;
 use tower_local_daemon::{LazyFallback, Route};
 
@@ -109,4 +111,48 @@ async fn failed_build_fails_that_call_and_the_next_call_builds_again() {
     let response = client.echo(request(2)).await.unwrap();
     assert_eq!(response.get_ref().served_by, "in-process");
     assert_eq!(builds.load(Ordering::SeqCst), 2);
+}
+
+// ---- Deterministic: paused time, no daemon ----
+
+type Doubler = tower::util::ServiceFn<fn(u32) -> std::future::Ready<Result<u32, std::io::Error>>>;
+
+fn double(n: u32) -> std::future::Ready<Result<u32, std::io::Error>> {
+    std::future::ready(Ok(n * 2))
+}
+
+/// A fallback whose build takes a second of (paused) time; `builds` counts the builds.
+fn slow_fallback(
+    builds: Arc<AtomicU32>,
+) -> impl tower::Service<u32, Response = u32, Error = tower::BoxError> + Clone {
+    tower_local_daemon::LazyFallback::new(move || {
+        let builds = builds.clone();
+        async move {
+            builds.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok::<_, std::io::Error>(tower::service_fn(double as fn(_) -> _) as Doubler)
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_waiting_clone_is_woken_by_the_one_build() {
+    let builds = Arc::new(AtomicU32::new(0));
+    let fallback = slow_fallback(builds.clone());
+    let mut clones: Vec<_> = (0..3).map(|_| spawn(fallback.clone())).collect();
+    for clone in &mut clones {
+        assert_pending!(
+            clone.enter(|cx, mut svc| tower::Service::poll_ready(svc.as_mut().get_mut(), cx))
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for clone in &mut clones {
+        assert!(clone.is_woken());
+        assert_ready_ok!(
+            clone.enter(|cx, mut svc| tower::Service::poll_ready(svc.as_mut().get_mut(), cx))
+        );
+        let doubled = clone.enter(|_, mut svc| tower::Service::call(svc.as_mut().get_mut(), 21));
+        assert_eq!(doubled.await.unwrap(), 42);
+    }
+    assert_eq!(builds.load(Ordering::Relaxed), 1);
 }

@@ -15,8 +15,9 @@ pub(crate) enum EndCause {
     /// The connection finished: the daemon sent GOAWAY or closed it, or an I/O error broke it.
     /// The daemon is gone for this process.
     Daemon,
-    /// Keepalive gave up: the daemon did not answer a ping in time. It may be hung, or this
-    /// runtime may not have been driven for a while; the next call checks again.
+    /// Keepalive gave up: the daemon did not answer a ping in time. Like [`Daemon`](Self::Daemon)
+    /// it ends the route for every runtime; a runtime that was not driven for longer than the
+    /// keepalive timeout looks the same, and the next re-probe corrects that.
     Unresponsive,
     /// The runtime that drove the connection shut down before it finished. The daemon may be
     /// fine: the next runtime connects again.

@@ -82,7 +82,8 @@ impl SocketsDir {
             .join(name)
     }
 
-    /// Elsewhere there is no `/proc/self/fd`: the path is the directory's path.
+    /// Elsewhere there is no `/proc/self/fd`: the path is the directory's path, so the bind and
+    /// the leftover check go by path there (not verified off Linux).
     #[cfg(not(target_os = "linux"))]
     pub(super) fn fd_path(&self, name: &str) -> PathBuf {
         self.path.join(name)
@@ -105,6 +106,16 @@ impl SocketsDir {
             Err(nix::errno::Errno::ENOENT) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The identity of the directory that holds the sockets directory: the directory this
+    /// daemon serves, as the descriptor sees it (a path could name another by now).
+    pub(super) fn parent_identity(&self) -> io::Result<FileIdentity> {
+        let stat = nix::sys::stat::fstatat(&self.fd, "..", AtFlags::empty())?;
+        Ok(FileIdentity {
+            dev: stat.st_dev,
+            ino: stat.st_ino,
+        })
     }
 
     /// The identity of `name`, if it exists.

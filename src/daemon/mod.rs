@@ -94,7 +94,7 @@ use self::files::SocketsDir;
 use self::listener::bind_private;
 use self::lock::LifetimeLock;
 pub use self::serve::BoundDaemon;
-use crate::paths::{DaemonPaths, FileIdentity};
+use crate::paths::DaemonPaths;
 use crate::protocol::{PIDFILE_MARKER, SOCKET_FILE};
 
 /// A daemon for one repository directory: its options and the services it hosts.
@@ -240,7 +240,8 @@ impl Daemon {
             return Err(DaemonError::InvalidMarker(self.marker));
         }
         let sockets = SocketsDir::open(&self.paths.sockets_dir)?;
-        let directory = FileIdentity::following(&self.dir)
+        let directory = sockets
+            .parent_identity()
             .map_err(|e| DaemonError::io("inspect the directory", &self.dir, e))?;
         let lock = LifetimeLock::acquire(&sockets)?;
         sockets.remove_leftovers()?;

@@ -3,7 +3,7 @@
 //! and the timer that makes a negative decision due for a re-probe.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::runtime::Handle;
@@ -15,6 +15,7 @@ use crate::config::Mode;
 use crate::connect::{ConnectionEnd, DaemonConnection, establish};
 use crate::probe::{UdsTarget, probe_paths};
 use crate::reason::FallbackReason;
+use crate::sync::{CatchUnwind, lock};
 
 /// A connection that passed every check, with its id and its end signal.
 #[derive(Debug)]
@@ -81,14 +82,17 @@ pub(super) struct FinishRun {
     pub(super) entry: Weak<Entry>,
     pub(super) run: Run,
     pub(super) runtime: tokio::runtime::Id,
-    pub(super) outcome: Option<Outcome>,
+    /// The checks' outcome, or `Err` when they panicked; `None` while they run.
+    pub(super) outcome: Option<Result<Outcome, ()>>,
 }
 
 impl Drop for FinishRun {
     fn drop(&mut self) {
+        // Dropped without an outcome: the task's runtime shut down (perhaps while a panic
+        // unwound elsewhere). The checks' own panics are caught in the task.
         let end = match self.outcome.take() {
-            Some(outcome) => RunEnd::Finished(outcome),
-            None if std::thread::panicking() => RunEnd::Panicked,
+            Some(Ok(outcome)) => RunEnd::Finished(outcome),
+            Some(Err(())) => RunEnd::Panicked,
             None => RunEnd::Interrupted,
         };
         if let Some(entry) = self.entry.upgrade() {
@@ -97,10 +101,23 @@ impl Drop for FinishRun {
     }
 }
 
-/// Whether the current runtime has a time driver: the checks' deadline needs one. Creating a
-/// timer on a runtime without it panics inside tokio, which prints its own message.
-pub(super) fn time_driver_available() -> bool {
-    std::panic::catch_unwind(|| drop(tokio::time::sleep(Duration::ZERO))).is_ok()
+/// Whether the current runtime (`handle`'s) has a time driver: the checks' deadline needs one.
+/// Tokio has no way to ask, and creating a timer without it panics, so the answer is learnt
+/// once per runtime by catching that panic (tokio prints its message once). Under
+/// `panic = "abort"` that panic ends the process, as any timer of the runtime would.
+pub(super) fn time_driver_available(handle: &Handle) -> bool {
+    static KNOWN: Mutex<Vec<(tokio::runtime::Id, bool)>> = Mutex::new(Vec::new());
+    let id = handle.id();
+    if let Some((_, known)) = lock(&KNOWN).iter().find(|(runtime, _)| *runtime == id) {
+        return *known;
+    }
+    let available = std::panic::catch_unwind(|| drop(tokio::time::sleep(Duration::ZERO))).is_ok();
+    let mut known = lock(&KNOWN);
+    if known.len() >= 64 {
+        known.clear();
+    }
+    known.push((id, available));
+    available
 }
 
 impl Entry {
@@ -120,7 +137,8 @@ impl Entry {
         };
         let entry = self.clone();
         handle.spawn(async move {
-            finish.outcome = Some(entry.detect(probed, finish.runtime).await);
+            let checks = entry.detect(probed, finish.runtime);
+            finish.outcome = Some(CatchUnwind::new(checks).await);
             drop(finish);
         });
     }
@@ -222,7 +240,7 @@ impl Entry {
             return;
         }
         state.timers.push(handle.id());
-        if !time_driver_available() {
+        if !time_driver_available(handle) {
             self.reprobe_due.store(true, Ordering::Relaxed);
             return;
         }

@@ -66,6 +66,8 @@ pub(crate) struct Entry {
     pub(super) reprobe_due: AtomicBool,
     /// How many services use the entry; at zero it is released after the linger.
     pub(super) users: AtomicUsize,
+    /// How many leases were ever taken: tells a release that the entry was taken again.
+    pub(super) leases: AtomicU64,
     pub(super) ids: Ids,
     state: Mutex<State>,
     pub(super) counters: Counters,
@@ -80,6 +82,7 @@ impl Entry {
             generation: AtomicU64::new(0),
             reprobe_due: AtomicBool::new(false),
             users: AtomicUsize::new(0),
+            leases: AtomicU64::new(0),
             ids: Ids::default(),
             state: Mutex::new(State {
                 verdict: Verdict::Unprobed,
@@ -143,8 +146,31 @@ impl Entry {
             }
         }
         let mut probed = None;
-        match &state.verdict {
-            Verdict::Negative { reason, since } => {
+        if matches!(state.verdict, Verdict::Unprobed) && self.settings.mode == Mode::Auto {
+            // The probe is cheap syscalls: run it here, so that the common "no daemon" case
+            // decides without a task or a wake-up; outside the lock, so that a slow filesystem
+            // holds up this call only.
+            drop(state);
+            let result = self.probe();
+            state = self.lock();
+            let changed = !matches!(state.verdict, Verdict::Unprobed)
+                || runtime
+                    .as_ref()
+                    .is_some_and(|h| state.slot(h.id()).is_some());
+            if changed {
+                drop(state);
+                return self.poll_decision(cx);
+            }
+            match result {
+                Ok(target) => probed = Some(target),
+                Err(reason) => {
+                    self.set_negative(&mut state, reason, runtime.as_ref());
+                    return Poll::Ready((self.generation(), self.current(&state)));
+                }
+            }
+        }
+        if let Verdict::Negative { reason, since } = &state.verdict {
+            {
                 let decision = self.negative(reason.clone());
                 let since = *since;
                 if let Some(reprobe) = &mut state.reprobe {
@@ -161,7 +187,10 @@ impl Entry {
                     if !stalled || runtime.is_none() {
                         return Poll::Ready((self.generation(), decision));
                     }
-                    state.reprobe = None;
+                    // Given up for one on this runtime: its waiting calls go on in-process.
+                    if let Some(stalled) = state.reprobe.take() {
+                        stalled.waiters.wake_all();
+                    }
                 }
                 if since.elapsed() < self.settings.reprobe_interval {
                     self.arm_timer(&mut state, runtime.as_ref());
@@ -170,7 +199,8 @@ impl Entry {
                 self.reprobe_due.store(false, Ordering::Relaxed);
                 if self.settings.mode == Mode::Auto {
                     // In the background: this call and the next ones go on in-process.
-                    if let Some(handle) = runtime.as_ref().filter(|_| time_driver_available()) {
+                    let generation = self.generation();
+                    if let Some(handle) = runtime.filter(time_driver_available) {
                         let id = self.ids.reprobe();
                         state.reprobe = Some(Reprobe {
                             id,
@@ -178,26 +208,17 @@ impl Entry {
                             started: Instant::now(),
                             waiters: Waiters::default(),
                         });
-                        self.spawn_run(handle, Run::Reprobe(id), None);
+                        // Not under the lock: a closing runtime drops the task, and its guard
+                        // takes the lock.
+                        drop(state);
+                        self.spawn_run(&handle, Run::Reprobe(id), None);
                     }
-                    return Poll::Ready((self.generation(), decision));
+                    return Poll::Ready((generation, decision));
                 }
             }
-            Verdict::Unprobed if self.settings.mode == Mode::Auto => {
-                // The probe is cheap syscalls: run it here, so that the common "no daemon" case
-                // decides without a task or a wake-up.
-                match self.probe() {
-                    Ok(target) => probed = Some(target),
-                    Err(reason) => {
-                        self.set_negative(&mut state, reason, runtime.as_ref());
-                        return Poll::Ready((self.generation(), self.current(&state)));
-                    }
-                }
-            }
-            Verdict::Unprobed | Verdict::Target(_) => {}
         }
         // This runtime's calls wait for its checks, which run on a task of the runtime.
-        let Some(handle) = runtime.clone().filter(|_| time_driver_available()) else {
+        let Some(handle) = runtime.clone().filter(time_driver_available) else {
             let message = match runtime {
                 None => "no Tokio runtime is running",
                 Some(_) => {
@@ -207,6 +228,14 @@ impl Entry {
             let reason = FallbackReason::RuntimeUnusable {
                 message: message.into(),
             };
+            // This caller's problem: another runtime's healthy connection stays.
+            let connected = state
+                .runtimes
+                .iter()
+                .any(|(_, slot)| matches!(slot, Slot::Connected { .. }));
+            if connected {
+                return Poll::Ready((self.generation(), self.negative(reason)));
+            }
             self.set_negative(&mut state, reason, runtime.as_ref());
             return Poll::Ready((self.generation(), self.current(&state)));
         };
@@ -338,16 +367,12 @@ impl Entry {
                 self.set_negative(&mut state, FallbackReason::ConnectionLost, handle.as_ref());
             }
             EndCause::Unresponsive => {
-                // Only this runtime's connection: its next call checks again, within the
-                // deadline, and a daemon that is really hung is then refused for everyone.
                 tracing::info!(
                     dir = %self.dir.display(),
-                    "local daemon did not answer keepalive; the next call checks again"
+                    "local daemon did not answer keepalive; calls run in-process"
                 );
-                if let Some(slot) = state.take_slot(runtime) {
-                    slot.close();
-                }
-                self.bump();
+                let handle = Handle::try_current().ok();
+                self.set_negative(&mut state, FallbackReason::ConnectionLost, handle.as_ref());
             }
             EndCause::RuntimeEnded => {
                 tracing::debug!(

@@ -56,8 +56,10 @@ impl Lease {
                 entry
             }
         };
-        // Counted under the map's lock, where a release decides.
+        // Counted under the map's lock, where a release decides; a new lease also makes every
+        // pending release stale, so that the linger runs from the last drop.
         entry.users.fetch_add(1, Ordering::AcqRel);
+        entry.leases.fetch_add(1, Ordering::AcqRel);
         Self { entry }
     }
 
@@ -72,7 +74,10 @@ impl Drop for Lease {
             return;
         }
         let linger = self.entry.settings.linger;
-        let release = Release(self.entry.clone());
+        let release = Release {
+            entry: self.entry.clone(),
+            leases: self.entry.leases.load(Ordering::Acquire),
+        };
         match tokio::runtime::Handle::try_current() {
             // Dropped with its runtime, the linger ends at once: the release runs then.
             Ok(handle) if !linger.is_zero() => {
@@ -86,18 +91,24 @@ impl Drop for Lease {
     }
 }
 
-/// Releases an entry when dropped, unless a service took it again meanwhile.
-struct Release(Arc<Entry>);
+/// Releases an entry when dropped, unless a service took it again meanwhile (even if that one
+/// is gone again: its own release counts then).
+struct Release {
+    entry: Arc<Entry>,
+    /// How many leases had been taken when the last one went.
+    leases: u64,
+}
 
 impl Drop for Release {
     fn drop(&mut self) {
         let mut entries = entries();
-        if self.0.users.load(Ordering::Acquire) != 0 {
+        let taken_again = self.entry.leases.load(Ordering::Acquire) != self.leases;
+        if taken_again || self.entry.users.load(Ordering::Acquire) != 0 {
             return;
         }
-        entries.retain(|_, entry| !Arc::ptr_eq(entry, &self.0));
+        entries.retain(|_, entry| !Arc::ptr_eq(entry, &self.entry));
         drop(entries);
-        self.0.close();
+        self.entry.close();
     }
 }
 

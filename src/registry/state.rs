@@ -30,8 +30,9 @@ pub(super) enum Slot {
     Connecting { id: DetectionId, waiters: Waiters },
     Connected {
         route: DaemonRoute,
-        /// The task that dispatches requests: aborting it ends the connection once its
-        /// in-flight streams are done.
+        /// The task that dispatches requests. Aborting it closes the connection to new
+        /// requests; a response already streaming is driven by hyper's own connection task
+        /// and ends when the daemon finishes it or the connection closes.
         task: AbortHandle,
     },
 }
