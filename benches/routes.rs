@@ -54,6 +54,7 @@ fn main() {
     first_call_with_daemon(&mut c, &fixture);
     concurrent(&mut c, &fixture);
     whole_process(&mut c, &fixture);
+    runtime_lookup(&mut c);
     c.final_summary();
 }
 
@@ -616,4 +617,48 @@ fn whole_process(c: &mut Criterion, fixture: &Fixture) {
     }
     group.finish();
     let _ = std::io::stdout().flush();
+}
+
+// ---- 8. The daemon route's runtime check, alone ----
+
+/// What the daemon route's warm path adds to know which runtime calls: a thread-local read of
+/// the task id inside a task, or the runtime's handle inside `block_on` (where there is none).
+fn runtime_lookup(c: &mut Criterion) {
+    let rt = current_thread();
+    let mut group = baseline_group(c, "8 runtime lookup, per call", "nothing");
+    group.bench_function("nothing", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for i in 0..iters {
+                    black_box(i);
+                }
+                start.elapsed()
+            })
+        })
+    });
+    group.bench_function("task id, in a task", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(rt.spawn(async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    black_box(tokio::task::try_id());
+                }
+                start.elapsed()
+            }))
+            .unwrap()
+        })
+    });
+    group.bench_function("runtime handle, in block_on", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    black_box(tokio::runtime::Handle::try_current().map(|h| h.id()).ok());
+                }
+                start.elapsed()
+            })
+        })
+    });
+    group.finish();
 }
