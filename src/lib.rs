@@ -72,6 +72,7 @@
 //! | `layer`, `service`, `future` | the tower face: [`LocalDaemonLayer`], [`LocalDaemon`], [`ResponseFuture`], [`Route`] |
 //! | `lazy`, `sync` | [`LazyFallback`]; the lock and waiter list it shares with the registry |
 //! | `diagnose` | the [`Report`] of every check, in the probe's and connect's order |
+//! | `lifecycle` | [`stop`]: a daemon verified over a live connection, signalled, waited for |
 //! | `daemon/` | the serving side: errors, the sockets directory's files, the lock, the listener, stopping |
 //!
 //! Imports run down this table; the daemon side uses only `protocol`, the formats, `paths`,
@@ -119,6 +120,8 @@ mod layer;
 #[cfg(feature = "client")]
 mod lazy;
 #[cfg(feature = "client")]
+mod lifecycle;
+#[cfg(feature = "client")]
 mod probe;
 #[cfg(feature = "client")]
 mod reason;
@@ -150,6 +153,8 @@ pub use future::{ResponseFuture, Route};
 pub use layer::LocalDaemonLayer;
 #[cfg(feature = "client")]
 pub use lazy::{LazyFallback, LazyFuture};
+#[cfg(feature = "client")]
+pub use lifecycle::{StopOutcome, stop};
 pub use paths::DaemonPaths;
 pub use pidfile::{MAX_PIDFILE_LEN, Pidfile, PidfileError};
 #[cfg(feature = "client")]

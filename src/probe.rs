@@ -252,7 +252,7 @@ pub(crate) fn probe_observed(
 
 /// The directory stage: the socket's directory is a real directory (not a symlink), ours, and
 /// not writable by group or others. A missing directory means no daemon ever ran here.
-fn check_sockets_dir(dir: &Path) -> Result<(), FallbackReason> {
+pub(crate) fn check_sockets_dir(dir: &Path) -> Result<(), FallbackReason> {
     let metadata = std::fs::symlink_metadata(dir).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => FallbackReason::NoPidfile,
         error => FallbackReason::UnreadablePidfile { error: Some(error) },
@@ -276,7 +276,7 @@ fn check_sockets_dir(dir: &Path) -> Result<(), FallbackReason> {
 }
 
 /// The pidfile stage.
-fn read_pidfile(pid_path: &Path, marker: &str) -> Result<Pidfile, FallbackReason> {
+pub(crate) fn read_pidfile(pid_path: &Path, marker: &str) -> Result<Pidfile, FallbackReason> {
     Pidfile::read(pid_path, marker).map_err(|e| match e {
         ReadError::Missing => FallbackReason::NoPidfile,
         ReadError::Malformed(e) => FallbackReason::MalformedPidfile(e),

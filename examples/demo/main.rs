@@ -6,6 +6,7 @@
 //! cargo run --example demo -- serve DIR    # run a daemon for DIR until SIGTERM or Ctrl-C
 //! cargo run --example demo -- call DIR     # one call through the layer, then exit
 //! cargo run --example demo -- status DIR   # every check, its outcome and what to do
+//! cargo run --example demo -- stop DIR     # stop DIR's daemon, once verified as DIR's
 //! ```
 //!
 //! `RUST_LOG=tower_local_daemon=debug` shows each routing decision with its reason and timings.
@@ -23,7 +24,9 @@ use echo::echo_client::EchoClient;
 use echo::echo_server::EchoServer;
 use echo::{EchoRequest, EchoService};
 use tower::ServiceBuilder;
-use tower_local_daemon::{Daemon, LazyFallback, LocalDaemonLayer, LocalDaemonStatus, Route, probe};
+use tower_local_daemon::{
+    Daemon, LazyFallback, LocalDaemonLayer, LocalDaemonStatus, Route, StopOutcome, probe,
+};
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -44,8 +47,9 @@ fn main() -> ExitCode {
         ["serve", dir] => runtime.block_on(serve(Path::new(dir))),
         ["call", dir] => runtime.block_on(call(Path::new(dir))),
         ["status", dir] => runtime.block_on(status(Path::new(dir))),
+        ["stop", dir] => runtime.block_on(stop(Path::new(dir))),
         _ => {
-            eprintln!("usage: demo [serve DIR | call DIR | status DIR]");
+            eprintln!("usage: demo [serve DIR | call DIR | status DIR | stop DIR]");
             ExitCode::from(2)
         }
     }
@@ -132,6 +136,24 @@ async fn call(dir: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Stops DIR's daemon, once verified over a live connection; says what it did.
+async fn stop(dir: &Path) -> ExitCode {
+    match tower_local_daemon::stop(dir, Duration::from_secs(10)).await {
+        StopOutcome::NotRunning => println!("no daemon runs for {}", dir.display()),
+        StopOutcome::Stopped { pid } => println!("stopped the daemon (pid {pid})"),
+        StopOutcome::Refused { reason } => {
+            println!("refused: {reason}\nwhat to do: {}", reason.remedy());
+            return ExitCode::FAILURE;
+        }
+        StopOutcome::TimedOut { pid } => {
+            println!("sent SIGTERM to pid {pid}; it had not exited after 10 s");
+            return ExitCode::FAILURE;
+        }
+        other => println!("{other:?}"),
+    }
+    ExitCode::SUCCESS
+}
+
 /// The doctor report: exit 0 when a client would use the daemon.
 async fn status(dir: &Path) -> ExitCode {
     let report = LocalDaemonLayer::new(dir).diagnose().await;
@@ -189,7 +211,18 @@ fn run_tour(dir: &Path) -> ExitCode {
     println!("   (daemon pid {})", daemon.0.id());
     let on_daemon = demo_call(&exe, dir);
 
-    println!("3. Stop the daemon (SIGTERM: it removes its files), then call again:");
+    println!(
+        "3. Stop the daemon (`demo stop DIR`: verified over a live connection, then SIGTERM; \
+         it removes its files), then call again:"
+    );
+    let stopped = Command::new(&exe)
+        .arg("stop")
+        .arg(dir)
+        .output()
+        .expect("the stop runs");
+    for line in String::from_utf8_lossy(&stopped.stdout).lines() {
+        println!("   {line}");
+    }
     daemon.stop();
     demo_call(&exe, dir);
 

@@ -1,0 +1,144 @@
+//! The daemon's lifecycle, seen from a client: [`stop`], which signals only a daemon verified
+//! over a live connection to be this directory's, running as our user.
+
+use std::path::Path;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::time::Instant;
+
+use crate::config::Settings;
+use crate::connect::{ConnectionEnd, connect_checked, handshake};
+use crate::paths::DaemonPaths;
+use crate::probe::{UdsTarget, check_sockets_dir, read_pidfile};
+use crate::process::{self, ProcessError};
+use crate::reason::FallbackReason;
+
+/// What [`stop`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StopOutcome {
+    /// No daemon runs for the directory: no pidfile, or its process is gone.
+    NotRunning,
+    /// The daemon was verified, sent SIGTERM, and exited: its lifetime lock is released.
+    Stopped {
+        /// The daemon's pid.
+        pid: u32,
+    },
+    /// What the pidfile names is not provably this directory's daemon of our user, so
+    /// nothing was signalled.
+    Refused {
+        /// Why.
+        reason: FallbackReason,
+    },
+    /// The daemon was verified and sent SIGTERM, and had not exited when the time ran out (its
+    /// grace period for in-flight calls may be longer).
+    TimedOut {
+        /// The daemon's pid.
+        pid: u32,
+    },
+}
+
+/// Stops `heddle_dir`'s daemon, and waits up to `timeout` for it to exit. It never starts
+/// anything.
+///
+/// The daemon is signalled only once it is verified over a live connection: the socket's peer
+/// (`SO_PEERCRED`) is the pidfile's pid and our effective uid, and it answers
+/// `Health/Check` reporting this very directory. That holds for a daemon whose executable was
+/// replaced on disk (an upgrade), and it never signals a process that merely reuses a stale
+/// pid, such as another of our own commands: it does not listen on this socket.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
+/// use tower_local_daemon::{StopOutcome, stop};
+///
+/// let dir = std::env::temp_dir().join("tower-local-daemon-doc-stop");
+/// assert_eq!(stop(&dir, Duration::from_secs(5)).await, StopOutcome::NotRunning);
+/// # }
+/// ```
+pub async fn stop(heddle_dir: impl AsRef<Path>, timeout: Duration) -> StopOutcome {
+    let dir = heddle_dir.as_ref();
+    let paths = DaemonPaths::new(dir);
+    let deadline = Instant::now() + timeout;
+    let pid = match verify(dir, &paths, timeout).await {
+        Ok(Some(pid)) => pid,
+        Ok(None) => return StopOutcome::NotRunning,
+        Err(reason) => return StopOutcome::Refused { reason },
+    };
+    if kill(Pid::from_raw(pid as i32), Signal::SIGTERM).is_err() {
+        // It exited between the check and the signal.
+        return StopOutcome::Stopped { pid };
+    }
+    while !exited(pid) || lock_held(&paths.lock) {
+        if Instant::now() >= deadline {
+            return StopOutcome::TimedOut { pid };
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    StopOutcome::Stopped { pid }
+}
+
+/// The daemon's pid once verified; `None` when nothing runs.
+async fn verify(
+    dir: &Path,
+    paths: &DaemonPaths,
+    timeout: Duration,
+) -> Result<Option<u32>, FallbackReason> {
+    match check_sockets_dir(&paths.sockets_dir) {
+        Err(FallbackReason::NoPidfile) => return Ok(None),
+        result => result?,
+    }
+    let settings = Settings {
+        deadline: timeout,
+        ..Settings::default()
+    };
+    let pid = match read_pidfile(&paths.pidfile, &settings.marker) {
+        Ok(pidfile) => pidfile.pid,
+        Err(FallbackReason::NoPidfile) => return Ok(None),
+        Err(reason) => return Err(reason),
+    };
+    if exited(pid) {
+        return Ok(None);
+    }
+    let target = UdsTarget::new(&paths.socket, pid);
+    let checked = async {
+        let stream = connect_checked(&target).await?;
+        let (_, _, task) = handshake(stream, dir, &settings, ConnectionEnd::ignored()).await?;
+        task.abort();
+        Ok(Some(pid))
+    };
+    tokio::time::timeout(timeout, checked)
+        .await
+        .unwrap_or(Err(FallbackReason::DeadlineExceeded))
+}
+
+/// Whether `pid` is gone or a zombie.
+fn exited(pid: u32) -> bool {
+    match process::check_alive(pid) {
+        Err(ProcessError::Gone | ProcessError::Zombie) => true,
+        Err(_) => false,
+        Ok(info) => matches!(
+            info.effective_uid(),
+            Err(ProcessError::Zombie | ProcessError::Gone)
+        ),
+    }
+}
+
+/// Whether someone holds a `flock` on the lock file: `/proc/locks` names the locked inodes,
+/// so nothing here touches the lock (a try-lock would race a starting daemon's own).
+fn lock_held(lock: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(metadata) = std::fs::symlink_metadata(lock) else {
+        return false;
+    };
+    let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
+        return false;
+    };
+    let inode = format!(":{}", metadata.ino());
+    locks.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(1) == Some(&"FLOCK") && fields.get(5).is_some_and(|f| f.ends_with(&inode))
+    })
+}
