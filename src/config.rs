@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::lifecycle::AutoStart;
 use crate::paths::DaemonPaths;
 use crate::protocol::PIDFILE_MARKER;
 
@@ -93,7 +94,7 @@ impl fmt::Display for Mode {
 /// The default environment variable that overrides the mode.
 pub const DEFAULT_MODE_ENV: &str = "HEDDLE_LOCAL_DAEMON";
 
-/// Where the environment override comes from.
+/// Where an environment override (the mode's, auto-start's switch) comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ModeOverride {
     /// Read this environment variable when the layer builds a service.
@@ -103,13 +104,26 @@ pub(crate) enum ModeOverride {
 }
 
 impl ModeOverride {
+    /// The variable's value, or the injected one.
+    pub(crate) fn value(&self) -> Option<String> {
+        match self {
+            Self::Var(name) => std::env::var(name).ok(),
+            Self::Value(value) => value.clone(),
+        }
+    }
+
+    /// The variable's name, when it is read from the environment.
+    pub(crate) fn var(&self) -> Option<&str> {
+        match self {
+            Self::Var(name) => Some(name),
+            Self::Value(_) => None,
+        }
+    }
+
     /// The mode after the override: the environment beats the builder, and an invalid value is
     /// logged and ignored.
     pub(crate) fn apply(&self, builder_mode: Mode) -> Mode {
-        let value = match self {
-            Self::Var(name) => std::env::var(name).ok(),
-            Self::Value(value) => value.clone(),
-        };
+        let value = self.value();
         match value.as_deref().map(str::parse::<Mode>) {
             None => builder_mode,
             Some(Ok(mode)) => mode,
@@ -139,6 +153,8 @@ pub(crate) struct Settings {
     pub(crate) keepalive_interval: Duration,
     pub(crate) keepalive_timeout: Duration,
     pub(crate) linger: Duration,
+    /// On, once resolved: the builder set it and the environment does not turn it off.
+    pub(crate) auto_start: Option<AutoStart>,
 }
 
 impl Default for Settings {
@@ -158,6 +174,7 @@ impl Default for Settings {
             keepalive_interval: Duration::from_secs(1),
             keepalive_timeout: Duration::from_secs(2),
             linger: Duration::from_secs(5),
+            auto_start: None,
         }
     }
 }

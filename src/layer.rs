@@ -8,6 +8,7 @@ use tower::Layer;
 
 use crate::config::{DEFAULT_MODE_ENV, IdentityPolicy, Mode, ModeOverride, Settings};
 use crate::diagnose::{self, Report};
+use crate::lifecycle::{AutoStart, AutoStartSwitch};
 use crate::service::{LocalDaemon, Shared};
 
 /// Routes each call to a repository directory's local daemon when one passes every check, and to
@@ -42,6 +43,8 @@ pub struct LocalDaemonLayer {
     settings: Settings,
     mode_override: ModeOverride,
     mark_route: bool,
+    auto_start: Option<AutoStart>,
+    auto_start_switch: AutoStartSwitch,
 }
 
 impl LocalDaemonLayer {
@@ -57,6 +60,8 @@ impl LocalDaemonLayer {
             settings: Settings::default(),
             mode_override: ModeOverride::Var(DEFAULT_MODE_ENV.to_owned()),
             mark_route: false,
+            auto_start: None,
+            auto_start_switch: AutoStartSwitch::new(),
         }
     }
 
@@ -170,6 +175,36 @@ impl LocalDaemonLayer {
         self
     }
 
+    /// Starts the directory's daemon with this command when a call finds none (off by
+    /// default). Never in mode `off`; off while `HEDDLE_LOCAL_DAEMON_AUTO_START` is `0`, `off`,
+    /// `false` or `no` ([`auto_start_env_var`](Self::auto_start_env_var) names another
+    /// variable); and off under `CI` (set to anything but empty, `0` or `false`) unless
+    /// [forced](Self::force_auto_start). In mode `auto` the call that starts the daemon runs
+    /// in-process, and the daemon is picked up as soon as it serves; in mode `require` the call
+    /// waits for it, up to its start timeout. See [`AutoStart`].
+    pub fn auto_start(mut self, auto_start: AutoStart) -> Self {
+        self.auto_start = Some(auto_start);
+        self
+    }
+
+    /// Reads the variable that turns auto-start off from `name` instead.
+    pub fn auto_start_env_var(mut self, name: impl Into<String>) -> Self {
+        self.auto_start_switch.env = ModeOverride::Var(name.into());
+        self
+    }
+
+    /// Takes this value as the auto-start variable's, without reading the environment (tests).
+    pub fn auto_start_env_value(mut self, value: Option<&str>) -> Self {
+        self.auto_start_switch.env = ModeOverride::Value(value.map(str::to_owned));
+        self
+    }
+
+    /// Starts daemons also under `CI` (a crate's own tests, a demo).
+    pub fn force_auto_start(mut self, force: bool) -> Self {
+        self.auto_start_switch.forced = force;
+        self
+    }
+
     /// How long an entry whose last service was dropped keeps its daemon connection (default
     /// 5 s): a CLI that builds its service per verb keeps a warm connection between verbs.
     pub fn linger(mut self, linger: Duration) -> Self {
@@ -194,10 +229,20 @@ impl LocalDaemonLayer {
         diagnose::run(&self.dir, &self.resolved_settings()).await
     }
 
-    /// The settings after the environment override.
+    /// The settings after the environment's overrides.
     fn resolved_settings(&self) -> Settings {
         let mut settings = self.settings.clone();
         settings.mode = self.mode_override.apply(settings.mode);
+        let enabled = settings.mode != Mode::Off && self.auto_start_switch.enabled();
+        settings.auto_start = self.auto_start.clone().filter(|_| enabled).map(|mut auto| {
+            // The daemon's environment is the command's, less these switches.
+            auto.env_remove = [self.mode_override.var(), self.auto_start_switch.env.var()]
+                .into_iter()
+                .flatten()
+                .map(str::to_owned)
+                .collect();
+            auto
+        });
         settings
     }
 }

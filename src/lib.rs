@@ -72,7 +72,7 @@
 //! | `layer`, `service`, `future` | the tower face: [`LocalDaemonLayer`], [`LocalDaemon`], [`ResponseFuture`], [`Route`] |
 //! | `lazy`, `sync` | [`LazyFallback`]; the lock and waiter list it shares with the registry |
 //! | `diagnose` | the [`Report`] of every check, in the probe's and connect's order |
-//! | `lifecycle` | [`stop`]: a daemon verified over a live connection, signalled, waited for |
+//! | `lifecycle` | auto-start ([`AutoStart`]): one spawner, detached, backing off; [`stop`]: a daemon verified over a live connection, signalled, waited for |
 //! | `daemon/` | the serving side: errors, the sockets directory's files, the lock, the listener, stopping |
 //!
 //! Imports run down this table; the daemon side uses only `protocol`, the formats, `paths`,
@@ -154,7 +154,7 @@ pub use layer::LocalDaemonLayer;
 #[cfg(feature = "client")]
 pub use lazy::{LazyFallback, LazyFuture};
 #[cfg(feature = "client")]
-pub use lifecycle::{StopOutcome, stop};
+pub use lifecycle::{AutoStart, AutoStartStatus, StopOutcome, auto_start_status, stop};
 pub use paths::DaemonPaths;
 pub use pidfile::{MAX_PIDFILE_LEN, Pidfile, PidfileError};
 #[cfg(feature = "client")]
@@ -162,7 +162,8 @@ pub use probe::{
     DETECT_CACHE_TTL, LocalDaemonProbe, LocalDaemonStatus, UdsTarget, detect_local_daemon, probe,
 };
 pub use protocol::{
-    DIRECTORY_METADATA_KEY, LOCK_FILE, PIDFILE_FILE, PIDFILE_MARKER, SOCKET_FILE, SOCKETS_DIR,
+    AUTO_STARTED_ENV, DAEMON_LOG_FILE, DIRECTORY_METADATA_KEY, LOCK_FILE, PIDFILE_FILE,
+    PIDFILE_MARKER, SOCKET_FILE, SOCKETS_DIR, SPAWN_LOCK_FILE, SPAWN_RECORD_FILE,
     VERSION_METADATA_KEY,
 };
 #[cfg(feature = "client")]

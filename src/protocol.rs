@@ -23,3 +23,13 @@ pub const VERSION_METADATA_KEY: &str = "local-daemon-version";
 /// compares it with the directory it was built for: a correctness check that catches shared,
 /// linked and moved sockets directories, not authentication (the uid is the trust boundary).
 pub const DIRECTORY_METADATA_KEY: &str = "local-daemon-directory";
+
+/// The lock a client holds while it decides to start a daemon, inside `<dir>/sockets/`.
+pub const SPAWN_LOCK_FILE: &str = "spawn.lock";
+/// The record of the last daemon started on a miss, inside `<dir>/sockets/`.
+pub const SPAWN_RECORD_FILE: &str = "spawn.record";
+/// An auto-started daemon's standard output and error, inside `<dir>/sockets/`.
+pub const DAEMON_LOG_FILE: &str = "daemon.log";
+/// Set in an auto-started daemon's environment: the daemon then exits after an idle timeout
+/// unless it sets its own.
+pub const AUTO_STARTED_ENV: &str = "LOCAL_DAEMON_AUTO_STARTED";

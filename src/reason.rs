@@ -189,6 +189,14 @@ pub enum FallbackReason {
     /// [accept that](crate::LocalDaemonLayer::accept_unverified_directory).
     DirectoryUnreported,
 
+    // Auto-start.
+    /// The layer started a daemon on a miss and it did not come: the command could not be
+    /// started, or the daemon exited before serving.
+    AutoStartFailed {
+        /// What happened, with the daemon's log path and last lines when it exited.
+        message: String,
+    },
+
     // After the handshake.
     /// The connection to the daemon ended; calls go in-process until a re-probe succeeds.
     ConnectionLost,
@@ -249,6 +257,7 @@ impl FallbackReason {
             DirectoryMismatch { .. } => "directory_mismatch",
             DirectoryUnreported => "directory_unreported",
             ConnectionLost => "connection_lost",
+            AutoStartFailed { .. } => "auto_start_failed",
             Disabled => "disabled",
             Unsupported => "unsupported",
             RuntimeUnusable { .. } => "runtime_unusable",
@@ -319,6 +328,9 @@ impl FallbackReason {
                 "the daemon does not say which directory it serves (an older or other implementation); upgrade it, or accept it with `accept_unverified_directory`"
             }
             ConnectionLost => "the daemon went away; the next re-probe picks up a new one",
+            AutoStartFailed { .. } => {
+                "read the daemon's log (`status` shows its last lines), fix the daemon command, and retry; starts back off while they fail"
+            }
             Disabled => {
                 "set the mode to auto (for example HEDDLE_LOCAL_DAEMON=auto) to use a daemon"
             }
@@ -405,6 +417,7 @@ impl fmt::Display for FallbackReason {
                 f.write_str("the daemon does not report which directory it serves")
             }
             ConnectionLost => f.write_str("the connection to the daemon ended"),
+            AutoStartFailed { message } => write!(f, "auto-start failed: {message}"),
             Disabled => f.write_str("the local daemon is disabled (mode off)"),
             Unsupported => f.write_str("this platform has no implementation of the checks"),
             RuntimeUnusable { message } => write!(f, "the checks could not run: {message}"),

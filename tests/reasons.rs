@@ -417,6 +417,7 @@ fn client_whose_own_executable_was_replaced_on_disk_still_knows_itself() {
     // A client of the same build, started before an upgrade replaces the file it runs.
     let mut client = spawn(
         reexec(&program, Role::Call(f.dir.path().to_owned()))
+            .env(CALL_WAIT_ENV, "1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped()),
     );

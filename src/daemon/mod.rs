@@ -95,7 +95,10 @@ use self::listener::bind_private;
 use self::lock::LifetimeLock;
 pub use self::serve::BoundDaemon;
 use crate::paths::DaemonPaths;
-use crate::protocol::{PIDFILE_MARKER, SOCKET_FILE};
+use crate::protocol::{AUTO_STARTED_ENV, PIDFILE_MARKER, SOCKET_FILE};
+
+/// How long an auto-started daemon stays up without calls, unless it sets its own.
+const AUTO_STARTED_IDLE: Duration = Duration::from_secs(4 * 3600);
 
 /// A daemon for one repository directory: its options and the services it hosts.
 ///
@@ -156,7 +159,10 @@ impl fmt::Debug for Daemon {
 impl Daemon {
     /// A daemon for `heddle_dir`, with files under `<heddle_dir>/sockets/`.
     ///
-    /// Defaults: no version, a 5 s grace period, no idle exit, SIGTERM and SIGINT handled.
+    /// Defaults: no version, a 5 s grace period, SIGTERM and SIGINT handled, and no idle exit,
+    /// except for a daemon started on a miss (its environment has
+    /// [`AUTO_STARTED_ENV`](crate::AUTO_STARTED_ENV)), which exits after 4 hours without calls.
+    /// Any daemon exits when its socket or sockets directory is removed under it.
     pub fn new(heddle_dir: impl AsRef<Path>) -> Self {
         Self {
             dir: heddle_dir.as_ref().to_owned(),
@@ -166,7 +172,9 @@ impl Daemon {
             version: None,
             marker: PIDFILE_MARKER.to_owned(),
             grace_period: Duration::from_secs(5),
-            idle_timeout: None,
+            // Started on a miss, a daemon exits when idle: else every repository ever touched
+            // keeps one.
+            idle_timeout: std::env::var_os(AUTO_STARTED_ENV).map(|_| AUTO_STARTED_IDLE),
             handle_signals: true,
             counters: Arc::default(),
         }

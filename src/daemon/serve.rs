@@ -119,7 +119,14 @@ impl BoundDaemon {
         tracing::info!(socket = %socket.display(), pid = pidfile.pid, "local daemon serving");
 
         // Wait for a reason to stop, unless the server ends by itself.
-        let stop = stop_reason(shutdown, signals, daemon.idle_timeout, &daemon.counters);
+        let socket_gone = || sockets.identity(SOCKET_FILE) != files.socket;
+        let stop = stop_reason(
+            shutdown,
+            signals,
+            daemon.idle_timeout,
+            &daemon.counters,
+            socket_gone,
+        );
         let result = tokio::select! {
             result = &mut server => result.map_err(DaemonError::Serve),
             why = stop => {

@@ -83,6 +83,7 @@ pub(super) async fn stop_reason(
     signals: Option<SignalListeners>,
     idle_timeout: Option<Duration>,
     counters: &DaemonCounters,
+    socket_gone: impl Fn() -> bool,
 ) -> &'static str {
     let signals = async {
         match signals {
@@ -108,8 +109,18 @@ pub(super) async fn stop_reason(
             }
         }
     };
+    // A daemon whose sockets directory or socket was removed under it can be reached no more.
+    let removed = async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if socket_gone() {
+                return "its socket was removed";
+            }
+        }
+    };
     tokio::select! {
         () = shutdown => "shutdown future",
+        why = removed => why,
         why = signals => why,
         why = idle => why,
     }

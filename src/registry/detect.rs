@@ -10,9 +10,10 @@ use tokio::runtime::Handle;
 use tokio::time::Instant;
 
 use super::entry::Entry;
-use super::state::{Slot, State};
+use super::state::{Slot, State, Verdict};
 use crate::config::Mode;
 use crate::connect::{ConnectionEnd, DaemonConnection, establish};
+use crate::lifecycle::{AutoStart, SpawnOutcome, SpawnedChild, StopOutcome, maybe_spawn, stop};
 use crate::probe::{UdsTarget, probe_paths};
 use crate::reason::FallbackReason;
 use crate::sync::{CatchUnwind, lock};
@@ -143,6 +144,77 @@ impl Entry {
         });
     }
 
+    /// The probe; when it finds no daemon and auto-start is on, a daemon is started (by the
+    /// lifetime lock's rule, see `lifecycle`), and the calls go on by the probe's reason.
+    pub(super) fn probe_or_start(&self) -> Result<UdsTarget, FallbackReason> {
+        let reason = match self.probe() {
+            Ok(target) => return Ok(target),
+            Err(reason) => reason,
+        };
+        let Some(auto) = &self.settings.auto_start else {
+            return Err(reason);
+        };
+        // An upgraded daemon is restarted by a re-probe, which can wait for it to stop.
+        if reason == FallbackReason::ExecutableReplaced {
+            return Err(reason);
+        }
+        match maybe_spawn(&self.paths, auto) {
+            SpawnOutcome::Spawned(child) => self.lock().spawned = Some((child, Instant::now())),
+            SpawnOutcome::Failed(message) => {
+                return Err(FallbackReason::AutoStartFailed { message });
+            }
+            SpawnOutcome::NotNow(why) | SpawnOutcome::Refused(why) => {
+                tracing::debug!(dir = %self.dir.display(), why, "no daemon started");
+            }
+        }
+        Err(reason)
+    }
+
+    /// A daemon whose executable was replaced on disk (an upgrade) is stopped the way
+    /// [`stop`](crate::stop) does it, and a new one started. Only on that reason: two different
+    /// installed versions must not stop each other's daemons in turn.
+    async fn restart(&self, auto: &AutoStart) {
+        let stopped = stop(&self.dir, auto.start_timeout).await;
+        tracing::info!(dir = %self.dir.display(), ?stopped, "restarting an upgraded local daemon");
+        if let StopOutcome::Stopped { .. } = stopped {
+            let _ = self.probe_or_start();
+        }
+    }
+
+    /// How long a negative decision stands: shorter while a daemon started here is coming.
+    pub(super) fn reprobe_interval(&self, state: &State) -> Duration {
+        let coming = |(child, at): &(SpawnedChild, Instant)| {
+            child.exit.get().is_none()
+                && self
+                    .settings
+                    .auto_start
+                    .as_ref()
+                    .is_some_and(|auto| at.elapsed() < auto.start_timeout)
+        };
+        match state.spawned.as_ref().is_some_and(coming) {
+            true => self
+                .settings
+                .reprobe_interval
+                .min(Duration::from_millis(50)),
+            false => self.settings.reprobe_interval,
+        }
+    }
+
+    /// Makes the negative verdict due now.
+    pub(super) fn make_due(&self, state: &mut State) {
+        if let Verdict::Negative { since, .. } = &mut state.verdict
+            && let Some(earlier) = Instant::now().checked_sub(self.settings.reprobe_interval)
+        {
+            *since = earlier;
+        }
+        self.reprobe_due.store(true, Ordering::Relaxed);
+    }
+
+    /// Why a daemon started here is not coming, if it exited already.
+    fn spawn_failure(&self) -> Option<String> {
+        self.lock().spawned.as_ref()?.0.failure()
+    }
+
     pub(super) fn probe(&self) -> Result<UdsTarget, FallbackReason> {
         self.counters.probes.fetch_add(1, Ordering::Relaxed);
         let probed = probe_paths(&self.paths, &self.settings);
@@ -160,7 +232,12 @@ impl Entry {
         mut target: Option<UdsTarget>,
         runtime: tokio::runtime::Id,
     ) -> Outcome {
-        let deadline = Instant::now().checked_add(self.settings.deadline);
+        // A daemon started on a miss has its start timeout to serve, which then bounds the wait.
+        let wait = match &self.settings.auto_start {
+            Some(auto) => self.settings.deadline.max(auto.start_timeout),
+            None => self.settings.deadline,
+        };
+        let deadline = Instant::now().checked_add(wait);
         loop {
             let attempt = self.attempt(target.take(), runtime);
             // An attempt that hangs past the deadline ends there.
@@ -178,6 +255,10 @@ impl Entry {
             if self.settings.mode != Mode::Require || remaining == Some(Duration::ZERO) {
                 return Err(reason);
             }
+            // A started daemon that exited fails the wait at once, naming its log.
+            if let Some(message) = self.spawn_failure() {
+                return Err(FallbackReason::AutoStartFailed { message });
+            }
             let pause = Duration::from_millis(20);
             tokio::time::sleep(remaining.map_or(pause, |r| r.min(pause))).await;
         }
@@ -190,9 +271,16 @@ impl Entry {
         runtime: tokio::runtime::Id,
     ) -> Outcome {
         let probe_start = Instant::now();
-        let target = match target {
-            Some(target) => target,
-            None => self.probe()?,
+        let target = match (target, &self.settings.auto_start) {
+            (Some(target), _) => target,
+            (None, Some(auto)) => match self.probe_or_start() {
+                Err(FallbackReason::ExecutableReplaced) => {
+                    self.restart(auto).await;
+                    return Err(FallbackReason::ExecutableReplaced);
+                }
+                probed => probed?,
+            },
+            (None, None) => self.probe()?,
         };
         let probe_time = probe_start.elapsed();
         let id = self.ids.connection();
@@ -253,7 +341,7 @@ impl Entry {
             }
         }
         let guard = SetOnDrop(Arc::downgrade(self));
-        let interval = self.settings.reprobe_interval;
+        let interval = self.reprobe_interval(state);
         handle.spawn(async move {
             tokio::time::sleep(interval).await;
             drop(guard);

@@ -28,6 +28,7 @@ use super::state::{Reprobe, Slot, State, Verdict};
 use super::stats::{Counters, RouteStats};
 use crate::config::{Mode, Settings};
 use crate::connect::{DaemonClient, EndCause};
+use crate::lifecycle::record_served;
 use crate::paths::DaemonPaths;
 use crate::reason::FallbackReason;
 use crate::sync::{Waiters, lock};
@@ -88,6 +89,7 @@ impl Entry {
                 verdict: Verdict::Unprobed,
                 reprobe: None,
                 timers: Vec::new(),
+                spawned: None,
                 runtimes: Vec::new(),
             }),
             counters: Counters::default(),
@@ -151,7 +153,7 @@ impl Entry {
             // decides without a task or a wake-up; outside the lock, so that a slow filesystem
             // holds up this call only.
             drop(state);
-            let result = self.probe();
+            let result = self.probe_or_start();
             state = self.lock();
             let changed = !matches!(state.verdict, Verdict::Unprobed)
                 || runtime
@@ -164,7 +166,12 @@ impl Entry {
             match result {
                 Ok(target) => probed = Some(target),
                 Err(reason) => {
+                    let upgraded = reason == FallbackReason::ExecutableReplaced;
                     self.set_negative(&mut state, reason, runtime.as_ref());
+                    if upgraded && self.settings.auto_start.is_some() {
+                        // The restart runs in a re-probe: due at once.
+                        self.make_due(&mut state);
+                    }
                     return Poll::Ready((self.generation(), self.current(&state)));
                 }
             }
@@ -192,7 +199,7 @@ impl Entry {
                         stalled.waiters.wake_all();
                     }
                 }
-                if since.elapsed() < self.settings.reprobe_interval {
+                if since.elapsed() < self.reprobe_interval(&state) {
                     self.arm_timer(&mut state, runtime.as_ref());
                     return Poll::Ready((self.generation(), decision));
                 }
@@ -286,6 +293,10 @@ impl Entry {
                     runtime,
                 };
                 self.trace_decision("daemon", None);
+                if self.settings.auto_start.is_some() {
+                    record_served(&self.paths);
+                    state.spawned = None;
+                }
                 state.verdict = Verdict::Target(connection.target);
                 state.runtimes.push((
                     runtime,

@@ -6,6 +6,7 @@ use tokio::time::Instant;
 
 use super::detect::{DetectionId, ReprobeId};
 use super::entry::DaemonRoute;
+use crate::lifecycle::SpawnedChild;
 use crate::probe::UdsTarget;
 use crate::reason::FallbackReason;
 use crate::sync::Waiters;
@@ -64,6 +65,9 @@ pub(super) struct State {
     pub(super) reprobe: Option<Reprobe>,
     /// The runtimes with a timer armed for the negative verdict's re-probe.
     pub(super) timers: Vec<tokio::runtime::Id>,
+    /// A daemon this process started on a miss, and when: until it serves (or the start
+    /// timeout passes), re-probes come more often.
+    pub(super) spawned: Option<(SpawnedChild, Instant)>,
     pub(super) runtimes: Vec<(tokio::runtime::Id, Slot)>,
 }
 

@@ -139,15 +139,44 @@ pub fn run_daemon_if_asked() {
     }
 }
 
+/// Makes the call role wait for a line on stdin before it calls.
+pub const CALL_WAIT_ENV: &str = "TLD_TEST_CALL_WAIT";
+/// Makes the call role start the daemon on a miss ([`test_auto_start`]).
+pub const CALL_AUTO_START_ENV: &str = "TLD_TEST_AUTO_START";
+
+/// Starts this test binary as `dir`'s daemon, as a tool's `agent serve` verb would be started.
+pub fn test_auto_start(dir: &Path) -> tower_local_daemon::AutoStart {
+    let mut role = Command::new("unused");
+    Role::Daemon(dir.to_owned()).set(&mut role);
+    let (key, value) = role.get_envs().next().unwrap();
+    tower_local_daemon::AutoStart::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            DAEMON_ENTRY,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(key, value.unwrap())
+}
+
 fn call_once(dir: &Path) -> ! {
-    let mut line = String::new();
-    std::io::stdin().read_line(&mut line).unwrap();
+    if std::env::var_os(CALL_WAIT_ENV).is_some() {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).unwrap();
+    }
+    let mut layer = test_layer(dir);
+    if std::env::var_os(CALL_AUTO_START_ENV).is_some() {
+        layer = layer
+            .auto_start(test_auto_start(dir))
+            .force_auto_start(true);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let route = runtime.block_on(async {
-        let response = echo(&mut EchoClient::new(layered(test_layer(dir))), 1).await;
+        let response = echo(&mut EchoClient::new(layered(layer)), 1).await;
         response
             .unwrap()
             .extensions()
@@ -159,6 +188,7 @@ fn call_once(dir: &Path) -> ! {
 }
 
 fn serve_daemon(dir: &Path) -> ! {
+    eprintln!("daemon starting, pid {}", std::process::id());
     if std::env::var_os(DAEMON_IGNORE_SIGINT_ENV).is_some() {
         // As a shell does for a background job, before the daemon's code runs.
         // SAFETY: no other thread runs yet, and SIG_IGN installs no handler code.

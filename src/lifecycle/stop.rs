@@ -1,5 +1,5 @@
-//! The daemon's lifecycle, seen from a client: [`stop`], which signals only a daemon verified
-//! over a live connection to be this directory's, running as our user.
+//! [`stop`]: signals only a daemon verified over a live connection to be this directory's,
+//! running as our user, and waits for it to exit.
 
 use std::path::Path;
 use std::time::Duration;
@@ -115,7 +115,7 @@ async fn verify(
 }
 
 /// Whether `pid` is gone or a zombie.
-fn exited(pid: u32) -> bool {
+pub(crate) fn exited(pid: u32) -> bool {
     match process::check_alive(pid) {
         Err(ProcessError::Gone | ProcessError::Zombie) => true,
         Err(_) => false,
@@ -128,7 +128,7 @@ fn exited(pid: u32) -> bool {
 
 /// Whether someone holds a `flock` on the lock file: `/proc/locks` names the locked inodes,
 /// so nothing here touches the lock (a try-lock would race a starting daemon's own).
-fn lock_held(lock: &Path) -> bool {
+pub(crate) fn lock_held(lock: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     let Ok(metadata) = std::fs::symlink_metadata(lock) else {
         return false;

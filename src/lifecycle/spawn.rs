@@ -1,0 +1,285 @@
+//! Starting a daemon on a miss: one spawner under any race, detached and clean, with a
+//! backoff across processes while started daemons do not serve.
+//!
+//! The decision goes by the lifetime lock, not by the reason a probe gave: a daemon that holds
+//! `grpc.lock` (starting, serving, or stopping) never gets a second one. `/proc/locks` tells who
+//! holds it without touching it. Under `sockets/spawn.lock` (`flock`, non-blocking) the spawner
+//! decides again, reads the attempt record, starts the daemon, and writes the record.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::fcntl::{Flock, FlockArg, OFlag};
+
+use super::auto_start::{AutoStart, log_tail};
+use super::stop::{exited, lock_held};
+use crate::paths::DaemonPaths;
+use crate::peer::own_uid;
+use crate::probe::check_sockets_dir;
+use crate::protocol::{AUTO_STARTED_ENV, DAEMON_LOG_FILE, SPAWN_LOCK_FILE, SPAWN_RECORD_FILE};
+
+/// The log is rotated (to `daemon.log.1`) when a spawn finds it over this size.
+const LOG_CAP: u64 = 1024 * 1024;
+/// The longest backoff between two starts whose daemons never served.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// What a spawn attempt did.
+#[derive(Debug)]
+pub(crate) enum SpawnOutcome {
+    /// A daemon was started.
+    Spawned(SpawnedChild),
+    /// No daemon was started, and that is fine: one holds the lock, one is starting, another
+    /// process is deciding, or the backoff holds. The reason is for logs.
+    NotNow(&'static str),
+    /// Starting is not allowed here (the directory is not ours, or not private).
+    Refused(&'static str),
+    /// The command could not be started.
+    Failed(String),
+}
+
+/// A started daemon, reaped by a thread of its own should it exit while this process runs.
+#[derive(Debug, Clone)]
+pub(crate) struct SpawnedChild {
+    pub(crate) pid: u32,
+    pub(crate) exit: Arc<OnceLock<ExitStatus>>,
+    pub(crate) log: PathBuf,
+}
+
+impl SpawnedChild {
+    /// Why the daemon is not coming, if it already exited: its status and its log's last lines.
+    pub(crate) fn failure(&self) -> Option<String> {
+        let status = self.exit.get()?;
+        let tail = log_tail(&self.log, 5).join("\n");
+        Some(format!(
+            "the started daemon (pid {}) exited ({status}) before serving; its log {} ends:\n{tail}",
+            self.pid,
+            self.log.display()
+        ))
+    }
+}
+
+/// Starts `auto`'s daemon for `paths`, unless a daemon holds the lock, one is pending, another
+/// process decides, or the backoff holds. Never creates the repository directory itself, and
+/// never starts anything when it is not ours: under `sudo`, a root-owned sockets directory
+/// would lock the user out of their own daemon.
+pub(crate) fn maybe_spawn(paths: &DaemonPaths, auto: &AutoStart) -> SpawnOutcome {
+    let Some(dir) = paths.sockets_dir.parent() else {
+        return SpawnOutcome::Refused("the sockets directory has no parent");
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if m.uid() == own_uid() => {}
+        Ok(_) => return SpawnOutcome::Refused("the directory belongs to another user"),
+        Err(_) => return SpawnOutcome::Refused("the directory does not exist"),
+    }
+    match nix::unistd::mkdir(
+        &paths.sockets_dir,
+        nix::sys::stat::Mode::from_bits_truncate(0o700),
+    ) {
+        Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+        Err(_) => return SpawnOutcome::Refused("the sockets directory cannot be made"),
+    }
+    if check_sockets_dir(&paths.sockets_dir).is_err() {
+        return SpawnOutcome::Refused("the sockets directory is not a private directory of ours");
+    }
+    if lock_held(&paths.lock) {
+        return SpawnOutcome::NotNow("a daemon holds the lifetime lock");
+    }
+    let Ok(lock) = open_private(&paths.sockets_dir.join(SPAWN_LOCK_FILE), false) else {
+        return SpawnOutcome::Refused("the spawn lock cannot be opened");
+    };
+    let Ok(_lock) = Flock::lock(lock, FlockArg::LockExclusiveNonblock) else {
+        return SpawnOutcome::NotNow("another process is starting the daemon");
+    };
+    // Decide again, now that no other process decides.
+    if lock_held(&paths.lock) {
+        return SpawnOutcome::NotNow("a daemon holds the lifetime lock");
+    }
+    let record = SpawnRecord::read(&paths.sockets_dir).unwrap_or_default();
+    let now = SystemTime::now();
+    if record.pending(now, auto.start_timeout) {
+        return SpawnOutcome::NotNow("a daemon started moments ago has not served yet");
+    }
+    if record.backoff_until().is_some_and(|until| now < until) {
+        return SpawnOutcome::NotNow("backing off after daemons that did not serve");
+    }
+    let log = paths.sockets_dir.join(DAEMON_LOG_FILE);
+    let spawned = spawn(auto, &log);
+    let next = SpawnRecord {
+        last_spawn_secs: now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        failures: record.failures.saturating_add(1),
+        spawns: record.spawns + 1,
+        pid: spawned.as_ref().map_or(0, |child| child.pid),
+    };
+    if let Err(e) = next.write(&paths.sockets_dir) {
+        tracing::warn!(error = %e, "could not write the spawn record");
+    }
+    match spawned {
+        Ok(child) => {
+            tracing::info!(pid = child.pid, log = %log.display(), "started the local daemon");
+            SpawnOutcome::Spawned(child)
+        }
+        Err(e) => SpawnOutcome::Failed(format!("starting {} failed: {e}", auto.program.display())),
+    }
+}
+
+/// The daemon is detached: its own process group (a Ctrl-C to the command's terminal does not
+/// reach it), stdin null, stdout and stderr to the log (never the command's, whose `$(...)`
+/// capture would then never end). Descriptors this crate opens are close-on-exec; one that the
+/// command itself inherited without it (an old make's jobserver pipe) is passed on, as closing
+/// an arbitrary descriptor needs `unsafe` code, which this crate forbids.
+fn spawn(auto: &AutoStart, log: &Path) -> io::Result<SpawnedChild> {
+    if !auto.program.is_absolute() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the program must be an absolute path",
+        ));
+    }
+    rotate(log);
+    let out = open_private(log, true)?;
+    let err = out.try_clone()?;
+    let mut command = Command::new(&auto.program);
+    command
+        .args(&auto.args)
+        .current_dir(&auto.current_dir)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .env(AUTO_STARTED_ENV, "1");
+    for name in &auto.env_remove {
+        command.env_remove(name);
+    }
+    for (key, value) in &auto.env {
+        command.env(key, value);
+    }
+    let mut child = command.spawn()?;
+    let pid = child.id();
+    let exit = Arc::new(OnceLock::new());
+    let reaped = exit.clone();
+    // No zombie: should the daemon exit while this process runs, this thread reaps it.
+    let reaper = std::thread::Builder::new()
+        .name("local-daemon-reaper".into())
+        .spawn(move || {
+            if let Ok(status) = child.wait() {
+                let _ = reaped.set(status);
+            }
+        });
+    if let Err(e) = reaper {
+        tracing::warn!(error = %e, "could not start a thread to reap the daemon");
+    }
+    Ok(SpawnedChild {
+        pid,
+        exit,
+        log: log.to_owned(),
+    })
+}
+
+/// Opens (creating `0600`) a file of the sockets directory, never through a symlink.
+fn open_private(path: &Path, append: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(!append)
+        .write(true)
+        .append(append)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
+        .open(path)
+}
+
+/// Moves a log over the cap aside, keeping one older log.
+fn rotate(log: &Path) {
+    if std::fs::symlink_metadata(log).is_ok_and(|m| m.len() > LOG_CAP) {
+        let mut old = log.as_os_str().to_owned();
+        old.push(".1");
+        let _ = std::fs::rename(log, old);
+    }
+}
+
+/// A daemon started here served: the backoff starts again from nothing. Writes only when
+/// there is something to reset.
+pub(crate) fn record_served(paths: &DaemonPaths) {
+    if let Some(record) = SpawnRecord::read(&paths.sockets_dir).filter(|r| r.failures > 0) {
+        let reset = SpawnRecord {
+            failures: 0,
+            ..record
+        };
+        let _ = reset.write(&paths.sockets_dir);
+    }
+}
+
+/// The attempt record, `sockets/spawn.record`: one line of
+/// `<last spawn, Unix seconds> <failures> <spawns> <pid>`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct SpawnRecord {
+    pub(crate) last_spawn_secs: u64,
+    /// Starts in a row not seen serving since.
+    pub(crate) failures: u32,
+    pub(crate) spawns: u64,
+    pub(crate) pid: u32,
+}
+
+impl SpawnRecord {
+    pub(crate) fn read(sockets_dir: &Path) -> Option<Self> {
+        let mut text = String::new();
+        File::open(sockets_dir.join(SPAWN_RECORD_FILE))
+            .ok()?
+            .take(256)
+            .read_to_string(&mut text)
+            .ok()?;
+        let mut fields = text.split_whitespace().map(str::parse::<u64>);
+        Some(Self {
+            last_spawn_secs: fields.next()?.ok()?,
+            failures: u32::try_from(fields.next()?.ok()?).ok()?,
+            spawns: fields.next()?.ok()?,
+            pid: u32::try_from(fields.next()?.ok()?).ok()?,
+        })
+    }
+
+    fn write(&self, sockets_dir: &Path) -> io::Result<()> {
+        let path = sockets_dir.join(SPAWN_RECORD_FILE);
+        let tmp = sockets_dir.join(format!("{SPAWN_RECORD_FILE}.tmp.{}", std::process::id()));
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
+            .open(&tmp)?;
+        writeln!(
+            file,
+            "{} {} {} {}",
+            self.last_spawn_secs, self.failures, self.spawns, self.pid
+        )?;
+        std::fs::rename(&tmp, path)
+    }
+
+    pub(crate) fn last_spawn(&self) -> Option<SystemTime> {
+        (self.spawns > 0).then(|| UNIX_EPOCH + Duration::from_secs(self.last_spawn_secs))
+    }
+
+    /// A started daemon that is still alive and younger than the start timeout is coming.
+    fn pending(&self, now: SystemTime, start_timeout: Duration) -> bool {
+        let young = self
+            .last_spawn()
+            .is_some_and(|at| now.duration_since(at).unwrap_or_default() < start_timeout);
+        young && self.pid != 0 && !exited(self.pid)
+    }
+
+    /// After starts that did not serve: 1 s, 2 s, 4 s … up to five minutes after the last.
+    pub(crate) fn backoff_until(&self) -> Option<SystemTime> {
+        let last = self.last_spawn()?;
+        let doublings = self.failures.checked_sub(1)?;
+        let backoff = Duration::from_secs(1)
+            .checked_mul(1 << doublings.min(16))
+            .unwrap_or(MAX_BACKOFF)
+            .min(MAX_BACKOFF);
+        Some(last + backoff)
+    }
+}

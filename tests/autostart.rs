@@ -1,0 +1,180 @@
+//! Auto-start: a daemon started on a miss, by one process under any race, detached from the
+//! command, backing off while it fails; never where the directory is not ours. Real processes.
+
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use support::*;
+use tower_local_daemon::{
+    AutoStart, DAEMON_LOG_FILE, FallbackReason, LocalDaemonStatus, Mode, Route, StopOutcome,
+    auto_start_status, probe, reset, stop,
+};
+
+/// Not a test: the entry point of this binary when it is re-executed.
+#[test]
+#[ignore = "the entry point of this binary re-executed as a daemon, not a test"]
+fn daemon_entry_point() {
+    run_daemon_if_asked();
+}
+
+/// A call process (this binary re-executed) that starts the daemon on a miss.
+fn call_process(dir: &std::path::Path) -> std::process::Command {
+    let mut command = reexec(
+        &std::env::current_exe().unwrap(),
+        Role::Call(dir.to_owned()),
+    );
+    command
+        .env(CALL_AUTO_START_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    command
+}
+
+/// How many daemons were started: each writes one line to the log as it starts.
+fn daemon_starts(dir: &TestDir) -> usize {
+    let log = dir.paths().sockets_dir.join(DAEMON_LOG_FILE);
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("daemon starting"))
+        .count()
+}
+
+#[tokio::test]
+async fn sixteen_commands_at_once_start_exactly_one_daemon() {
+    let dir = TestDir::new("auto-sixteen");
+    let children: Vec<_> = (0..16)
+        .map(|_| spawn(&mut call_process(dir.path())))
+        .collect();
+    for child in children {
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success(), "a call failed");
+    }
+    wait_until("the started daemon serves", || {
+        matches!(probe(dir.path()).status, LocalDaemonStatus::Running { .. })
+    });
+    assert_eq!(daemon_starts(&dir), 1, "spawns, not survivors");
+    assert_eq!(auto_start_status(dir.path()).spawns, 1);
+    // Later calls all use the one daemon.
+    let svc = layered(test_layer(dir.path()));
+    let response = echo(&mut EchoClient::new(svc), 1).await.unwrap();
+    assert!(matches!(
+        response.extensions().get::<Route>(),
+        Some(Route::Daemon { .. })
+    ));
+    assert!(matches!(
+        stop(dir.path(), Duration::from_secs(10)).await,
+        StopOutcome::Stopped { .. }
+    ));
+}
+
+#[tokio::test]
+async fn a_command_whose_output_is_captured_ends_while_its_daemon_lives_on() {
+    let dir = TestDir::new("auto-capture");
+    // As `$(cmd)` does: the capture ends when every writer of the pipe is gone.
+    let child = spawn(&mut call_process(dir.path()));
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(child.wait_with_output()).unwrap());
+    let output = finished
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the capture never ended: the daemon holds the command's stdout")
+        .unwrap();
+    assert!(output.status.success());
+    wait_until("the started daemon serves", || {
+        matches!(probe(dir.path()).status, LocalDaemonStatus::Running { .. })
+    });
+    assert!(matches!(
+        stop(dir.path(), Duration::from_secs(10)).await,
+        StopOutcome::Stopped { .. }
+    ));
+}
+
+/// A daemon command that fails at once, saying so on stderr.
+fn broken() -> AutoStart {
+    AutoStart::new("/bin/sh").args(["-c", "echo the daemon is broken >&2; exit 1"])
+}
+
+#[tokio::test]
+async fn a_daemon_that_fails_at_once_is_started_a_handful_of_times_not_per_command() {
+    let dir = TestDir::new("auto-crash-loop");
+    let layer = test_layer(dir.path())
+        .auto_start(broken())
+        .force_auto_start(true);
+    for id in 0..50 {
+        // Fifty commands over five seconds, each a fresh first call.
+        reset(dir.path());
+        let response = echo(&mut EchoClient::new(layered(layer.clone())), id)
+            .await
+            .unwrap();
+        assert_eq!(response.get_ref().served_by, "in-process");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = auto_start_status(dir.path());
+    assert!((1..=5).contains(&status.spawns), "{status:?}");
+    assert!(status.failures >= 1, "{status:?}");
+    assert!(
+        status
+            .log_tail
+            .iter()
+            .any(|l| l.contains("the daemon is broken")),
+        "{status:?}"
+    );
+}
+
+#[tokio::test]
+async fn in_require_mode_a_daemon_that_exits_fails_the_call_naming_its_log() {
+    let dir = TestDir::new("auto-require");
+    let svc = layered(
+        test_layer(dir.path())
+            .mode(Mode::Require)
+            .auto_start(broken())
+            .force_auto_start(true),
+    );
+    let status = echo(&mut EchoClient::new(svc.clone()), 1)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(status.message().contains("exited"), "{}", status.message());
+    assert!(
+        status.message().contains(DAEMON_LOG_FILE),
+        "{}",
+        status.message()
+    );
+    assert!(matches!(
+        svc.stats().unwrap().route,
+        Some(Err(FallbackReason::AutoStartFailed { .. }))
+    ));
+}
+
+#[tokio::test]
+async fn nothing_is_started_in_mode_off_when_switched_off_or_where_the_directory_is_not_ours() {
+    let dir = TestDir::new("auto-off");
+    let auto = || test_auto_start(dir.path());
+    let layers = [
+        test_layer(dir.path())
+            .mode(Mode::Off)
+            .auto_start(auto())
+            .force_auto_start(true),
+        test_layer(dir.path())
+            .auto_start(auto())
+            .auto_start_env_value(Some("0"))
+            .force_auto_start(true),
+    ];
+    for layer in layers {
+        echo(&mut EchoClient::new(layered(layer)), 1).await.unwrap();
+    }
+    assert_eq!(auto_start_status(dir.path()).spawns, 0);
+
+    // A sockets directory that is a symlink to another repository's.
+    let other = TestDir::new("auto-other");
+    std::fs::create_dir(other.paths().sockets_dir).unwrap();
+    std::os::unix::fs::symlink(other.paths().sockets_dir, dir.paths().sockets_dir).unwrap();
+    let layer = test_layer(dir.path())
+        .auto_start(auto())
+        .force_auto_start(true);
+    echo(&mut EchoClient::new(layered(layer)), 2).await.unwrap();
+    assert_eq!(auto_start_status(other.path()).spawns, 0);
+}
