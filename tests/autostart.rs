@@ -178,3 +178,61 @@ async fn nothing_is_started_in_mode_off_when_switched_off_or_where_the_directory
     echo(&mut EchoClient::new(layered(layer)), 2).await.unwrap();
     assert_eq!(auto_start_status(other.path()).spawns, 0);
 }
+
+#[tokio::test]
+async fn an_upgraded_daemon_is_stopped_and_a_new_one_started_by_a_client_of_the_new_build() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TestDir::new("auto-upgrade");
+    let tool = dir.path().join("tool");
+    let install = |to: &std::path::Path| {
+        std::fs::copy(std::env::current_exe().unwrap(), to).unwrap();
+        std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    install(&tool);
+    let old = DaemonProcess::start_with(
+        dir.path(),
+        DaemonOptions {
+            program: Some(tool.clone()),
+            ..DaemonOptions::default()
+        },
+    );
+    // The upgrade: the same bytes under a new inode, renamed over the daemon's executable.
+    let new_build = dir.path().join("tool.new");
+    install(&new_build);
+    std::fs::rename(&new_build, &tool).unwrap();
+
+    // A command of the new build: its call finds the old daemon replaced, stops it, starts a
+    // new one, and runs in-process meanwhile.
+    let mut command = reexec(&tool, Role::Call(dir.path().to_owned()));
+    command
+        .env(CALL_AUTO_START_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    let output = spawn(&mut command).wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("Some(InProcess)"), "{stdout}");
+
+    let old_pid = old.pid();
+    let (code, stderr) = old.wait_exit();
+    assert_eq!(code, Some(0), "the old daemon exits cleanly: {stderr}");
+    // The new daemon, of the new build, serves; the old one's files are gone with it.
+    let layer =
+        test_layer(dir.path()).identity(tower_local_daemon::IdentityPolicy::Executable(tool));
+    let svc = layered(layer);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let new_pid = loop {
+        assert!(std::time::Instant::now() < deadline, "no new daemon served");
+        let response = echo(&mut EchoClient::new(svc.clone()), 1).await.unwrap();
+        if let Some(Route::Daemon { pid }) = response.extensions().get::<Route>() {
+            break *pid;
+        }
+        svc.reset();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_ne!(new_pid, old_pid);
+    assert_eq!(
+        stop(dir.path(), Duration::from_secs(10)).await,
+        StopOutcome::Stopped { pid: new_pid }
+    );
+}

@@ -10,7 +10,7 @@ use tokio::runtime::Handle;
 use tokio::time::Instant;
 
 use super::entry::Entry;
-use super::state::{Slot, State, Verdict};
+use super::state::{Slot, State};
 use crate::config::Mode;
 use crate::connect::{ConnectionEnd, DaemonConnection, establish};
 use crate::lifecycle::{AutoStart, SpawnOutcome, SpawnedChild, StopOutcome, maybe_spawn, stop};
@@ -198,16 +198,6 @@ impl Entry {
                 .min(Duration::from_millis(50)),
             false => self.settings.reprobe_interval,
         }
-    }
-
-    /// Makes the negative verdict due now.
-    pub(super) fn make_due(&self, state: &mut State) {
-        if let Verdict::Negative { since, .. } = &mut state.verdict
-            && let Some(earlier) = Instant::now().checked_sub(self.settings.reprobe_interval)
-        {
-            *since = earlier;
-        }
-        self.reprobe_due.store(true, Ordering::Relaxed);
     }
 
     /// Why a daemon started here is not coming, if it exited already.

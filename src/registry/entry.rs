@@ -165,13 +165,11 @@ impl Entry {
             }
             match result {
                 Ok(target) => probed = Some(target),
+                // An upgraded daemon with auto-start on: the checks' task restarts it, and this
+                // call waits for the old one to stop (then runs in-process).
+                Err(FallbackReason::ExecutableReplaced) if self.settings.auto_start.is_some() => {}
                 Err(reason) => {
-                    let upgraded = reason == FallbackReason::ExecutableReplaced;
                     self.set_negative(&mut state, reason, runtime.as_ref());
-                    if upgraded && self.settings.auto_start.is_some() {
-                        // The restart runs in a re-probe: due at once.
-                        self.make_due(&mut state);
-                    }
                     return Poll::Ready((self.generation(), self.current(&state)));
                 }
             }
