@@ -615,6 +615,29 @@ fn whole_process(c: &mut Criterion, fixture: &Fixture) {
             })
         });
     }
+    // The first command after the daemon stopped, with auto-start: the call starts `demo serve`
+    // and runs in-process. Between samples, untimed, the started daemon is stopped again.
+    let restarted = fixture.dir.parent().unwrap().join("demo-auto-start");
+    std::fs::create_dir_all(&restarted).unwrap();
+    group.bench_function("in-process, cheap fallback, auto-start", |b| {
+        b.iter_batched(
+            || {
+                let _ = Command::new(&demo).arg("stop").arg(&restarted).output();
+            },
+            |()| {
+                let output = Command::new(&demo)
+                    .args(["call", "--auto-start"])
+                    .arg(&restarted)
+                    .env_remove("HEDDLE_LOCAL_DAEMON")
+                    .stderr(Stdio::null())
+                    .output()
+                    .unwrap();
+                assert!(output.status.success());
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    let _ = Command::new(&demo).arg("stop").arg(&restarted).output();
     group.finish();
     let _ = std::io::stdout().flush();
 }

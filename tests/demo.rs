@@ -17,7 +17,7 @@ fn demo() -> PathBuf {
 }
 
 #[test]
-fn the_tour_shows_both_routes_and_the_payoff() {
+fn the_tour_shows_both_routes_auto_start_and_the_payoff() {
     let output = Command::new(demo())
         .env_remove("HEDDLE_LOCAL_DAEMON")
         .output()
@@ -28,10 +28,14 @@ fn the_tour_shows_both_routes_and_the_payoff() {
         .lines()
         .filter_map(|l| l.trim().strip_prefix("route:   "))
         .collect();
-    assert_eq!(routes.len(), 3, "{stdout}");
+    // No daemon, a daemon, stopped, auto-started by a call, used by the next.
+    assert_eq!(routes.len(), 5, "{stdout}");
     assert_eq!(routes[0], "in-process");
     assert!(routes[1].starts_with("daemon (pid "), "{stdout}");
     assert_eq!(routes[2], "in-process");
+    assert_eq!(routes[3], "in-process");
+    assert!(routes[4].starts_with("daemon (pid "), "{stdout}");
+    assert!(stdout.contains("stopped the daemon"), "{stdout}");
     assert!(stdout.contains("The payoff"), "{stdout}");
     assert!(stdout.contains("A daemon pays off when"), "{stdout}");
 }

@@ -5,6 +5,7 @@
 //! cargo run --example demo                 # the tour: in-process, daemon, in-process, payoff
 //! cargo run --example demo -- serve DIR    # run a daemon for DIR until SIGTERM or Ctrl-C
 //! cargo run --example demo -- call DIR     # one call through the layer, then exit
+//! cargo run --example demo -- call --auto-start DIR   # the same, starting `demo serve DIR` on a miss
 //! cargo run --example demo -- status DIR   # every check, its outcome and what to do
 //! cargo run --example demo -- stop DIR     # stop DIR's daemon, once verified as DIR's
 //! ```
@@ -25,7 +26,7 @@ use echo::echo_server::EchoServer;
 use echo::{EchoRequest, EchoService};
 use tower::ServiceBuilder;
 use tower_local_daemon::{
-    Daemon, LazyFallback, LocalDaemonLayer, LocalDaemonStatus, Route, StopOutcome, probe,
+    AutoStart, Daemon, LazyFallback, LocalDaemonLayer, LocalDaemonStatus, Route, StopOutcome, probe,
 };
 
 fn main() -> ExitCode {
@@ -45,11 +46,12 @@ fn main() -> ExitCode {
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         [] => tour(),
         ["serve", dir] => runtime.block_on(serve(Path::new(dir))),
-        ["call", dir] => runtime.block_on(call(Path::new(dir))),
+        ["call", dir] => runtime.block_on(call(Path::new(dir), false)),
+        ["call", "--auto-start", dir] => runtime.block_on(call(Path::new(dir), true)),
         ["status", dir] => runtime.block_on(status(Path::new(dir))),
         ["stop", dir] => runtime.block_on(stop(Path::new(dir))),
         _ => {
-            eprintln!("usage: demo [serve DIR | call DIR | status DIR | stop DIR]");
+            eprintln!("usage: demo [serve DIR | call [--auto-start] DIR | status DIR | stop DIR]");
             ExitCode::from(2)
         }
     }
@@ -73,14 +75,20 @@ async fn serve(dir: &Path) -> ExitCode {
 }
 
 /// One call through the layer, the way a CLI verb makes it: a fresh process, a fresh layer.
-async fn call(dir: &Path) -> ExitCode {
+async fn call(dir: &Path, auto_start: bool) -> ExitCode {
     let build_cost = std::env::var("DEMO_FALLBACK_BUILD_MS")
         .ok()
         .and_then(|ms| ms.parse().ok())
         .map(Duration::from_millis)
         .unwrap_or_default();
+    let mut layer = LocalDaemonLayer::new(dir).mark_route(true);
+    if auto_start {
+        // This same binary is the daemon. Forced on: the tour runs under CI too.
+        let serve = AutoStart::current_exe(["serve".as_ref(), dir.as_os_str()]);
+        layer = layer.auto_start(serve).force_auto_start(true);
+    }
     let svc = ServiceBuilder::new()
-        .layer(LocalDaemonLayer::new(dir).mark_route(true))
+        .layer(layer)
         .service(LazyFallback::new(move || async move {
             // Stands for opening the repository: paid only when a call runs in-process.
             if !build_cost.is_zero() {
@@ -158,6 +166,27 @@ async fn stop(dir: &Path) -> ExitCode {
 async fn status(dir: &Path) -> ExitCode {
     let report = LocalDaemonLayer::new(dir).diagnose().await;
     println!("{report}");
+    let auto = tower_local_daemon::auto_start_status(dir);
+    if let Some(at) = auto.last_spawn {
+        let ago = at.elapsed().unwrap_or_default();
+        println!(
+            "auto-start: {} started, the last {:.1?} ago; {} in a row not seen serving",
+            auto.spawns, ago, auto.failures
+        );
+        if let Some(until) = auto
+            .backoff_until
+            .filter(|u| *u > std::time::SystemTime::now())
+        {
+            let left = until
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            println!("auto-start: backing off for {left:.1?}");
+        }
+        println!("auto-start: log {}", auto.log.display());
+        for line in &auto.log_tail {
+            println!("   | {line}");
+        }
+    }
     if report.usable() {
         ExitCode::SUCCESS
     } else {
@@ -187,7 +216,7 @@ fn run_tour(dir: &Path) -> ExitCode {
          takes {TOUR_BUILD_MS} ms here, as opening a large repository would.\n"
     );
     println!("1. No daemon is running. A call runs in-process:");
-    let in_process = demo_call(&exe, dir);
+    let in_process = demo_call(&exe, dir, &[]);
 
     println!("2. Start a daemon for it (this same binary, `demo serve DIR`), then call again:");
     let mut daemon = DaemonChild(
@@ -209,7 +238,7 @@ fn run_tour(dir: &Path) -> ExitCode {
         std::thread::sleep(Duration::from_millis(10));
     }
     println!("   (daemon pid {})", daemon.0.id());
-    let on_daemon = demo_call(&exe, dir);
+    let on_daemon = demo_call(&exe, dir, &[]);
 
     println!(
         "3. Stop the daemon (`demo stop DIR`: verified over a live connection, then SIGTERM; \
@@ -224,7 +253,21 @@ fn run_tour(dir: &Path) -> ExitCode {
         println!("   {line}");
     }
     daemon.stop();
-    demo_call(&exe, dir);
+    demo_call(&exe, dir, &[]);
+
+    println!("4. With auto-start (`demo call --auto-start DIR`): the call starts the daemon and");
+    println!("   runs in-process; the next command uses the daemon:");
+    let started = demo_call(&exe, dir, &["--auto-start"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(probe(dir).status, LocalDaemonStatus::Running { .. }) {
+        if Instant::now() > deadline {
+            eprintln!("the started daemon did not serve within 10 s");
+            return ExitCode::FAILURE;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    demo_call(&exe, dir, &["--auto-start"]);
+    let _ = Command::new(&exe).arg("stop").arg(dir).output();
 
     println!("The payoff, one command (a whole process) on each route:");
     println!(
@@ -245,6 +288,11 @@ fn run_tour(dir: &Path) -> ExitCode {
         );
     }
     println!(
+        "   {:<44} {:>12}",
+        "in-process, starting the daemon as well",
+        fmt(started.process)
+    );
+    println!(
         "A daemon pays off when opening the repository ({TOUR_BUILD_MS} ms here) costs more than \
          its checks and one round trip ({} here): for every command, once a daemon runs.",
         fmt(on_daemon.first.unwrap_or(on_daemon.process))
@@ -261,10 +309,11 @@ struct Timed {
 }
 
 /// Runs `demo call DIR` as its own process, as a CLI verb would run, and indents its output.
-fn demo_call(exe: &PathBuf, dir: &Path) -> Timed {
+fn demo_call(exe: &PathBuf, dir: &Path, flags: &[&str]) -> Timed {
     let start = Instant::now();
     let output = Command::new(exe)
         .arg("call")
+        .args(flags)
         .arg(dir)
         .env("DEMO_FALLBACK_BUILD_MS", TOUR_BUILD_MS.to_string())
         .output()
