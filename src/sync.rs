@@ -19,9 +19,16 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The tasks that wait for one shared piece of work; each is woken once when it ends.
+/// The tasks that wait for one shared piece of work; each is woken once when it ends. Dropped,
+/// they are woken too: a waiter is never forgotten.
 #[derive(Debug, Default)]
 pub(crate) struct Waiters(Vec<Waker>);
+
+impl Drop for Waiters {
+    fn drop(&mut self) {
+        self.0.drain(..).for_each(Waker::wake);
+    }
+}
 
 impl Waiters {
     /// Waiters holding the task of `cx`.
@@ -38,7 +45,7 @@ impl Waiters {
 
     /// Wakes every waiter.
     pub(crate) fn wake_all(self) {
-        self.0.into_iter().for_each(Waker::wake);
+        drop(self);
     }
 }
 

@@ -161,7 +161,7 @@ impl Daemon {
     ///
     /// Defaults: no version, a 5 s grace period, SIGTERM and SIGINT handled, and no idle exit,
     /// except for a daemon started on a miss (its environment has
-    /// [`AUTO_STARTED_ENV`](crate::AUTO_STARTED_ENV)), which exits after 4 hours without calls.
+    /// [`AUTO_STARTED_ENV`]), which exits after 4 hours without calls.
     /// Any daemon exits when its socket or sockets directory is removed under it.
     pub fn new(heddle_dir: impl AsRef<Path>) -> Self {
         Self {

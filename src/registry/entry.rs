@@ -89,6 +89,7 @@ impl Entry {
                 verdict: Verdict::Unprobed,
                 reprobe: None,
                 timers: Vec::new(),
+                probing: None,
                 spawned: None,
                 runtimes: Vec::new(),
             }),
@@ -151,10 +152,17 @@ impl Entry {
         if matches!(state.verdict, Verdict::Unprobed) && self.settings.mode == Mode::Auto {
             // The probe is cheap syscalls: run it here, so that the common "no daemon" case
             // decides without a task or a wake-up; outside the lock, so that a slow filesystem
-            // holds up this call only.
+            // holds up this call only, while the other first calls wait for it.
+            if let Some(waiters) = &mut state.probing {
+                waiters.register(cx);
+                return Poll::Pending;
+            }
+            state.probing = Some(Waiters::default());
             drop(state);
             let result = self.probe_or_start();
             state = self.lock();
+            // Woken when this decision is made, whichever way.
+            let _probing = state.probing.take();
             let changed = !matches!(state.verdict, Verdict::Unprobed)
                 || runtime
                     .as_ref()

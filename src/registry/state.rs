@@ -65,6 +65,8 @@ pub(super) struct State {
     pub(super) reprobe: Option<Reprobe>,
     /// The runtimes with a timer armed for the negative verdict's re-probe.
     pub(super) timers: Vec<tokio::runtime::Id>,
+    /// The first calls that wait while another call of the process probes, outside the lock.
+    pub(super) probing: Option<Waiters>,
     /// A daemon this process started on a miss, and when: until it serves (or the start
     /// timeout passes), re-probes come more often.
     pub(super) spawned: Option<(SpawnedChild, Instant)>,
