@@ -236,3 +236,34 @@ async fn an_upgraded_daemon_is_stopped_and_a_new_one_started_by_a_client_of_the_
         StopOutcome::Stopped { pid: new_pid }
     );
 }
+
+#[tokio::test]
+async fn a_started_daemon_holds_no_descriptor_the_command_inherited() {
+    use std::os::fd::AsRawFd;
+    let dir = TestDir::new("auto-fds");
+    // A pipe without close-on-exec, as a make jobserver's: every child of this test inherits it.
+    let (read, _write) = nix::unistd::pipe().unwrap();
+    let inode = std::fs::read_link(format!("/proc/self/fd/{}", read.as_raw_fd())).unwrap();
+    let output = spawn(&mut call_process(dir.path()))
+        .wait_with_output()
+        .unwrap();
+    assert!(output.status.success());
+    wait_until("the started daemon serves", || {
+        matches!(probe(dir.path()).status, LocalDaemonStatus::Running { .. })
+    });
+    let LocalDaemonStatus::Running { pid } = probe(dir.path()).status else {
+        unreachable!("checked just above")
+    };
+    let held: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .collect();
+    assert!(
+        !held.contains(&inode),
+        "the daemon holds {inode:?}: {held:?}"
+    );
+    assert!(matches!(
+        stop(dir.path(), Duration::from_secs(10)).await,
+        StopOutcome::Stopped { .. }
+    ));
+}

@@ -95,7 +95,7 @@ use self::listener::bind_private;
 use self::lock::LifetimeLock;
 pub use self::serve::BoundDaemon;
 use crate::paths::DaemonPaths;
-use crate::protocol::{AUTO_STARTED_ENV, PIDFILE_MARKER, SOCKET_FILE};
+use crate::protocol::{AUTO_STARTED_ENV, INHERITED_FDS_ENV, PIDFILE_MARKER, SOCKET_FILE};
 
 /// How long an auto-started daemon stays up without calls, unless it sets its own.
 const AUTO_STARTED_IDLE: Duration = Duration::from_secs(4 * 3600);
@@ -247,6 +247,7 @@ impl Daemon {
         if self.marker.is_empty() || !self.marker.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(DaemonError::InvalidMarker(self.marker));
         }
+        close_inherited_descriptors();
         let sockets = SocketsDir::open(&self.paths.sockets_dir)?;
         let directory = sockets
             .parent_identity()
@@ -270,5 +271,30 @@ impl Daemon {
     /// a signal arrives, or the idle timeout passes.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
         self.bind()?.serve(shutdown).await
+    }
+}
+
+/// Closes the descriptors that the command which started this daemon on a miss inherited
+/// without close-on-exec, as its [`INHERITED_FDS_ENV`] names them (`fd:device:inode`): a daemon
+/// that held a make jobserver's pipe would keep a build waiting. Each is closed only while its
+/// number still names that file.
+fn close_inherited_descriptors() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(list) = std::env::var_os(INHERITED_FDS_ENV) else {
+        return;
+    };
+    for entry in list.to_string_lossy().split(',') {
+        let mut fields = entry.split(':').map(str::parse::<u64>);
+        let (Some(Ok(fd)), Some(Ok(dev)), Some(Ok(ino))) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let same = std::fs::metadata(format!("/proc/self/fd/{fd}"))
+            .is_ok_and(|m| m.dev() == dev && m.ino() == ino);
+        if fd > 2 && same {
+            // A raw number is its own `IntoRawFd`: no `unsafe` needed to close it.
+            let _ = nix::unistd::close(fd as std::os::fd::RawFd);
+        }
     }
 }

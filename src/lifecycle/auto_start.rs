@@ -193,9 +193,19 @@ pub fn auto_start_status(heddle_dir: impl AsRef<Path>) -> AutoStartStatus {
 /// The last `lines` lines of a log, read from its end.
 pub(crate) fn log_tail(log: &Path, lines: usize) -> Vec<String> {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut file) = std::fs::File::open(log) else {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Never through a symlink, never blocking on a FIFO: the directory may be anyone's.
+    let flags = nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits())
+        .open(log);
+    let Ok(mut file) = opened else {
         return Vec::new();
     };
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Vec::new();
+    }
     let len = file.metadata().map_or(0, |m| m.len());
     let _ = file.seek(SeekFrom::Start(len.saturating_sub(8 * 1024)));
     let mut bytes = Vec::new();

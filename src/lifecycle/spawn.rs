@@ -22,7 +22,9 @@ use super::stop::{exited, lock_held};
 use crate::paths::DaemonPaths;
 use crate::peer::own_uid;
 use crate::probe::check_sockets_dir;
-use crate::protocol::{AUTO_STARTED_ENV, DAEMON_LOG_FILE, SPAWN_LOCK_FILE, SPAWN_RECORD_FILE};
+use crate::protocol::{
+    AUTO_STARTED_ENV, DAEMON_LOG_FILE, INHERITED_FDS_ENV, SPAWN_LOCK_FILE, SPAWN_RECORD_FILE,
+};
 
 /// The log is rotated (to `daemon.log.1`) when a spawn finds it over this size.
 const LOG_CAP: u64 = 1024 * 1024;
@@ -111,7 +113,9 @@ pub(crate) fn maybe_spawn(paths: &DaemonPaths, auto: &AutoStart) -> SpawnOutcome
     let log = paths.sockets_dir.join(DAEMON_LOG_FILE);
     let spawned = spawn(auto, &log);
     let next = SpawnRecord {
-        last_spawn_secs: now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        last_spawn_ms: now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
         failures: record.failures.saturating_add(1),
         spawns: record.spawns + 1,
         pid: spawned.as_ref().map_or(0, |child| child.pid),
@@ -130,9 +134,9 @@ pub(crate) fn maybe_spawn(paths: &DaemonPaths, auto: &AutoStart) -> SpawnOutcome
 
 /// The daemon is detached: its own process group (a Ctrl-C to the command's terminal does not
 /// reach it), stdin null, stdout and stderr to the log (never the command's, whose `$(...)`
-/// capture would then never end). Descriptors this crate opens are close-on-exec; one that the
-/// command itself inherited without it (an old make's jobserver pipe) is passed on, as closing
-/// an arbitrary descriptor needs `unsafe` code, which this crate forbids.
+/// capture would then never end). Descriptors this crate opens are close-on-exec; those the
+/// command itself inherited without it (an old make's jobserver pipe) are named to the daemon,
+/// which closes them as it binds.
 fn spawn(auto: &AutoStart, log: &Path) -> io::Result<SpawnedChild> {
     if !auto.program.is_absolute() {
         return Err(io::Error::new(
@@ -152,6 +156,17 @@ fn spawn(auto: &AutoStart, log: &Path) -> io::Result<SpawnedChild> {
         .stderr(err)
         .process_group(0)
         .env(AUTO_STARTED_ENV, "1");
+    // Each as `fd:device:inode`, so that the daemon closes only what the number still names.
+    let inherited: Vec<String> = inherited_descriptors()
+        .into_iter()
+        .filter_map(|fd| {
+            let m = std::fs::metadata(format!("/proc/self/fd/{fd}")).ok()?;
+            Some(format!("{fd}:{}:{}", m.dev(), m.ino()))
+        })
+        .collect();
+    if !inherited.is_empty() {
+        command.env(INHERITED_FDS_ENV, inherited.join(","));
+    }
     for name in &auto.env_remove {
         command.env_remove(name);
     }
@@ -202,9 +217,40 @@ fn rotate(log: &Path) {
     }
 }
 
+/// This process's descriptors above 2 without close-on-exec, from `/proc/self/fdinfo`: the
+/// ones a child inherits.
+fn inherited_descriptors() -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fdinfo") else {
+        return Vec::new();
+    };
+    let mut found: Vec<u32> = entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .filter(|fd| {
+            let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
+                return false;
+            };
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok());
+            flags.is_some_and(|f| f & OFlag::O_CLOEXEC.bits() as u32 == 0)
+        })
+        .collect();
+    found.sort_unstable();
+    found
+}
+
 /// A daemon started here served: the backoff starts again from nothing. Writes only when
-/// there is something to reset.
+/// there is something to reset, and only under the spawn lock (skipped while a spawner holds
+/// it: that one writes the record).
 pub(crate) fn record_served(paths: &DaemonPaths) {
+    let Ok(lock) = open_private(&paths.sockets_dir.join(SPAWN_LOCK_FILE), false) else {
+        return;
+    };
+    let Ok(_lock) = Flock::lock(lock, FlockArg::LockExclusiveNonblock) else {
+        return;
+    };
     if let Some(record) = SpawnRecord::read(&paths.sockets_dir).filter(|r| r.failures > 0) {
         let reset = SpawnRecord {
             failures: 0,
@@ -215,10 +261,10 @@ pub(crate) fn record_served(paths: &DaemonPaths) {
 }
 
 /// The attempt record, `sockets/spawn.record`: one line of
-/// `<last spawn, Unix seconds> <failures> <spawns> <pid>`.
+/// `<last spawn, Unix milliseconds> <failures> <spawns> <pid>`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct SpawnRecord {
-    pub(crate) last_spawn_secs: u64,
+    pub(crate) last_spawn_ms: u64,
     /// Starts in a row not seen serving since.
     pub(crate) failures: u32,
     pub(crate) spawns: u64,
@@ -235,7 +281,7 @@ impl SpawnRecord {
             .ok()?;
         let mut fields = text.split_whitespace().map(str::parse::<u64>);
         Some(Self {
-            last_spawn_secs: fields.next()?.ok()?,
+            last_spawn_ms: fields.next()?.ok()?,
             failures: u32::try_from(fields.next()?.ok()?).ok()?,
             spawns: fields.next()?.ok()?,
             pid: u32::try_from(fields.next()?.ok()?).ok()?,
@@ -255,13 +301,13 @@ impl SpawnRecord {
         writeln!(
             file,
             "{} {} {} {}",
-            self.last_spawn_secs, self.failures, self.spawns, self.pid
+            self.last_spawn_ms, self.failures, self.spawns, self.pid
         )?;
         std::fs::rename(&tmp, path)
     }
 
     pub(crate) fn last_spawn(&self) -> Option<SystemTime> {
-        (self.spawns > 0).then(|| UNIX_EPOCH + Duration::from_secs(self.last_spawn_secs))
+        (self.spawns > 0).then(|| UNIX_EPOCH + Duration::from_millis(self.last_spawn_ms))
     }
 
     /// A started daemon that is still alive and younger than the start timeout is coming.

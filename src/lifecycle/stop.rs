@@ -61,18 +61,20 @@ pub enum StopOutcome {
 pub async fn stop(heddle_dir: impl AsRef<Path>, timeout: Duration) -> StopOutcome {
     let dir = heddle_dir.as_ref();
     let paths = DaemonPaths::new(dir);
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now().checked_add(timeout);
     let pid = match verify(dir, &paths, timeout).await {
         Ok(Some(pid)) => pid,
         Ok(None) => return StopOutcome::NotRunning,
         Err(reason) => return StopOutcome::Refused { reason },
     };
+    // The lock this daemon holds: a daemon started after it holds another file's.
+    let lock = LockedFile::of(&paths.lock);
     if kill(Pid::from_raw(pid as i32), Signal::SIGTERM).is_err() {
         // It exited between the check and the signal.
         return StopOutcome::Stopped { pid };
     }
-    while !exited(pid) || lock_held(&paths.lock) {
-        if Instant::now() >= deadline {
+    while !exited(pid) || lock.is_some_and(|lock| lock.held()) {
+        if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
             return StopOutcome::TimedOut { pid };
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -126,19 +128,41 @@ pub(crate) fn exited(pid: u32) -> bool {
     }
 }
 
-/// Whether someone holds a `flock` on the lock file: `/proc/locks` names the locked inodes,
-/// so nothing here touches the lock (a try-lock would race a starting daemon's own).
+/// Whether someone holds a `flock` on the lock file. Nothing here touches the lock: a
+/// try-lock would race a starting daemon's own.
 pub(crate) fn lock_held(lock: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(metadata) = std::fs::symlink_metadata(lock) else {
-        return false;
-    };
-    let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
-        return false;
-    };
-    let inode = format!(":{}", metadata.ino());
-    locks.lines().any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        fields.get(1) == Some(&"FLOCK") && fields.get(5).is_some_and(|f| f.ends_with(&inode))
-    })
+    LockedFile::of(lock).is_some_and(|lock| lock.held())
+}
+
+/// A lock file, by device and inode.
+#[derive(Debug, Clone, Copy)]
+struct LockedFile {
+    major: u64,
+    minor: u64,
+    ino: u64,
+}
+
+impl LockedFile {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let metadata = std::fs::symlink_metadata(path).ok()?;
+        Some(Self {
+            major: nix::sys::stat::major(metadata.dev()),
+            minor: nix::sys::stat::minor(metadata.dev()),
+            ino: metadata.ino(),
+        })
+    }
+
+    /// `/proc/locks` names each lock's `major:minor:inode` (the device in hex). Unreadable, the
+    /// lock counts as held: nothing is started, and `stop` waits.
+    fn held(&self) -> bool {
+        let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
+            return true;
+        };
+        let file = format!("{:02x}:{:02x}:{}", self.major, self.minor, self.ino);
+        locks.lines().any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(1) == Some(&"FLOCK") && fields.get(5) == Some(&file.as_str())
+        })
+    }
 }

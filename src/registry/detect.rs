@@ -13,7 +13,10 @@ use super::entry::Entry;
 use super::state::{Slot, State};
 use crate::config::Mode;
 use crate::connect::{ConnectionEnd, DaemonConnection, establish};
-use crate::lifecycle::{AutoStart, SpawnOutcome, SpawnedChild, StopOutcome, maybe_spawn, stop};
+use crate::lifecycle::{
+    AutoStart, SpawnOutcome, SpawnedChild, StopOutcome, lock_held, maybe_spawn, stop,
+};
+use crate::paths::DaemonPaths;
 use crate::probe::{UdsTarget, probe_paths};
 use crate::reason::FallbackReason;
 use crate::sync::{CatchUnwind, lock};
@@ -158,7 +161,8 @@ impl Entry {
         if reason == FallbackReason::ExecutableReplaced {
             return Err(reason);
         }
-        match maybe_spawn(&self.paths, auto) {
+        // The daemon makes its files in `<dir>/sockets`, whatever paths this client probes.
+        match maybe_spawn(&DaemonPaths::new(&self.dir), auto) {
             SpawnOutcome::Spawned(child) => self.lock().spawned = Some((child, Instant::now())),
             SpawnOutcome::Failed(message) => {
                 return Err(FallbackReason::AutoStartFailed { message });
@@ -174,6 +178,10 @@ impl Entry {
     /// [`stop`](crate::stop) does it, and a new one started. Only on that reason: two different
     /// installed versions must not stop each other's daemons in turn.
     async fn restart(&self, auto: &AutoStart) {
+        if !runs_program(&self.paths, &auto.program) {
+            tracing::debug!(dir = %self.dir.display(), "the daemon runs another installation");
+            return;
+        }
         let stopped = stop(&self.dir, auto.start_timeout).await;
         tracing::info!(dir = %self.dir.display(), ?stopped, "restarting an upgraded local daemon");
         if let StopOutcome::Stopped { .. } = stopped {
@@ -200,9 +208,11 @@ impl Entry {
         }
     }
 
-    /// Why a daemon started here is not coming, if it exited already.
+    /// Why a daemon started here is not coming, if it exited already. One that exited because
+    /// another daemon holds the lock lost a race (`AlreadyRunning`): that one is coming.
     fn spawn_failure(&self) -> Option<String> {
-        self.lock().spawned.as_ref()?.0.failure()
+        let failure = self.lock().spawned.as_ref()?.0.failure()?;
+        (!lock_held(&DaemonPaths::new(&self.dir).lock)).then_some(failure)
     }
 
     pub(super) fn probe(&self) -> Result<UdsTarget, FallbackReason> {
@@ -389,4 +399,25 @@ impl Entry {
             waiters.wake_all();
         }
     }
+}
+
+/// Whether the pidfile's process runs (an older build at) `program`'s path: `/proc/<pid>/exe`
+/// names the path, with ` (deleted)` once the file was replaced. Another installation's daemon
+/// is never restarted by this one.
+fn runs_program(paths: &DaemonPaths, program: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(bytes) = std::fs::read(&paths.pidfile) else {
+        return false;
+    };
+    let Some(pid) = std::str::from_utf8(&bytes)
+        .ok()
+        .and_then(|text| text.lines().next()?.parse::<u32>().ok())
+    else {
+        return false;
+    };
+    let Ok(link) = std::fs::read_link(format!("/proc/{pid}/exe")) else {
+        return false;
+    };
+    let link = link.as_os_str().as_bytes();
+    link.strip_suffix(b" (deleted)").unwrap_or(link) == program.as_os_str().as_bytes()
 }

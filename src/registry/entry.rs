@@ -159,7 +159,18 @@ impl Entry {
             }
             state.probing = Some(Waiters::default());
             drop(state);
+            // Should the probe panic, the first calls waiting for it are not left waiting.
+            struct Unprobing<'a>(&'a Entry);
+            impl Drop for Unprobing<'_> {
+                fn drop(&mut self) {
+                    if std::thread::panicking() {
+                        drop(self.0.lock().probing.take());
+                    }
+                }
+            }
+            let unprobing = Unprobing(self);
             let result = self.probe_or_start();
+            drop(unprobing);
             state = self.lock();
             // Woken when this decision is made, whichever way.
             let _probing = state.probing.take();
@@ -300,8 +311,13 @@ impl Entry {
                 };
                 self.trace_decision("daemon", None);
                 if self.settings.auto_start.is_some() {
-                    record_served(&self.paths);
                     state.spawned = None;
+                    // Only for a daemon that may have been started on a miss; a file write,
+                    // so not under this lock: on a task of its own.
+                    let paths = DaemonPaths::new(&self.dir);
+                    if let Ok(handle) = Handle::try_current() {
+                        handle.spawn_blocking(move || record_served(&paths));
+                    }
                 }
                 state.verdict = Verdict::Target(connection.target);
                 state.runtimes.push((
