@@ -267,3 +267,20 @@ async fn a_started_daemon_holds_no_descriptor_the_command_inherited() {
         StopOutcome::Stopped { .. }
     ));
 }
+
+#[tokio::test]
+async fn nothing_is_started_for_a_directory_of_another_user() {
+    if !root_or_skip("nothing_is_started_for_a_directory_of_another_user") {
+        return;
+    }
+    let dir = TestDir::new("auto-foreign");
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    nix::unistd::chown(dir.path(), Some(nobody.uid), None).unwrap();
+    let layer = test_layer(dir.path())
+        .auto_start(test_auto_start(dir.path()))
+        .force_auto_start(true);
+    let response = echo(&mut EchoClient::new(layered(layer)), 1).await.unwrap();
+    assert_eq!(response.get_ref().served_by, "in-process");
+    // Not even the sockets directory is made: under `sudo`, it would lock the user out.
+    assert!(!dir.paths().sockets_dir.exists());
+}

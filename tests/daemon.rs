@@ -410,3 +410,14 @@ async fn call_longer_than_the_grace_period_is_aborted_and_the_daemon_still_stops
     let status = call.await.unwrap().unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
 }
+
+#[test]
+fn a_daemon_whose_socket_is_removed_under_it_exits() {
+    let dir = TestDir::new("socket-removed");
+    let daemon = DaemonProcess::start(dir.path());
+    std::fs::remove_file(dir.paths().socket).unwrap();
+    // It can be reached no more: it notices within about a second, and stops cleanly.
+    let (code, stderr) = daemon.wait_exit();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!dir.paths().pidfile.exists());
+}
