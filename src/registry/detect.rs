@@ -13,10 +13,6 @@ use super::entry::Entry;
 use super::state::{Slot, State};
 use crate::config::Mode;
 use crate::connect::{ConnectionEnd, DaemonConnection, establish};
-use crate::lifecycle::{
-    AutoStart, SpawnOutcome, SpawnedChild, StopOutcome, lock_held, maybe_spawn, stop,
-};
-use crate::paths::DaemonPaths;
 use crate::probe::{UdsTarget, probe_paths};
 use crate::reason::FallbackReason;
 use crate::sync::{CatchUnwind, lock};
@@ -145,74 +141,6 @@ impl Entry {
             finish.outcome = Some(CatchUnwind::new(checks).await);
             drop(finish);
         });
-    }
-
-    /// The probe; when it finds no daemon and auto-start is on, a daemon is started (by the
-    /// lifetime lock's rule, see `lifecycle`), and the calls go on by the probe's reason.
-    pub(super) fn probe_or_start(&self) -> Result<UdsTarget, FallbackReason> {
-        let reason = match self.probe() {
-            Ok(target) => return Ok(target),
-            Err(reason) => reason,
-        };
-        let Some(auto) = &self.settings.auto_start else {
-            return Err(reason);
-        };
-        // An upgraded daemon is restarted by a re-probe, which can wait for it to stop.
-        if reason == FallbackReason::ExecutableReplaced {
-            return Err(reason);
-        }
-        // The daemon makes its files in `<dir>/sockets`, whatever paths this client probes.
-        match maybe_spawn(&DaemonPaths::new(&self.dir), auto) {
-            SpawnOutcome::Spawned(child) => self.lock().spawned = Some((child, Instant::now())),
-            SpawnOutcome::Failed(message) => {
-                return Err(FallbackReason::AutoStartFailed { message });
-            }
-            SpawnOutcome::NotNow(why) | SpawnOutcome::Refused(why) => {
-                tracing::debug!(dir = %self.dir.display(), why, "no daemon started");
-            }
-        }
-        Err(reason)
-    }
-
-    /// A daemon whose executable was replaced on disk (an upgrade) is stopped the way
-    /// [`stop`](crate::stop) does it, and a new one started. Only on that reason: two different
-    /// installed versions must not stop each other's daemons in turn.
-    async fn restart(&self, auto: &AutoStart) {
-        if !runs_program(&self.paths, &auto.program) {
-            tracing::debug!(dir = %self.dir.display(), "the daemon runs another installation");
-            return;
-        }
-        let stopped = stop(&self.dir, auto.start_timeout).await;
-        tracing::info!(dir = %self.dir.display(), ?stopped, "restarting an upgraded local daemon");
-        if let StopOutcome::Stopped { .. } = stopped {
-            let _ = self.probe_or_start();
-        }
-    }
-
-    /// How long a negative decision stands: shorter while a daemon started here is coming.
-    pub(super) fn reprobe_interval(&self, state: &State) -> Duration {
-        let coming = |(child, at): &(SpawnedChild, Instant)| {
-            child.exit.get().is_none()
-                && self
-                    .settings
-                    .auto_start
-                    .as_ref()
-                    .is_some_and(|auto| at.elapsed() < auto.start_timeout)
-        };
-        match state.spawned.as_ref().is_some_and(coming) {
-            true => self
-                .settings
-                .reprobe_interval
-                .min(Duration::from_millis(50)),
-            false => self.settings.reprobe_interval,
-        }
-    }
-
-    /// Why a daemon started here is not coming, if it exited already. One that exited because
-    /// another daemon holds the lock lost a race (`AlreadyRunning`): that one is coming.
-    fn spawn_failure(&self) -> Option<String> {
-        let failure = self.lock().spawned.as_ref()?.0.failure()?;
-        (!lock_held(&DaemonPaths::new(&self.dir).lock)).then_some(failure)
     }
 
     pub(super) fn probe(&self) -> Result<UdsTarget, FallbackReason> {
@@ -399,25 +327,4 @@ impl Entry {
             waiters.wake_all();
         }
     }
-}
-
-/// Whether the pidfile's process runs (an older build at) `program`'s path: `/proc/<pid>/exe`
-/// names the path, with ` (deleted)` once the file was replaced. Another installation's daemon
-/// is never restarted by this one.
-fn runs_program(paths: &DaemonPaths, program: &std::path::Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(bytes) = std::fs::read(&paths.pidfile) else {
-        return false;
-    };
-    let Some(pid) = std::str::from_utf8(&bytes)
-        .ok()
-        .and_then(|text| text.lines().next()?.parse::<u32>().ok())
-    else {
-        return false;
-    };
-    let Ok(link) = std::fs::read_link(format!("/proc/{pid}/exe")) else {
-        return false;
-    };
-    let link = link.as_os_str().as_bytes();
-    link.strip_suffix(b" (deleted)").unwrap_or(link) == program.as_os_str().as_bytes()
 }

@@ -13,7 +13,9 @@
 //! again within the deadline. One dropped unfinished, because its runtime shut down, ends only
 //! that runtime's connection: the next runtime connects again.
 //!
-//! The types of the state are in `state`; running the checks, and re-probing, in `detect`.
+//! The types of the state are in `state`; the transitions (an outcome installed, a negative
+//! verdict, a connection's end) in `decide`; running the checks and re-probing in `detect`;
+//! starting a daemon on a miss in `auto_start`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -23,12 +25,11 @@ use std::task::{Context, Poll};
 use tokio::runtime::Handle;
 use tokio::time::Instant;
 
-use super::detect::{Checked, ConnectionId, Ids, Outcome, Run, time_driver_available};
+use super::detect::{ConnectionId, Ids, Run, time_driver_available};
 use super::state::{Reprobe, Slot, State, Verdict};
 use super::stats::{Counters, RouteStats};
 use crate::config::{Mode, Settings};
-use crate::connect::{DaemonClient, EndCause};
-use crate::lifecycle::record_served;
+use crate::connect::DaemonClient;
 use crate::paths::DaemonPaths;
 use crate::reason::FallbackReason;
 use crate::sync::{Waiters, lock};
@@ -123,7 +124,7 @@ impl Entry {
 
     /// A negative decision for `reason`: in-process, or refused in mode `require`. The one place
     /// that says what the mode means for a route.
-    fn negative(&self, reason: FallbackReason) -> Decision {
+    pub(super) fn negative(&self, reason: FallbackReason) -> Decision {
         match self.settings.mode {
             Mode::Require => Decision::Refused(reason),
             Mode::Auto | Mode::Off => Decision::InProcess,
@@ -277,144 +278,10 @@ impl Entry {
     }
 
     /// The decision now, for a runtime without a connection of its own.
-    fn current(&self, state: &State) -> Decision {
+    pub(super) fn current(&self, state: &State) -> Decision {
         match &state.verdict {
             Verdict::Negative { reason, .. } => self.negative(reason.clone()),
             _ => self.negative(FallbackReason::ConnectionLost),
-        }
-    }
-
-    /// Installs the outcome of a runtime's checks (its slot already taken out).
-    pub(super) fn install(
-        self: &Arc<Self>,
-        state: &mut State,
-        runtime: tokio::runtime::Id,
-        outcome: Outcome,
-    ) {
-        let checked = match outcome {
-            // A connection that ended before this moment found nothing to end, and its signal
-            // fires only once: it is checked here, under the lock `connection_ended` takes.
-            Ok(checked) if checked.end.has_fired() => {
-                checked.connection.task.abort();
-                Err(FallbackReason::ConnectionLost)
-            }
-            outcome => outcome,
-        };
-        match checked {
-            Ok(Checked { connection, id, .. }) => {
-                self.counters.channels_built.fetch_add(1, Ordering::Relaxed);
-                let route = DaemonRoute {
-                    client: connection.client,
-                    pid: connection.target.pid,
-                    id,
-                    runtime,
-                };
-                self.trace_decision("daemon", None);
-                if self.settings.auto_start.is_some() {
-                    state.spawned = None;
-                    // Only for a daemon that may have been started on a miss; a file write,
-                    // so not under this lock: on a task of its own.
-                    let paths = DaemonPaths::new(&self.dir);
-                    if let Ok(handle) = Handle::try_current() {
-                        handle.spawn_blocking(move || record_served(&paths));
-                    }
-                }
-                state.verdict = Verdict::Target(connection.target);
-                state.runtimes.push((
-                    runtime,
-                    Slot::Connected {
-                        route,
-                        task: connection.task,
-                    },
-                ));
-                self.bump();
-            }
-            Err(reason) => {
-                let handle = Handle::try_current().ok();
-                self.set_negative(state, reason, handle.as_ref());
-            }
-        }
-    }
-
-    /// No usable daemon, for every runtime: connections close, and a re-probe is scheduled.
-    pub(super) fn set_negative(
-        self: &Arc<Self>,
-        state: &mut State,
-        reason: FallbackReason,
-        runtime: Option<&Handle>,
-    ) {
-        self.counters.count_fallback(&reason);
-        let route = match self.settings.mode {
-            Mode::Require => "refused",
-            _ => "in-process",
-        };
-        self.trace_decision(route, Some(&reason));
-        state.close_all();
-        state.verdict = Verdict::Negative {
-            reason,
-            since: Instant::now(),
-        };
-        state.timers.clear();
-        self.reprobe_due.store(false, Ordering::Relaxed);
-        self.arm_timer(state, runtime);
-        self.bump();
-    }
-
-    /// Each decision in a span of its own, whose fields name the route and the reason's stable
-    /// code, for logs and for subscribers that count.
-    fn trace_decision(&self, route: &'static str, reason: Option<&FallbackReason>) {
-        let span = tracing::info_span!(
-            "local_daemon_decision",
-            dir = %self.dir.display(),
-            route,
-            reason = reason.map(FallbackReason::code),
-        );
-        span.in_scope(|| match reason {
-            Some(reason) => tracing::debug!(%reason, "calls run {route}"),
-            None => tracing::debug!("calls go to the daemon"),
-        });
-    }
-
-    /// The daemon connection `id` of `runtime` ended.
-    pub(crate) fn connection_ended(
-        self: &Arc<Self>,
-        id: ConnectionId,
-        runtime: tokio::runtime::Id,
-        cause: EndCause,
-    ) {
-        let mut state = self.lock();
-        let ours = matches!(
-            state.slot(runtime),
-            Some(Slot::Connected { route, .. }) if route.id == id
-        );
-        if !ours {
-            return;
-        }
-        match cause {
-            EndCause::Daemon => {
-                tracing::info!(
-                    dir = %self.dir.display(),
-                    "local daemon connection ended; calls run in-process"
-                );
-                let handle = Handle::try_current().ok();
-                self.set_negative(&mut state, FallbackReason::ConnectionLost, handle.as_ref());
-            }
-            EndCause::Unresponsive => {
-                tracing::info!(
-                    dir = %self.dir.display(),
-                    "local daemon did not answer keepalive; calls run in-process"
-                );
-                let handle = Handle::try_current().ok();
-                self.set_negative(&mut state, FallbackReason::ConnectionLost, handle.as_ref());
-            }
-            EndCause::RuntimeEnded => {
-                tracing::debug!(
-                    dir = %self.dir.display(),
-                    "the runtime of a local daemon connection ended; the next runtime connects again"
-                );
-                state.take_slot(runtime);
-                self.bump();
-            }
         }
     }
 

@@ -8,6 +8,8 @@
 //! builds a service per verb keeps its warm connection) and is then released: its connections
 //! close and it leaves the map.
 
+mod auto_start;
+mod decide;
 mod detect;
 mod entry;
 mod state;

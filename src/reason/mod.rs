@@ -1,5 +1,7 @@
 //! Why the daemon route was not taken: one typed reason for every check that can reject.
 
+mod advice;
+
 use std::fmt;
 use std::io;
 
@@ -210,136 +212,6 @@ pub enum FallbackReason {
         /// What went wrong.
         message: String,
     },
-}
-
-impl FallbackReason {
-    /// A stable, snake_case name for the reason, for logs and metrics: it never changes for an
-    /// existing reason, and a new reason gets a new name.
-    ///
-    /// ```
-    /// use tower_local_daemon::FallbackReason;
-    ///
-    /// assert_eq!(FallbackReason::NoPidfile.code(), "no_pidfile");
-    /// assert_eq!(FallbackReason::ForeignSocket { uid: 0 }.code(), "foreign_socket");
-    /// ```
-    pub fn code(&self) -> &'static str {
-        use FallbackReason::*;
-        match self {
-            SymlinkedSocketsDir => "symlinked_sockets_dir",
-            SocketsDirNotADirectory => "sockets_dir_not_a_directory",
-            ForeignSocketsDir { .. } => "foreign_sockets_dir",
-            OpenSocketsDir { .. } => "open_sockets_dir",
-            NoPidfile => "no_pidfile",
-            MalformedPidfile(_) => "malformed_pidfile",
-            UnreadablePidfile { .. } => "unreadable_pidfile",
-            LinkedPidfile { .. } => "linked_pidfile",
-            ProcessGone => "process_gone",
-            ProcessUnreadable { .. } => "process_unreadable",
-            ForeignProcess { .. } => "foreign_process",
-            ExecutableMismatch => "executable_mismatch",
-            ExecutableReplaced => "executable_replaced",
-            PidReused { .. } => "pid_reused",
-            NoSocket => "no_socket",
-            NotASocket => "not_a_socket",
-            ForeignSocket { .. } => "foreign_socket",
-            LinkedSocket { .. } => "linked_socket",
-            ConnectionRefused => "connection_refused",
-            Busy => "busy",
-            ConnectFailed { .. } => "connect_failed",
-            PeerUidMismatch { .. } => "peer_uid_mismatch",
-            PeerPidMismatch { .. } => "peer_pid_mismatch",
-            HandshakeFailed { .. } => "handshake_failed",
-            DeadlineExceeded => "deadline_exceeded",
-            NotServing { .. } => "not_serving",
-            ServiceNotHosted { .. } => "service_not_hosted",
-            HealthUnimplemented => "health_unimplemented",
-            VersionMismatch { .. } => "version_mismatch",
-            DirectoryMismatch { .. } => "directory_mismatch",
-            DirectoryUnreported => "directory_unreported",
-            ConnectionLost => "connection_lost",
-            AutoStartFailed { .. } => "auto_start_failed",
-            Disabled => "disabled",
-            Unsupported => "unsupported",
-            RuntimeUnusable { .. } => "runtime_unusable",
-        }
-    }
-
-    /// What to do about it, in one sentence for a person.
-    pub fn remedy(&self) -> &'static str {
-        use FallbackReason::*;
-        match self {
-            SymlinkedSocketsDir => {
-                "a symlinked sockets directory shares another directory's daemon; remove the link, and give each worktree its own state directory (or point the layer at the shared directory itself)"
-            }
-            SocketsDirNotADirectory => {
-                "remove whatever is at the sockets path; the daemon creates the directory"
-            }
-            ForeignSocketsDir { .. } => {
-                "the sockets directory belongs to another user; remove it and start the daemon as yourself"
-            }
-            OpenSocketsDir { .. } => {
-                "others can replace files in the sockets directory; `chmod 700` it, or remove it and start the daemon again"
-            }
-            LinkedPidfile { .. } | LinkedSocket { .. } => {
-                "a hard-linked daemon file may belong to another directory; remove the sockets directory's files and start the daemon again"
-            }
-            NoPidfile => "start the daemon if you want calls to use it",
-            MalformedPidfile(_) | UnreadablePidfile { .. } => {
-                "the pidfile was not written by a daemon of this format; stop whatever wrote it and start the daemon again"
-            }
-            ProcessGone | PidReused { .. } => {
-                "a stale pidfile: the daemon exited without cleaning up; start the daemon again"
-            }
-            ProcessUnreadable { .. } => {
-                "the process's /proc entry cannot be read (hidepid?); run the client as the daemon's user"
-            }
-            ForeignProcess { .. } | ForeignSocket { .. } | PeerUidMismatch { .. } => {
-                "the daemon belongs to another user; run it as yourself, or run the client as its user"
-            }
-            ExecutableMismatch => {
-                "the pidfile names a process of another executable: a stale pidfile, or a daemon of another tool; start the daemon again, or configure the identity policy"
-            }
-            ExecutableReplaced => {
-                "the daemon runs an older build of this executable, replaced on disk; stop it and start it again"
-            }
-            NoSocket | NotASocket => {
-                "the socket is missing or not a socket; stop the daemon and start it again"
-            }
-            ConnectionRefused => "nobody listens on the socket; start the daemon again",
-            Busy => "the daemon is overloaded (its listen backlog is full); retry later",
-            ConnectFailed { .. } => "check the socket's permissions, then start the daemon again",
-            PeerPidMismatch { .. } => {
-                "another process owns the socket than the pidfile names; stop both and start the daemon again"
-            }
-            HandshakeFailed { .. } => {
-                "the socket does not speak gRPC; stop whatever listens on it and start the daemon again"
-            }
-            DeadlineExceeded => {
-                "the daemon is hung or overloaded; check it, or stop it and start it again"
-            }
-            NotServing { .. } => "the daemon is starting or stopping; retry in a moment",
-            ServiceNotHosted { .. } | HealthUnimplemented | VersionMismatch { .. } => {
-                "the daemon is an older or other build; stop it and start it from this build"
-            }
-            DirectoryMismatch { .. } => {
-                "the daemon serves another directory (a shared, linked or moved sockets directory); stop it, remove the sockets directory here and start a daemon for this directory"
-            }
-            DirectoryUnreported => {
-                "the daemon does not say which directory it serves (an older or other implementation); upgrade it, or accept it with `accept_unverified_directory`"
-            }
-            ConnectionLost => "the daemon went away; the next re-probe picks up a new one",
-            AutoStartFailed { .. } => {
-                "read the daemon's log (`status` shows its last lines), fix the daemon command, and retry; starts back off while they fail"
-            }
-            Disabled => {
-                "set the mode to auto (for example HEDDLE_LOCAL_DAEMON=auto) to use a daemon"
-            }
-            Unsupported => "this platform is not supported yet; calls run in-process",
-            RuntimeUnusable { .. } => {
-                "call from a Tokio runtime built with `enable_all()` (I/O and time drivers)"
-            }
-        }
-    }
 }
 
 impl fmt::Display for FallbackReason {
