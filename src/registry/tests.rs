@@ -190,3 +190,61 @@ async fn require_mode_refuses_and_auto_runs_in_process_for_the_same_reason() {
         }
     }
 }
+
+/// A subscriber under which the checks' own trace event panics: a check that panics.
+struct PanicInTheChecks;
+
+impl tracing::Subscriber for PanicInTheChecks {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        if event.metadata().target().ends_with("registry::detect") {
+            panic!("a check panicked");
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn a_panic_in_the_checks_ends_the_detection_and_wakes_its_calls() {
+    let dir = TempDir::new("panic");
+    // Every check up to the connect passes; the connect is refused at once.
+    let paths = DaemonPaths::new(&dir.0);
+    std::fs::create_dir(&paths.sockets_dir).unwrap();
+    let pidfile = Pidfile::new(std::process::id(), 0);
+    std::fs::write(&paths.pidfile, pidfile.render()).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&paths.socket).unwrap());
+    let (_lease, entry) = entry(&dir.0, settings());
+    let _subscriber = tracing::subscriber::set_default(PanicInTheChecks);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut call = spawn(std::future::poll_fn(|cx| entry.poll_decision(cx)));
+        assert_pending!(call.poll());
+        for _ in 0..1_000 {
+            if call.is_woken() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        // The guard ended the run: the waiting call is woken, and routes in-process.
+        assert!(call.is_woken());
+        assert!(matches!(
+            assert_ready!(call.poll()),
+            (_, Decision::InProcess)
+        ));
+    });
+    assert!(matches!(
+        reason(&entry),
+        Some(FallbackReason::RuntimeUnusable { .. })
+    ));
+}
