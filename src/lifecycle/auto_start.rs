@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use super::spawn::SpawnRecord;
+use super::record::SpawnRecord;
 use crate::paths::DaemonPaths;
 use crate::protocol::DAEMON_LOG_FILE;
 

@@ -2,6 +2,7 @@
 //! `spawn`), and stopping it ([`stop`]) only once verified over a live connection.
 
 mod auto_start;
+mod record;
 mod spawn;
 mod stop;
 

@@ -7,29 +7,26 @@
 //! decides again, reads the attempt record, starts the daemon, and writes the record.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg, OFlag};
 
 use super::auto_start::{AutoStart, log_tail};
-use super::stop::{exited, lock_held};
+use super::record::SpawnRecord;
+use super::stop::lock_held;
 use crate::paths::DaemonPaths;
 use crate::peer::own_uid;
 use crate::probe::check_sockets_dir;
-use crate::protocol::{
-    AUTO_STARTED_ENV, DAEMON_LOG_FILE, INHERITED_FDS_ENV, SPAWN_LOCK_FILE, SPAWN_RECORD_FILE,
-};
+use crate::protocol::{AUTO_STARTED_ENV, DAEMON_LOG_FILE, INHERITED_FDS_ENV, SPAWN_LOCK_FILE};
 
 /// The log is rotated (to `daemon.log.1`) when a spawn finds it over this size.
 const LOG_CAP: u64 = 1024 * 1024;
-/// The longest backoff between two starts whose daemons never served.
-const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// What a spawn attempt did.
 #[derive(Debug)]
@@ -257,75 +254,5 @@ pub(crate) fn record_served(paths: &DaemonPaths) {
             ..record
         };
         let _ = reset.write(&paths.sockets_dir);
-    }
-}
-
-/// The attempt record, `sockets/spawn.record`: one line of
-/// `<last spawn, Unix milliseconds> <failures> <spawns> <pid>`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct SpawnRecord {
-    pub(crate) last_spawn_ms: u64,
-    /// Starts in a row not seen serving since.
-    pub(crate) failures: u32,
-    pub(crate) spawns: u64,
-    pub(crate) pid: u32,
-}
-
-impl SpawnRecord {
-    pub(crate) fn read(sockets_dir: &Path) -> Option<Self> {
-        let mut text = String::new();
-        File::open(sockets_dir.join(SPAWN_RECORD_FILE))
-            .ok()?
-            .take(256)
-            .read_to_string(&mut text)
-            .ok()?;
-        let mut fields = text.split_whitespace().map(str::parse::<u64>);
-        Some(Self {
-            last_spawn_ms: fields.next()?.ok()?,
-            failures: u32::try_from(fields.next()?.ok()?).ok()?,
-            spawns: fields.next()?.ok()?,
-            pid: u32::try_from(fields.next()?.ok()?).ok()?,
-        })
-    }
-
-    fn write(&self, sockets_dir: &Path) -> io::Result<()> {
-        let path = sockets_dir.join(SPAWN_RECORD_FILE);
-        let tmp = sockets_dir.join(format!("{SPAWN_RECORD_FILE}.tmp.{}", std::process::id()));
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
-            .open(&tmp)?;
-        writeln!(
-            file,
-            "{} {} {} {}",
-            self.last_spawn_ms, self.failures, self.spawns, self.pid
-        )?;
-        std::fs::rename(&tmp, path)
-    }
-
-    pub(crate) fn last_spawn(&self) -> Option<SystemTime> {
-        (self.spawns > 0).then(|| UNIX_EPOCH + Duration::from_millis(self.last_spawn_ms))
-    }
-
-    /// A started daemon that is still alive and younger than the start timeout is coming.
-    fn pending(&self, now: SystemTime, start_timeout: Duration) -> bool {
-        let young = self
-            .last_spawn()
-            .is_some_and(|at| now.duration_since(at).unwrap_or_default() < start_timeout);
-        young && self.pid != 0 && !exited(self.pid)
-    }
-
-    /// After starts that did not serve: 1 s, 2 s, 4 s … up to five minutes after the last.
-    pub(crate) fn backoff_until(&self) -> Option<SystemTime> {
-        let last = self.last_spawn()?;
-        let doublings = self.failures.checked_sub(1)?;
-        let backoff = Duration::from_secs(1)
-            .checked_mul(1 << doublings.min(16))
-            .unwrap_or(MAX_BACKOFF)
-            .min(MAX_BACKOFF);
-        Some(last + backoff)
     }
 }

@@ -7,8 +7,9 @@ use std::sync::atomic::Ordering;
 use tokio::runtime::Handle;
 use tokio::time::Instant;
 
-use super::detect::{Checked, ConnectionId, Outcome};
+use super::detect::{Checked, Outcome};
 use super::entry::{DaemonRoute, Entry};
+use super::ids::ConnectionId;
 use super::state::{Slot, State, Verdict};
 use crate::config::Mode;
 use crate::connect::EndCause;

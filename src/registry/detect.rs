@@ -2,7 +2,7 @@
 //! stop the work the other calls wait for; a guard that ends every run, however its task ends;
 //! and the timer that makes a negative decision due for a re-probe.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use tokio::runtime::Handle;
 use tokio::time::Instant;
 
 use super::entry::Entry;
+use super::ids::{ConnectionId, Run};
 use super::state::{Slot, State};
 use crate::config::Mode;
 use crate::connect::{ConnectionEnd, DaemonConnection, establish};
@@ -27,45 +28,6 @@ pub(super) struct Checked {
 
 /// What a run of the checks ends with.
 pub(super) type Outcome = Result<Checked, FallbackReason>;
-
-/// A detection that the calls of one runtime wait for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct DetectionId(u64);
-
-/// A re-probe in the background, which no call waits for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct ReprobeId(u64);
-
-/// One checked daemon connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ConnectionId(u64);
-
-/// A run of the checks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Run {
-    Waited(DetectionId),
-    Reprobe(ReprobeId),
-}
-
-/// Hands out each kind of id from its own counter.
-#[derive(Debug, Default)]
-pub(super) struct Ids {
-    detections: AtomicU64,
-    reprobes: AtomicU64,
-    connections: AtomicU64,
-}
-
-impl Ids {
-    pub(super) fn detection(&self) -> DetectionId {
-        DetectionId(self.detections.fetch_add(1, Ordering::Relaxed))
-    }
-    pub(super) fn reprobe(&self) -> ReprobeId {
-        ReprobeId(self.reprobes.fetch_add(1, Ordering::Relaxed))
-    }
-    pub(super) fn connection(&self) -> ConnectionId {
-        ConnectionId(self.connections.fetch_add(1, Ordering::Relaxed))
-    }
-}
 
 /// How a run ended.
 #[derive(Debug)]

@@ -25,7 +25,8 @@ use std::task::{Context, Poll};
 use tokio::runtime::Handle;
 use tokio::time::Instant;
 
-use super::detect::{ConnectionId, Ids, Run, time_driver_available};
+use super::detect::time_driver_available;
+use super::ids::{ConnectionId, Ids, Run};
 use super::state::{Reprobe, Slot, State, Verdict};
 use super::stats::{Counters, RouteStats};
 use crate::config::{Mode, Settings};

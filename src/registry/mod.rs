@@ -12,6 +12,7 @@ mod auto_start;
 mod decide;
 mod detect;
 mod entry;
+mod ids;
 mod state;
 mod stats;
 

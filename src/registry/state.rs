@@ -4,8 +4,8 @@
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use super::detect::{DetectionId, ReprobeId};
 use super::entry::DaemonRoute;
+use super::ids::{DetectionId, ReprobeId};
 use crate::lifecycle::SpawnedChild;
 use crate::probe::UdsTarget;
 use crate::reason::FallbackReason;

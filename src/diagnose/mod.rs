@@ -1,0 +1,137 @@
+//! "Why is my daemon not used?": every check in order, with its outcome, its timing and what
+//! to do about a failure. The library side of a tool's `status` verb.
+
+mod report;
+
+use std::path::Path;
+
+use crate::config::{IdentityPolicy, Mode, Settings};
+use crate::connect::{ConnectionEnd, connect_checked, handshake};
+use crate::paths::{DaemonPaths, FileIdentity};
+use crate::probe::{Passed, probe_observed};
+use crate::reason::FallbackReason;
+
+use self::report::Checks;
+pub use self::report::{Check, CheckOutcome, Report};
+
+/// [`Report`] for `heddle_dir` with the default options.
+pub async fn diagnose(heddle_dir: impl AsRef<Path>) -> Report {
+    run(heddle_dir.as_ref(), &Settings::default()).await
+}
+
+pub(crate) async fn run(dir: &Path, settings: &Settings) -> Report {
+    let mut checks = Checks::new();
+    let mode = match settings.mode {
+        Mode::Off => Err(FallbackReason::Disabled),
+        _ => Ok(()),
+    };
+    if checks
+        .record(format!("mode {}", settings.mode), mode.as_ref().map(|_| ()))
+        .is_none()
+    {
+        return checks.finish();
+    }
+
+    let paths = settings.paths(dir);
+    checks.start();
+    let mut pid = None;
+    let probed = probe_observed(&paths, settings, |result| {
+        if let Ok(Passed::Pidfile(pidfile)) = &result {
+            pid = Some(pidfile.pid);
+        }
+        let detail = probe_detail(&paths, settings, pid, &result);
+        checks.record(detail, result.map(|_| ()));
+    });
+    let Ok(target) = probed.into_target() else {
+        return checks.finish();
+    };
+
+    // Connect and handshake share one deadline, as in the client.
+    let deadline = tokio::time::Instant::now().checked_add(settings.deadline);
+    checks.start();
+    let connected = within(deadline, connect_checked(&target)).await;
+    let detail = match &connected {
+        Ok(_) => format!("connected; the peer is pid {} with our uid", target.pid),
+        Err(reason) => reason.to_string(),
+    };
+    checks.record(detail, connected.as_ref().map(|_| ()));
+    let Ok(stream) = connected else {
+        return checks.finish();
+    };
+    checks.start();
+    let shaken = within(deadline, async {
+        let (_, version, task) = handshake(stream, dir, settings, ConnectionEnd::ignored()).await?;
+        // The report keeps nothing: the connection closes.
+        task.abort();
+        Ok(version)
+    })
+    .await;
+    let served = match FileIdentity::following(dir) {
+        Ok(id) if !settings.accept_unverified_directory => format!("serves this directory ({id})"),
+        _ => "serves this directory, or does not say (accepted by option)".to_owned(),
+    };
+    let detail = match &shaken {
+        Ok(Some(version)) => format!("Health/Check SERVING; {served}; version {version}"),
+        Ok(None) => format!("Health/Check SERVING; {served}; no version reported"),
+        Err(reason) => reason.to_string(),
+    };
+    checks.record(detail, shaken.as_ref().map(|_| ()));
+    checks.finish()
+}
+
+/// `future`, failing with [`FallbackReason::DeadlineExceeded`] at `deadline` (none: never).
+async fn within<T>(
+    deadline: Option<tokio::time::Instant>,
+    future: impl Future<Output = Result<T, FallbackReason>>,
+) -> Result<T, FallbackReason> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, future)
+            .await
+            .unwrap_or(Err(FallbackReason::DeadlineExceeded)),
+        None => future.await,
+    }
+}
+
+/// What a probe stage found, for a person; `pid` is the pidfile's, once read.
+fn probe_detail(
+    paths: &DaemonPaths,
+    settings: &Settings,
+    pid: Option<u32>,
+    result: &Result<Passed<'_>, &FallbackReason>,
+) -> String {
+    match result {
+        Ok(Passed::Directory) => format!(
+            "{} is a private directory of ours",
+            paths.sockets_dir.display()
+        ),
+        Ok(Passed::Pidfile(p)) => format!(
+            "{} names pid {}, started at {}",
+            paths.pidfile.display(),
+            p.pid,
+            p.started_at
+        ),
+        Ok(Passed::Process(pid)) => {
+            format!("pid {pid} runs the expected executable as our uid")
+        }
+        Ok(Passed::Socket) => format!("{} is a socket of ours", paths.socket.display()),
+        Err(FallbackReason::ExecutableMismatch) => {
+            let pid = pid.unwrap_or_default();
+            format!(
+                "pidfile names pid {pid}, which runs `{}`, not {}",
+                process_name(pid),
+                match &settings.identity {
+                    IdentityPolicy::SameExecutable => "this executable".to_owned(),
+                    IdentityPolicy::Executable(path) => format!("{}", path.display()),
+                }
+            )
+        }
+        Err(reason) => reason.to_string(),
+    }
+}
+
+/// The process's command name, for a person to read.
+fn process_name(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/comm"))
+        .map(|name| String::from_utf8_lossy(name.trim_ascii_end()).into_owned())
+        .unwrap_or_else(|_| "an unknown program".to_owned())
+}
