@@ -78,6 +78,23 @@ async fn the_callers_deadline_is_cancelled_as_over_a_bare_channel() {
     assert_eq!(through_layer.message(), through_channel.message());
 }
 
+/// A call the daemon answers by resetting its stream with `reason`, over `transport`.
+async fn reset_call<T>(transport: T, reason: h2::Reason) -> tonic::Status
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tower::BoxError>,
+    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error: Into<tower::BoxError> + Send,
+{
+    let mut grpc = Grpc::new(transport);
+    assert!(grpc.ready().await.is_ok(), "the transport is not ready");
+    let codec = tonic_prost::ProstCodec::<EchoRequest, EchoReply>::default();
+    let request = tonic::Request::new(request(Code::Ok, 0));
+    grpc.unary(request, reset::path(reason), codec)
+        .await
+        .unwrap_err()
+}
+
 #[tokio::test]
 async fn a_stream_reset_by_the_daemon_gets_the_code_of_its_reason() {
     let dir = TestDir::new("s-reset");
@@ -93,29 +110,9 @@ async fn a_stream_reset_by_the_daemon_gets_the_code_of_its_reason() {
         (h2::Reason::INTERNAL_ERROR, Code::Internal),
     ];
     for (reason, code) in cases {
-        let codec = || tonic_prost::ProstCodec::<EchoRequest, EchoReply>::default();
-        let mut grpc = Grpc::new(svc.clone());
-        grpc.ready().await.unwrap();
-        let through_layer = grpc
-            .unary(
-                tonic::Request::new(request(Code::Ok, 0)),
-                reset::path(reason),
-                codec(),
-            )
-            .await
-            .unwrap_err();
+        let through_layer = reset_call(svc.clone(), reason).await;
         assert_eq!(through_layer.code(), code, "{reason:?}: {through_layer:?}");
-
-        let mut grpc = Grpc::new(channel.clone());
-        grpc.ready().await.unwrap();
-        let through_channel = grpc
-            .unary(
-                tonic::Request::new(request(Code::Ok, 0)),
-                reset::path(reason),
-                codec(),
-            )
-            .await
-            .unwrap_err();
+        let through_channel = reset_call(channel.clone(), reason).await;
         assert_eq!(
             through_channel.code(),
             code,
