@@ -80,6 +80,15 @@ pin_project! {
     }
 }
 
+impl<S: Service<Request>> Kind<S> {
+    fn rerouted(service: S, request: Request, mark: bool) -> Self {
+        Kind::Rerouted {
+            oneshot: Box::pin(Oneshot::new(service, request)),
+            mark,
+        }
+    }
+}
+
 impl<S: Service<Request>> ResponseFuture<S> {
     pub(crate) fn daemon(future: DaemonFuture, pid: u32, fallback: Option<S>, mark: bool) -> Self {
         Self {
@@ -100,17 +109,14 @@ impl<S: Service<Request>> ResponseFuture<S> {
 
     pub(crate) fn rerouted(service: S, request: Request, mark: bool) -> Self {
         Self {
-            kind: Kind::Rerouted {
-                oneshot: Box::pin(Oneshot::new(service, request)),
-                mark,
-            },
+            kind: Kind::rerouted(service, request, mark),
         }
     }
 
     /// A call that did not run: its connection closed first, and mode `require` forbids the
     /// in-process route.
-    pub(crate) fn unsent(request: Request) -> Self {
-        Self::failed(SendError::Unsent(Box::new(request)).into_status())
+    pub(crate) fn unsent() -> Self {
+        Self::failed(SendError::unsent_status())
     }
 
     pub(crate) fn refused(reason: FallbackReason) -> Self {
@@ -184,10 +190,7 @@ where
                     }
                     Err(SendError::Unsent(request)) if fallback.is_some() => {
                         let service = fallback.take().expect("checked by the guard");
-                        Kind::Rerouted {
-                            oneshot: Box::pin(Oneshot::new(service, *request)),
-                            mark: *mark,
-                        }
+                        Kind::rerouted(service, *request, *mark)
                     }
                     Err(e) => return Poll::Ready(Err(e.into_status().into())),
                 },

@@ -54,12 +54,17 @@ pub(crate) enum SendError {
 }
 
 impl SendError {
+    /// The status of a request that never left this process and may not run elsewhere.
+    pub(crate) fn unsent_status() -> Status {
+        Status::unavailable(
+            "the local daemon connection closed before the request was sent; it did not run",
+        )
+    }
+
     /// The status a caller sees.
     pub(crate) fn into_status(self) -> Status {
         match self {
-            Self::Unsent(_) => Status::unavailable(
-                "the local daemon connection closed before the request was sent; it did not run",
-            ),
+            Self::Unsent(_) => Self::unsent_status(),
             Self::TimedOut => Status::cancelled(TimeoutExpired(()).to_string()),
             Self::Failed(e) => daemon_status(&e),
         }

@@ -9,7 +9,7 @@ use nix::unistd::Pid;
 use tokio::time::Instant;
 
 use crate::config::Settings;
-use crate::connect::{ConnectionEnd, connect_checked, handshake};
+use crate::connect::{ConnectionEnd, establish};
 use crate::paths::DaemonPaths;
 use crate::probe::{UdsTarget, check_sockets_dir, read_pidfile};
 use crate::process::{self, ProcessError};
@@ -105,15 +105,11 @@ async fn verify(
         return Ok(None);
     }
     let target = UdsTarget::new(&paths.socket, pid);
-    let checked = async {
-        let stream = connect_checked(&target).await?;
-        let (_, _, task) = handshake(stream, dir, &settings, ConnectionEnd::ignored()).await?;
-        task.abort();
-        Ok(Some(pid))
-    };
-    tokio::time::timeout(timeout, checked)
+    let connection = establish(target, dir, &settings, ConnectionEnd::ignored())
         .await
-        .unwrap_or(Err(FallbackReason::DeadlineExceeded))
+        .result?;
+    connection.task.abort();
+    Ok(Some(pid))
 }
 
 /// Whether `pid` is gone or a zombie.
@@ -161,8 +157,8 @@ impl LockedFile {
         };
         let file = format!("{:02x}:{:02x}:{}", self.major, self.minor, self.ino);
         locks.lines().any(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            fields.get(1) == Some(&"FLOCK") && fields.get(5) == Some(&file.as_str())
+            let mut fields = line.split_whitespace();
+            fields.nth(1) == Some("FLOCK") && fields.nth(3) == Some(file.as_str())
         })
     }
 }

@@ -30,8 +30,7 @@ impl Entry {
         if reason == FallbackReason::ExecutableReplaced {
             return Err(reason);
         }
-        // The daemon makes its files in `<dir>/sockets`, whatever paths this client probes.
-        match maybe_spawn(&DaemonPaths::new(&self.dir), auto) {
+        match maybe_spawn(&self.daemon_paths, auto) {
             SpawnOutcome::Spawned(child) => self.lock().spawned = Some((child, Instant::now())),
             SpawnOutcome::Failed(message) => {
                 return Err(FallbackReason::AutoStartFailed { message });
@@ -81,7 +80,7 @@ impl Entry {
     /// another daemon holds the lock lost a race (`AlreadyRunning`): that one is coming.
     pub(super) fn spawn_failure(&self) -> Option<String> {
         let failure = self.lock().spawned.as_ref()?.0.failure()?;
-        (!lock_held(&DaemonPaths::new(&self.dir).lock)).then_some(failure)
+        (!lock_held(&self.daemon_paths.lock)).then_some(failure)
     }
 }
 

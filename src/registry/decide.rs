@@ -14,7 +14,6 @@ use super::state::{Slot, State, Verdict};
 use crate::config::Mode;
 use crate::connect::EndCause;
 use crate::lifecycle::record_served;
-use crate::paths::DaemonPaths;
 use crate::reason::FallbackReason;
 
 impl Entry {
@@ -44,11 +43,13 @@ impl Entry {
                     runtime,
                 };
                 self.trace_decision("daemon", None);
-                if self.settings.auto_start.is_some() {
+                let newly_served = !matches!(state.verdict, Verdict::Target(_));
+                if self.settings.auto_start.is_some() && newly_served {
                     state.spawned = None;
-                    // Only for a daemon that may have been started on a miss; a file write,
-                    // so not under this lock: on a task of its own.
-                    let paths = DaemonPaths::new(&self.dir);
+                    // Only for a daemon that may have been started on a miss, once per verdict
+                    // (not per runtime); a file write, so not under this lock: on a task of its
+                    // own.
+                    let paths = self.daemon_paths.clone();
                     if let Ok(handle) = Handle::try_current() {
                         handle.spawn_blocking(move || record_served(&paths));
                     }
@@ -125,18 +126,11 @@ impl Entry {
             return;
         }
         match cause {
-            EndCause::Daemon => {
+            EndCause::Daemon | EndCause::Unresponsive => {
                 tracing::info!(
                     dir = %self.dir.display(),
+                    ?cause,
                     "local daemon connection ended; calls run in-process"
-                );
-                let handle = Handle::try_current().ok();
-                self.set_negative(&mut state, FallbackReason::ConnectionLost, handle.as_ref());
-            }
-            EndCause::Unresponsive => {
-                tracing::info!(
-                    dir = %self.dir.display(),
-                    "local daemon did not answer keepalive; calls run in-process"
                 );
                 let handle = Handle::try_current().ok();
                 self.set_negative(&mut state, FallbackReason::ConnectionLost, handle.as_ref());

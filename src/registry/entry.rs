@@ -7,11 +7,9 @@
 //! runtime would drive; the probe's result is shared, and each runtime's checks run once for
 //! all its concurrent calls. Every change bumps the generation, the one thing a warm call reads.
 //!
-//! A connection that *finishes* (the daemon sent GOAWAY or closed it, or it broke) ends the
-//! daemon route for everyone at once. One that keepalive gave up on ends only its runtime's
-//! route: that runtime may simply not have been driven for a while, and its next call checks
-//! again within the deadline. One dropped unfinished, because its runtime shut down, ends only
-//! that runtime's connection: the next runtime connects again.
+//! A connection that *finishes* (the daemon sent GOAWAY or closed it, it broke, or keepalive
+//! gave up on it) ends the daemon route for everyone at once. One dropped unfinished, because
+//! its runtime shut down, ends only that runtime's connection: the next runtime connects again.
 //!
 //! The types of the state are in `state`; the transitions (an outcome installed, a negative
 //! verdict, a connection's end) in `decide`; running the checks and re-probing in `detect`;
@@ -61,6 +59,9 @@ pub(crate) struct DaemonRoute {
 pub(crate) struct Entry {
     pub(super) dir: PathBuf,
     pub(super) paths: DaemonPaths,
+    /// Where the daemon makes its files (`<dir>/sockets`), whatever `paths` this client
+    /// probes: what auto-start spawns, locks and records against.
+    pub(super) daemon_paths: DaemonPaths,
     pub(super) settings: Settings,
     /// Bumped under `state`'s lock on every change.
     generation: AtomicU64,
@@ -81,6 +82,7 @@ impl Entry {
         Self {
             dir: dir.to_owned(),
             paths: settings.paths(dir),
+            daemon_paths: DaemonPaths::new(dir),
             settings,
             generation: AtomicU64::new(0),
             reprobe_due: AtomicBool::new(false),

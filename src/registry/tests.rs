@@ -188,6 +188,8 @@ async fn require_mode_refuses_and_auto_runs_in_process_for_the_same_reason() {
             Decision::InProcess => assert!(!refused),
             other => panic!("{other:?}"),
         }
+        // The same verdict, whichever way the mode routes it.
+        assert_eq!(reason(&entry), Some(FallbackReason::NoPidfile));
     }
 }
 

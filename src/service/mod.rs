@@ -198,7 +198,7 @@ where
                     entry.connection_ended(id, runtime, EndCause::Daemon);
                 }
                 match self.shared.settings.mode {
-                    Mode::Require => ResponseFuture::unsent(request),
+                    Mode::Require => ResponseFuture::unsent(),
                     _ => {
                         if let Some(entry) = entry {
                             entry.count_in_process_call();

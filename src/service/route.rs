@@ -49,7 +49,8 @@ pub(super) struct Cached {
     pub(super) decision: Decision,
     /// On the daemon route: the last task seen to call from the route's runtime. A task never
     /// changes runtime, and its id is a thread-local read, where the runtime's handle is two
-    /// atomic operations on a line every worker shares.
+    /// atomic operations on a line every worker shares. Outside a task (a future driven by
+    /// `block_on` itself) there is no id, and each warm daemon call reads the handle.
     pub(super) task: Option<tokio::task::Id>,
     /// Calls routed by a negative decision since the slow path last looked at the clock.
     pub(super) unchecked: u8,
@@ -73,8 +74,8 @@ impl Cached {
 const CLOCK_CHECK_EVERY: u8 = 64;
 
 /// The route for the next call: the warm path is one atomic load and a comparison (on the
-/// daemon route, also a thread-local read). A new decision replaces the cached one, readiness
-/// included.
+/// daemon route, also a thread-local read, or the runtime's handle outside a task). A new
+/// decision replaces the cached one, readiness included.
 pub(super) fn poll_route<'a>(
     shared: &Shared,
     route: &'a mut Option<Cached>,
