@@ -12,6 +12,7 @@ use crate::lifecycle::{
     AutoStart, SpawnOutcome, SpawnedChild, StopOutcome, lock_held, maybe_spawn, stop,
 };
 use crate::paths::DaemonPaths;
+use crate::pidfile::Pidfile;
 use crate::probe::UdsTarget;
 use crate::reason::FallbackReason;
 
@@ -46,7 +47,7 @@ impl Entry {
     /// [`stop`](crate::stop) does it, and a new one started. Only on that reason: two different
     /// installed versions must not stop each other's daemons in turn.
     pub(super) async fn restart(&self, auto: &AutoStart) {
-        if !runs_program(&self.paths, &auto.program) {
+        if !runs_program(&self.paths, &self.settings.marker, &auto.program) {
             tracing::debug!(dir = %self.dir.display(), "the daemon runs another installation");
             return;
         }
@@ -87,15 +88,10 @@ impl Entry {
 /// Whether the pidfile's process runs (an older build at) `program`'s path: `/proc/<pid>/exe`
 /// names the path, with ` (deleted)` once the file was replaced. Another installation's daemon
 /// is never restarted by this one.
-fn runs_program(paths: &DaemonPaths, program: &std::path::Path) -> bool {
+/// The pidfile is read as the probe reads it: bounded, and never blocking on a FIFO.
+fn runs_program(paths: &DaemonPaths, marker: &str, program: &std::path::Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
-    let Ok(bytes) = std::fs::read(&paths.pidfile) else {
-        return false;
-    };
-    let Some(pid) = std::str::from_utf8(&bytes)
-        .ok()
-        .and_then(|text| text.lines().next()?.parse::<u32>().ok())
-    else {
+    let Ok(Pidfile { pid, .. }) = Pidfile::read(&paths.pidfile, marker) else {
         return false;
     };
     let Ok(link) = std::fs::read_link(format!("/proc/{pid}/exe")) else {
