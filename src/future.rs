@@ -73,7 +73,12 @@ pin_project! {
             fallback: Option<S>,
             mark: bool,
         },
-        InProcess { #[pin] future: S::Future, mark: bool },
+        // Unmarked, the common case, with no field beside the future: the future then keeps
+        // the size of the one it wraps (its niche holds the tag), and moving it costs no more.
+        InProcess { #[pin] future: S::Future },
+        // Marked (`mark_route`, a diagnostic): boxed, so that the mark costs an allocation
+        // rather than every unmarked call a larger future.
+        InProcessMarked { future: Pin<Box<S::Future>> },
         // Rare, and large (a whole request): boxed, so that the common routes stay small.
         Rerouted { oneshot: Pin<Box<Oneshot<S, Request>>>, mark: bool },
         Failed { status: Option<Box<Status>> },
@@ -102,9 +107,13 @@ impl<S: Service<Request>> ResponseFuture<S> {
     }
 
     pub(crate) fn in_process(future: S::Future, mark: bool) -> Self {
-        Self {
-            kind: Kind::InProcess { future, mark },
-        }
+        let kind = match mark {
+            false => Kind::InProcess { future },
+            true => Kind::InProcessMarked {
+                future: Box::pin(future),
+            },
+        };
+        Self { kind }
     }
 
     pub(crate) fn rerouted(service: S, request: Request, mark: bool) -> Self {
@@ -139,7 +148,9 @@ impl<S: Service<Request>> fmt::Debug for ResponseFuture<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let route = match &self.kind {
             Kind::Daemon { .. } => "daemon",
-            Kind::InProcess { .. } | Kind::Rerouted { .. } => "in-process",
+            Kind::InProcess { .. } | Kind::InProcessMarked { .. } | Kind::Rerouted { .. } => {
+                "in-process"
+            }
             Kind::Failed { .. } => "failed",
         };
         f.debug_struct("ResponseFuture")
@@ -148,17 +159,55 @@ impl<S: Service<Request>> fmt::Debug for ResponseFuture<S> {
     }
 }
 
+/// Polls an in-process future. Such futures may finish without ever yielding: each poll spends
+/// tokio's cooperative budget, so that a tight loop of them lets the runtime's other tasks (a
+/// re-probe, timers) run.
+fn poll_in_process<F, B, E>(
+    future: Pin<&mut F>,
+    cx: &mut Context<'_>,
+    mark: bool,
+) -> Poll<Result<http::Response<Body>, BoxError>>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+    E: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+    let result = std::task::ready!(future.poll(cx));
+    coop.made_progress();
+    Poll::Ready(
+        result
+            .map(|response| in_process(response, mark))
+            .map_err(Into::into),
+    )
+}
+
 /// The in-process response, with the tonic body and, when asked, the route's mark.
 fn in_process<B>(response: http::Response<B>, mark: bool) -> http::Response<Body>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let mut response = response.map(Body::new);
+    let mut response = response.map(into_body);
     if mark {
         response.extensions_mut().insert(Route::InProcess);
     }
     response
+}
+
+/// The body as tonic's [`Body`]: as it is when it already is one (a generated server's), without
+/// the checks [`Body::new`] makes first; the type test is resolved at compile time.
+fn into_body<B>(body: B) -> Body
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let mut slot = Some(body);
+    if let Some(body) = (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<Body>>() {
+        return body.take().unwrap_or_default();
+    }
+    slot.map(Body::new).unwrap_or_default()
 }
 
 impl<S, B> Future for ResponseFuture<S>
@@ -194,18 +243,9 @@ where
                     }
                     Err(e) => return Poll::Ready(Err(e.into_status().into())),
                 },
-                KindProj::InProcess { future, mark } => {
-                    // In-process futures may finish without ever yielding: spend tokio's
-                    // cooperative budget, so that a tight loop of them lets the runtime's
-                    // other tasks (a re-probe, timers) run.
-                    let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
-                    let result = std::task::ready!(future.poll(cx));
-                    coop.made_progress();
-                    return Poll::Ready(
-                        result
-                            .map(|response| in_process(response, *mark))
-                            .map_err(Into::into),
-                    );
+                KindProj::InProcess { future } => return poll_in_process(future, cx, false),
+                KindProj::InProcessMarked { future } => {
+                    return poll_in_process(future.as_mut(), cx, true);
                 }
                 KindProj::Rerouted { oneshot, mark } => {
                     let result = std::task::ready!(oneshot.as_mut().poll(cx));

@@ -64,8 +64,11 @@ pub(crate) fn own_executable() -> Result<FileIdentity, io::ErrorKind> {
 #[cfg(target_os = "linux")]
 mod imp {
     use super::*;
+    use std::path::Path;
     #[cfg(feature = "client")]
-    use {nix::errno::Errno, nix::sys::signal::kill, nix::unistd::Pid, std::path::Path};
+    use {
+        nix::errno::Errno, nix::sys::signal::kill, nix::unistd::Pid, std::os::unix::fs::MetadataExt,
+    };
 
     /// `/proc/self/exe` names the file we run even after it was replaced or deleted on disk,
     /// where `current_exe()` would give a path ending in ` (deleted)`.
@@ -90,27 +93,38 @@ mod imp {
 
     #[cfg(feature = "client")]
     impl ProcessInfo {
-        /// The effective uid, from `/proc/<pid>/status`; a zombie is reported as such.
+        /// The effective uid. `/proc/<pid>` is owned by it (one `stat`, where `status` is a
+        /// file the kernel composes line by line), except for a process that is not dumpable
+        /// (setuid, or `PR_SET_DUMPABLE` 0), which shows root there: any owner other than ours
+        /// is confirmed from `/proc/<pid>/status`. Run as root, such a process of another user
+        /// passes here, and the socket's owner and the connection's peer credentials refuse it.
         pub(crate) fn effective_uid(&self) -> Result<u32, ProcessError> {
+            let dir = format!("/proc/{}", self.pid);
+            let owner = std::fs::metadata(&dir)
+                .map_err(|e| self.missing(e.kind()))?
+                .uid();
+            if owner == crate::peer::own_uid() {
+                return Ok(owner);
+            }
             let status = self.read("status")?;
-            let mut uid = None;
-            for line in status.split(|&b| b == b'\n') {
-                if let Some(state) = line.strip_prefix(b"State:") {
-                    let state = state.trim_ascii_start();
-                    if state.starts_with(b"Z") || state.starts_with(b"X") {
-                        return Err(ProcessError::Zombie);
-                    }
-                } else if let Some(uids) = line.strip_prefix(b"Uid:") {
+            status
+                .split(|&b| b == b'\n')
+                .find_map(|line| line.strip_prefix(b"Uid:"))
+                .and_then(|uids| {
                     // Real, effective, saved, filesystem.
-                    uid = uids
-                        .split(u8::is_ascii_whitespace)
+                    uids.split(u8::is_ascii_whitespace)
                         .filter(|field| !field.is_empty())
                         .nth(1)
-                        .and_then(parse_decimal);
-                }
-            }
-            uid.map(|uid| uid as u32)
+                        .and_then(parse_decimal)
+                })
+                .map(|uid| uid as u32)
                 .ok_or(ProcessError::Unreadable(io::ErrorKind::InvalidData))
+        }
+
+        /// Whether the process has exited and waits to be reaped (state `Z` or `X`).
+        pub(crate) fn zombie(&self) -> Result<bool, ProcessError> {
+            let stat = self.read("stat")?;
+            Ok(matches!(stat_field(&stat, 3)?, b"Z" | b"X"))
         }
 
         /// The executable's identity.
@@ -143,10 +157,16 @@ mod imp {
         }
 
         fn read(&self, file: &str) -> Result<Vec<u8>, ProcessError> {
-            std::fs::read(format!("/proc/{}/{file}", self.pid)).map_err(|e| match e.kind() {
+            read_proc(Path::new(&format!("/proc/{}/{file}", self.pid)))
+                .map_err(|e| self.missing(e.kind()))
+        }
+
+        /// A `/proc` entry of this process that could not be read: gone, if it is ours.
+        fn missing(&self, kind: io::ErrorKind) -> ProcessError {
+            match kind {
                 io::ErrorKind::NotFound if !self.foreign => ProcessError::Gone,
                 kind => self.unreadable(kind),
-            })
+            }
         }
 
         /// A process that `kill` found alive and someone else's, whose `/proc` entry we cannot
@@ -161,29 +181,42 @@ mod imp {
         }
     }
 
+    /// A `/proc` file, whole. The kernel composes it on the first `read`, and reports no size:
+    /// one buffer large enough for `stat` and `status` reads it in one call, where
+    /// `std::fs::read` would probe with small reads.
+    fn read_proc(path: &Path) -> io::Result<Vec<u8>> {
+        use std::io::Read;
+        let mut contents = Vec::with_capacity(4096);
+        std::fs::File::open(path)?.read_to_end(&mut contents)?;
+        Ok(contents)
+    }
+
     /// This process's own start, for the daemon's lock record.
     #[cfg(feature = "daemon")]
     pub(crate) fn own_start() -> Result<ProcessStart, ProcessError> {
-        let stat =
-            std::fs::read("/proc/self/stat").map_err(|e| ProcessError::Unreadable(e.kind()))?;
+        let stat = read_proc(Path::new("/proc/self/stat"))
+            .map_err(|e| ProcessError::Unreadable(e.kind()))?;
         Ok(ProcessStart {
             ticks: start_ticks(&stat)?,
             boot_id: boot_id()?,
         })
     }
 
-    /// Field 22 of `/proc/<pid>/stat`: the start time in clock ticks since boot. The command
-    /// name (field 2) may hold any bytes, spaces and parentheses included: fields resume after
-    /// the last `)`.
+    /// Field 22 of `/proc/<pid>/stat`: the start time in clock ticks since boot.
     fn start_ticks(stat: &[u8]) -> Result<u64, ProcessError> {
+        parse_decimal(stat_field(stat, 22)?)
+            .ok_or(ProcessError::Unreadable(io::ErrorKind::InvalidData))
+    }
+
+    /// Field `n` (from 3, the state) of `/proc/<pid>/stat`. The command name (field 2) may hold
+    /// any bytes, spaces and parentheses included: fields resume after the last `)`.
+    fn stat_field(stat: &[u8], n: usize) -> Result<&[u8], ProcessError> {
         let invalid = ProcessError::Unreadable(io::ErrorKind::InvalidData);
         let close = stat.iter().rposition(|&b| b == b')').ok_or(invalid)?;
         stat[close + 1..]
             .split(u8::is_ascii_whitespace)
             .filter(|field| !field.is_empty())
-            // Field 3 is the first after the command name.
-            .nth(22 - 3)
-            .and_then(parse_decimal)
+            .nth(n.checked_sub(3).ok_or(invalid)?)
             .ok_or(invalid)
     }
 
@@ -213,6 +246,22 @@ mod imp {
             let stat =
                 b"42 (a) b\xff\xfe)) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 777 19 20\n";
             assert_eq!(start_ticks(stat), Ok(777));
+        }
+
+        #[test]
+        fn an_unreaped_child_is_a_zombie_and_is_ours() {
+            let mut child = std::process::Command::new("true").spawn().unwrap();
+            let info = check_alive(child.id()).unwrap();
+            // Not reaped until `wait`: alive to `kill`, a zombie to `/proc`.
+            while !info.zombie().unwrap() {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            assert_eq!(info.effective_uid(), Ok(crate::peer::own_uid()));
+            assert_eq!(info.executable(), Err(ProcessError::Zombie));
+            child.wait().unwrap();
+            assert_eq!(check_alive(child.id()).err(), Some(ProcessError::Gone));
+            let me = check_alive(std::process::id()).unwrap();
+            assert_eq!(me.zombie(), Ok(false));
         }
 
         #[test]
@@ -248,6 +297,9 @@ mod imp {
     #[cfg(feature = "client")]
     impl ProcessInfo {
         pub(crate) fn effective_uid(&self) -> Result<u32, ProcessError> {
+            Err(ProcessError::Unsupported)
+        }
+        pub(crate) fn zombie(&self) -> Result<bool, ProcessError> {
             Err(ProcessError::Unsupported)
         }
         pub(crate) fn executable(&self) -> Result<FileIdentity, ProcessError> {

@@ -117,10 +117,7 @@ pub(crate) fn exited(pid: u32) -> bool {
     match process::check_alive(pid) {
         Err(ProcessError::Gone | ProcessError::Zombie) => true,
         Err(_) => false,
-        Ok(info) => matches!(
-            info.effective_uid(),
-            Err(ProcessError::Zombie | ProcessError::Gone)
-        ),
+        Ok(info) => matches!(info.zombie(), Ok(true) | Err(ProcessError::Gone)),
     }
 }
 

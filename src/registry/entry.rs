@@ -101,18 +101,22 @@ impl Entry {
         }
     }
 
+    #[inline]
     pub(crate) fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
 
+    #[inline]
     pub(crate) fn reprobe_due(&self) -> bool {
         self.reprobe_due.load(Ordering::Relaxed)
     }
 
+    #[inline]
     pub(crate) fn count_daemon_call(&self) {
         self.counters.daemon_calls.add_one();
     }
 
+    #[inline]
     pub(crate) fn count_in_process_call(&self) {
         self.counters.in_process_calls.add_one();
     }

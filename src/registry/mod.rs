@@ -66,6 +66,7 @@ impl Lease {
         Self { entry }
     }
 
+    #[inline]
     pub(crate) fn entry(&self) -> &Arc<Entry> {
         &self.entry
     }

@@ -1,6 +1,7 @@
 //! [`RouteStats`] and the counters behind them. The per-call counters are sharded by thread, so
 //! that concurrent callers never write one cache line.
 
+use std::cell::Cell;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -41,6 +42,7 @@ const SHARDS: usize = 16;
 struct Shard(AtomicU64);
 
 impl ShardedCounter {
+    #[inline]
     pub(super) fn add_one(&self) {
         self.shards[shard()].0.fetch_add(1, Ordering::Relaxed);
     }
@@ -59,13 +61,22 @@ impl ShardedCounter {
     }
 }
 
-/// This thread's shard: threads take shards in turn as they first count.
+/// This thread's shard: threads take shards in turn as they first count. The thread-local is
+/// constant-initialized (a plain load, no lazy-init check), and set on the first count.
+#[inline]
 fn shard() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
-        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+        static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
     }
-    SHARD.with(|shard| *shard)
+    SHARD.with(|shard| match shard.get() {
+        usize::MAX => {
+            let taken = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+            shard.set(taken);
+            taken
+        }
+        taken => taken,
+    })
 }
 
 /// The counters of one entry.

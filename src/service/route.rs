@@ -29,6 +29,7 @@ impl Shared {
     }
 
     /// The registry entry, looked up once (one `stat` and a map lookup) for all clones.
+    #[inline]
     pub(super) fn entry(&self) -> Option<&Arc<Entry>> {
         if self.settings.mode == Mode::Off {
             return None;
@@ -76,6 +77,7 @@ const CLOCK_CHECK_EVERY: u8 = 64;
 /// The route for the next call: the warm path is one atomic load and a comparison (on the
 /// daemon route, also a thread-local read, or the runtime's handle outside a task). A new
 /// decision replaces the cached one, readiness included.
+#[inline]
 pub(super) fn poll_route<'a>(
     shared: &Shared,
     route: &'a mut Option<Cached>,
@@ -85,30 +87,54 @@ pub(super) fn poll_route<'a>(
         // Mode off: in-process for good.
         return Poll::Ready(route.get_or_insert_with(|| Cached::new(0, Decision::InProcess)));
     };
-    let fresh = match route {
-        Some(cached) if cached.generation == entry.generation() => match &cached.decision {
-            Decision::Daemon(daemon) => same_runtime(&mut cached.task, daemon.runtime),
-            Decision::InProcess | Decision::Refused(_) => {
-                cached.unchecked += 1;
-                !entry.reprobe_due() && cached.unchecked < CLOCK_CHECK_EVERY
-            }
-        },
-        _ => false,
-    };
-    if !fresh {
-        let (generation, decision) = std::task::ready!(entry.poll_decision(cx));
-        *route = Some(Cached::new(generation, decision));
+    if route.as_mut().is_some_and(|cached| cached.fresh(entry)) {
+        return route.as_mut().map_or(Poll::Pending, Poll::Ready);
     }
-    route.as_mut().map_or(Poll::Pending, Poll::Ready)
+    poll_new_route(entry, route, cx)
 }
 
-/// Whether this call comes from `runtime`: the task that last did, or the runtime's handle.
-/// Tokio takes task ids from one process-wide counter, so an id is never another task's.
-fn same_runtime(task: &mut Option<tokio::task::Id>, runtime: tokio::runtime::Id) -> bool {
-    let current = tokio::task::try_id();
-    if current.is_some() && current == *task {
-        return true;
+/// The slow path: a decision from the entry, which may start the checks.
+#[cold]
+#[inline(never)]
+fn poll_new_route<'a>(
+    entry: &Arc<Entry>,
+    route: &'a mut Option<Cached>,
+    cx: &mut Context<'_>,
+) -> Poll<&'a mut Cached> {
+    let (generation, decision) = std::task::ready!(entry.poll_decision(cx));
+    Poll::Ready(route.insert(Cached::new(generation, decision)))
+}
+
+impl Cached {
+    /// Whether this decision still holds for a call now.
+    #[inline]
+    fn fresh(&mut self, entry: &Entry) -> bool {
+        if self.generation != entry.generation() {
+            return false;
+        }
+        match &self.decision {
+            Decision::Daemon(daemon) => {
+                let current = tokio::task::try_id();
+                (current.is_some() && current == self.task)
+                    || same_runtime(&mut self.task, current, daemon.runtime)
+            }
+            Decision::InProcess | Decision::Refused(_) => {
+                self.unchecked += 1;
+                !entry.reprobe_due() && self.unchecked < CLOCK_CHECK_EVERY
+            }
+        }
     }
+}
+
+/// Whether this call, from a task other than the one last seen (or from none), comes from
+/// `runtime`: the runtime's handle says. Tokio takes task ids from one process-wide counter,
+/// so an id is never another task's.
+#[cold]
+fn same_runtime(
+    task: &mut Option<tokio::task::Id>,
+    current: Option<tokio::task::Id>,
+    runtime: tokio::runtime::Id,
+) -> bool {
     let same = tokio::runtime::Handle::try_current().is_ok_and(|h| h.id() == runtime);
     if same {
         *task = current;
