@@ -13,12 +13,14 @@ type Request = http::Request<tonic::body::Body>;
 type Response = http::Response<tonic::body::Body>;
 
 /// A layered mock in a directory with no daemon: every call routes in-process, to the mock.
-fn layered() -> (
+/// Each test names its own directory: tests that share an entry run concurrently, and a first
+/// call then waits for another test's probe.
+fn layered(name: &str) -> (
     LocalDaemon<mock::Mock<Request, Response>>,
     mock::Handle<Request, Response>,
 ) {
     let (service, handle) = mock::pair();
-    let dir = std::env::temp_dir().join("tld-unit-service-no-daemon");
+    let dir = std::env::temp_dir().join(format!("tld-unit-service-{name}"));
     let layer = LocalDaemonLayer::new(dir)
         .mode_env_value(None)
         .reprobe_interval(Duration::from_secs(3600));
@@ -27,7 +29,7 @@ fn layered() -> (
 
 #[tokio::test]
 async fn a_call_goes_to_the_in_process_service_made_ready() {
-    let (svc, mut handle) = layered();
+    let (svc, mut handle) = layered("made-ready");
     let mut svc = tokio_test::task::spawn(svc);
     handle.allow(1);
     assert_ready_ok!(svc.enter(|cx, mut svc| svc.as_mut().get_mut().poll_ready(cx)));
@@ -65,7 +67,7 @@ impl Service<Request> for Switched {
 #[should_panic(expected = "called before poll_ready returned Ready(Ok)")]
 async fn readiness_lost_before_the_call_is_not_used_by_it() {
     let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let dir = std::env::temp_dir().join("tld-unit-service-no-daemon");
+    let dir = std::env::temp_dir().join("tld-unit-service-readiness-lost");
     let svc = LocalDaemonLayer::new(dir)
         .mode_env_value(None)
         .layer(Switched(ready.clone()));
@@ -80,7 +82,7 @@ async fn readiness_lost_before_the_call_is_not_used_by_it() {
 #[tokio::test]
 #[should_panic(expected = "called before poll_ready returned Ready(Ok)")]
 async fn a_clone_that_was_never_made_ready_cannot_call() {
-    let (svc, mut handle) = layered();
+    let (svc, mut handle) = layered("clone-never-ready");
     let mut svc = tokio_test::task::spawn(svc);
     handle.allow(1);
     assert_ready_ok!(svc.enter(|cx, mut svc| svc.as_mut().get_mut().poll_ready(cx)));

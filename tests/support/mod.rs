@@ -295,7 +295,9 @@ impl NobodyBinary {
 
     /// Runs `probe(dir)` as `nobody` and returns the status's `Debug` text.
     pub fn probe(&self, dir: &Path) -> String {
-        probe_output(self.command(Role::Probe(dir.to_owned())).output().unwrap())
+        let mut command = self.command(Role::Probe(dir.to_owned()));
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        probe_output(spawn(&mut command).wait_with_output().unwrap())
     }
 
     /// [`probe`](Self::probe), in a mount namespace whose `/proc` is mounted `hidepid=2`: the
