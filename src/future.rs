@@ -69,8 +69,6 @@ pin_project! {
             #[pin]
             future: DaemonFuture,
             pid: u32,
-            // Where the call runs should it come back unsent.
-            fallback: Option<S>,
             mark: bool,
         },
         // Unmarked, the common case, with no field beside the future: the future then keeps
@@ -85,24 +83,10 @@ pin_project! {
     }
 }
 
-impl<S: Service<Request>> Kind<S> {
-    fn rerouted(service: S, request: Request, mark: bool) -> Self {
-        Kind::Rerouted {
-            oneshot: Box::pin(Oneshot::new(service, request)),
-            mark,
-        }
-    }
-}
-
 impl<S: Service<Request>> ResponseFuture<S> {
-    pub(crate) fn daemon(future: DaemonFuture, pid: u32, fallback: Option<S>, mark: bool) -> Self {
+    pub(crate) fn daemon(future: DaemonFuture, pid: u32, mark: bool) -> Self {
         Self {
-            kind: Kind::Daemon {
-                future,
-                pid,
-                fallback,
-                mark,
-            },
+            kind: Kind::Daemon { future, pid, mark },
         }
     }
 
@@ -118,7 +102,10 @@ impl<S: Service<Request>> ResponseFuture<S> {
 
     pub(crate) fn rerouted(service: S, request: Request, mark: bool) -> Self {
         Self {
-            kind: Kind::rerouted(service, request, mark),
+            kind: Kind::Rerouted {
+                oneshot: Box::pin(Oneshot::new(service, request)),
+                mark,
+            },
         }
     }
 
@@ -219,50 +206,38 @@ where
 {
     type Output = Result<http::Response<Body>, BoxError>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        loop {
-            let mut kind = self.as_mut().project().kind;
-            let rerouted = match kind.as_mut().project() {
-                KindProj::Daemon {
-                    future,
-                    pid,
-                    fallback,
-                    mark,
-                } => match std::task::ready!(future.poll(cx)) {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::InProcess { future } => poll_in_process(future, cx, false),
+            KindProj::Daemon { future, pid, mark } => {
+                let result = std::task::ready!(future.poll(cx));
+                Poll::Ready(match result {
                     Ok(mut response) => {
                         if *mark {
                             response
                                 .extensions_mut()
                                 .insert(Route::Daemon { pid: *pid });
                         }
-                        return Poll::Ready(Ok(response));
+                        Ok(response)
                     }
-                    Err(SendError::Unsent(request)) if fallback.is_some() => {
-                        let service = fallback.take().expect("checked by the guard");
-                        Kind::rerouted(service, *request, *mark)
-                    }
-                    Err(e) => return Poll::Ready(Err(e.into_status().into())),
-                },
-                KindProj::InProcess { future } => return poll_in_process(future, cx, false),
-                KindProj::InProcessMarked { future } => {
-                    return poll_in_process(future.as_mut(), cx, true);
-                }
-                KindProj::Rerouted { oneshot, mark } => {
-                    let result = std::task::ready!(oneshot.as_mut().poll(cx));
-                    return Poll::Ready(
-                        result
-                            .map(|response| in_process(response, *mark))
-                            .map_err(Into::into),
-                    );
-                }
-                KindProj::Failed { status } => {
-                    let status = status
-                        .take()
-                        .expect("ResponseFuture polled after completion");
-                    return Poll::Ready(Err(Box::new(*status)));
-                }
-            };
-            kind.set(rerouted);
+                    Err(e) => Err(e.into_status().into()),
+                })
+            }
+            KindProj::InProcessMarked { future } => poll_in_process(future.as_mut(), cx, true),
+            KindProj::Rerouted { oneshot, mark } => {
+                let result = std::task::ready!(oneshot.as_mut().poll(cx));
+                Poll::Ready(
+                    result
+                        .map(|response| in_process(response, *mark))
+                        .map_err(Into::into),
+                )
+            }
+            KindProj::Failed { status } => {
+                let status = status
+                    .take()
+                    .expect("ResponseFuture polled after completion");
+                Poll::Ready(Err(Box::new(*status)))
+            }
         }
     }
 }

@@ -15,7 +15,9 @@ type Response = http::Response<tonic::body::Body>;
 /// A layered mock in a directory with no daemon: every call routes in-process, to the mock.
 /// Each test names its own directory: tests that share an entry run concurrently, and a first
 /// call then waits for another test's probe.
-fn layered(name: &str) -> (
+fn layered(
+    name: &str,
+) -> (
     LocalDaemon<mock::Mock<Request, Response>>,
     mock::Handle<Request, Response>,
 ) {

@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use pin_project_lite::pin_project;
 
@@ -63,11 +64,14 @@ impl ConnectionEnd {
 }
 
 pin_project! {
-    /// The HTTP/2 connection's future, which fires its end signal when it finishes
-    /// ([`EndCause::Daemon`]) or is dropped unfinished ([`EndCause::RuntimeEnded`]).
+    /// The HTTP/2 connection's future with its keepalive, which fires the end signal when the
+    /// connection finishes ([`EndCause::Daemon`]), when a ping goes unanswered
+    /// ([`EndCause::Unresponsive`]; the connection is then dropped, which closes the socket), or
+    /// when it is dropped unfinished ([`EndCause::RuntimeEnded`]).
     pub(crate) struct Watched<F> {
         #[pin]
         connection: F,
+        keepalive: Option<Keepalive>,
         end: ConnectionEnd,
     }
 
@@ -79,25 +83,87 @@ pin_project! {
 }
 
 impl<F> Watched<F> {
-    pub(crate) fn new(connection: F, end: ConnectionEnd) -> Self {
-        Self { connection, end }
+    pub(crate) fn new(connection: F, keepalive: Option<Keepalive>, end: ConnectionEnd) -> Self {
+        Self {
+            connection,
+            keepalive,
+            end,
+        }
     }
 }
 
-impl<F: Future<Output = Result<(), hyper::Error>>> Future for Watched<F> {
+impl<F: Future<Output = Result<(), h2::Error>>> Future for Watched<F> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.project();
-        let cause = match std::task::ready!(this.connection.poll(cx)) {
-            Ok(()) => EndCause::Daemon,
-            Err(e) if e.is_timeout() => EndCause::Unresponsive,
-            Err(e) => {
+        let cause = match this.connection.poll(cx) {
+            Poll::Ready(Ok(())) => EndCause::Daemon,
+            Poll::Ready(Err(e)) => {
                 tracing::debug!(error = %e, "local daemon connection failed");
                 EndCause::Daemon
             }
+            Poll::Pending => match this.keepalive {
+                Some(keepalive) => {
+                    std::task::ready!(keepalive.poll_unanswered(cx));
+                    tracing::debug!("local daemon did not answer a keepalive ping in time");
+                    EndCause::Unresponsive
+                }
+                None => return Poll::Pending,
+            },
         };
         this.end.fire(cause);
         Poll::Ready(())
+    }
+}
+
+/// HTTP/2 keepalive: a ping every `interval`, also while idle; a ping unanswered for `timeout`
+/// means the daemon is gone (or stopped, or its runtime hung).
+pub(crate) struct Keepalive {
+    ping_pong: h2::PingPong,
+    interval: Duration,
+    timeout: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    awaiting_pong: bool,
+}
+
+impl Keepalive {
+    pub(crate) fn new(ping_pong: h2::PingPong, interval: Duration, timeout: Duration) -> Self {
+        Self {
+            ping_pong,
+            interval,
+            timeout,
+            timer: Box::pin(tokio::time::sleep(interval)),
+            awaiting_pong: false,
+        }
+    }
+
+    /// `Ready` when a ping went unanswered for the timeout. A ping the connection can no longer
+    /// send leaves the verdict to the connection's own end.
+    fn poll_unanswered(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if self.awaiting_pong {
+                match self.ping_pong.poll_pong(cx) {
+                    Poll::Ready(Ok(_)) => {
+                        self.awaiting_pong = false;
+                        self.rearm(self.interval);
+                        continue;
+                    }
+                    Poll::Ready(Err(_)) => return Poll::Pending,
+                    Poll::Pending => {}
+                }
+                return self.timer.as_mut().poll(cx);
+            }
+            std::task::ready!(self.timer.as_mut().poll(cx));
+            if self.ping_pong.send_ping(h2::Ping::opaque()).is_err() {
+                return Poll::Pending;
+            }
+            self.awaiting_pong = true;
+            self.rearm(self.timeout);
+        }
+    }
+
+    fn rearm(&mut self, after: Duration) {
+        self.timer.set(tokio::time::sleep(after));
     }
 }

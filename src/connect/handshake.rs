@@ -6,7 +6,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::UnixStream;
 use tokio::task::AbortHandle;
 use tonic::body::Body;
@@ -17,12 +16,17 @@ use tower::BoxError;
 
 use super::checked::connect_checked;
 use super::client::DaemonClient;
-use super::end::{ConnectionEnd, Watched};
+use super::end::{ConnectionEnd, Keepalive, Watched};
 use crate::config::Settings;
 use crate::paths::FileIdentity;
 use crate::probe::UdsTarget;
 use crate::protocol::{DIRECTORY_METADATA_KEY, VERSION_METADATA_KEY};
 use crate::reason::{FallbackReason, error_chain};
+
+/// The HTTP/2 windows and send buffer, as hyper's client sets them for tonic's `Channel`.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+const SEND_BUFFER: usize = 1024 * 1024;
 
 /// A daemon connection that passed every check.
 #[derive(Debug)]
@@ -96,19 +100,25 @@ pub(crate) async fn handshake(
     settings: &Settings,
     on_end: ConnectionEnd,
 ) -> Result<(DaemonClient, Option<String>, AbortHandle), FallbackReason> {
-    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .keep_alive_interval(settings.keepalive_interval)
-        .keep_alive_timeout(settings.keepalive_timeout)
-        .keep_alive_while_idle(true);
-    let (sender, connection) = builder
-        .handshake::<_, Body>(TokioIo::new(stream))
+    let (sender, mut connection) = h2::client::Builder::new()
+        // As hyper's client sets them, which tonic's `Channel` uses.
+        .enable_push(false)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_send_buffer_size(SEND_BUFFER)
+        .handshake::<_, Bytes>(stream)
         .await
         .map_err(|e| FallbackReason::HandshakeFailed {
             message: error_chain(&e),
         })?;
-    let task = tokio::spawn(Watched::new(connection, on_end)).abort_handle();
+    let keepalive = connection.ping_pong().map(|ping_pong| {
+        Keepalive::new(
+            ping_pong,
+            settings.keepalive_interval,
+            settings.keepalive_timeout,
+        )
+    });
+    let task = tokio::spawn(Watched::new(connection, keepalive, on_end)).abort_handle();
     let client = DaemonClient::new(sender);
     match check_health(client.clone(), dir, settings).await {
         Ok(version) => Ok((client, version, task)),

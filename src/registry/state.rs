@@ -31,9 +31,8 @@ pub(super) enum Slot {
     Connecting { id: DetectionId, waiters: Waiters },
     Connected {
         route: DaemonRoute,
-        /// The task that dispatches requests. Aborting it closes the connection to new
-        /// requests; a response already streaming is driven by hyper's own connection task
-        /// and ends when the daemon finishes it or the connection closes.
+        /// The task that drives the connection and its keepalive. Aborting it closes the
+        /// socket: a call still in flight on it ends with `UNAVAILABLE`.
         task: AbortHandle,
     },
 }

@@ -182,17 +182,16 @@ where
         let entry = self.shared.entry();
         match decision {
             Decision::Daemon(daemon) => {
-                let mut future = daemon.client.send(request);
-                let Some(request) = future.unsent_now() else {
-                    if let Some(entry) = entry {
-                        entry.count_daemon_call();
+                let request = match daemon.client.send(request) {
+                    Ok(future) => {
+                        if let Some(entry) = entry {
+                            entry.count_daemon_call();
+                        }
+                        return ResponseFuture::daemon(future, daemon.pid, mark);
                     }
-                    // Where the call runs should it come back unsent: nowhere in require mode.
-                    let fallback =
-                        (self.shared.settings.mode != Mode::Require).then(|| self.inner.clone());
-                    return ResponseFuture::daemon(future, daemon.pid, fallback, mark);
+                    Err(request) => request,
                 };
-                // The connection closed before the request was handed to it.
+                // The connection took no new request: it closed, or the daemon is going away.
                 let (id, runtime) = (daemon.id, daemon.runtime);
                 if let Some(entry) = entry {
                     entry.connection_ended(id, runtime, EndCause::Daemon);
@@ -203,7 +202,7 @@ where
                         if let Some(entry) = entry {
                             entry.count_in_process_call();
                         }
-                        ResponseFuture::rerouted(self.inner.clone(), request, mark)
+                        ResponseFuture::rerouted(self.inner.clone(), *request, mark)
                     }
                 }
             }
