@@ -5,6 +5,7 @@
 #[path = "../../examples/demo/echo/mod.rs"]
 pub mod echo;
 pub mod reset;
+pub mod sink;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -220,7 +221,8 @@ fn serve_daemon(dir: &Path) -> ! {
         }
         let mut daemon = Daemon::new(dir)
             .add_service(EchoServer::new(service))
-            .add_service(reset::StreamResetter);
+            .add_service(reset::StreamResetter)
+            .add_service(sink::BodySink);
         if let Ok(version) = std::env::var(DAEMON_VERSION_ENV) {
             daemon = daemon.version(version);
         }

@@ -1,0 +1,105 @@
+//! Request bodies that stream (client-streaming calls) over the daemon route arrive whole: a
+//! body larger than every HTTP/2 window goes as the daemon reads it, and a body the caller is
+//! still producing goes as it comes. Each against a real daemon, whose sink service answers
+//! with the number of bytes it read.
+
+mod support;
+
+use std::time::Duration;
+
+use prost::Message;
+use support::*;
+use tonic::client::Grpc;
+use tower_local_daemon::Route;
+
+/// Not a test: the entry point of this binary when it is re-executed.
+#[test]
+#[ignore = "the entry point of this binary re-executed as a daemon, not a test"]
+fn daemon_entry_point() {
+    run_daemon_if_asked();
+}
+
+fn message(size: usize) -> EchoRequest {
+    EchoRequest {
+        message: "x".repeat(size),
+        ..Default::default()
+    }
+}
+
+/// The bytes a message takes in a gRPC body: its 5-byte prefix and its encoding.
+fn framed_len(message: &EchoRequest) -> usize {
+    5 + message.encoded_len()
+}
+
+/// A client-streaming call of `messages` to the daemon's sink, through the layer; returns the
+/// byte count the daemon read and the route.
+async fn sink<S>(svc: Layered, messages: S) -> (usize, Option<Route>)
+where
+    S: tokio_stream::Stream<Item = EchoRequest> + Send + 'static,
+{
+    let mut grpc = Grpc::new(svc);
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<EchoRequest, EchoReply>::default();
+    let call = grpc.client_streaming(tonic::Request::new(messages), support::sink::path(), codec);
+    let response = tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("a streaming call hung for 20 s")
+        .unwrap();
+    let route = response.extensions().get::<Route>().copied();
+    (response.get_ref().message.parse().unwrap(), route)
+}
+
+async fn body_larger_than_every_window_arrives_whole() {
+    let dir = TestDir::new("b-large");
+    let daemon = DaemonProcess::start(dir.path());
+    let svc = layered(test_layer(dir.path()));
+    echo(&mut EchoClient::new(svc.clone()), 0).await.unwrap();
+    // 12 MiB: more than the stream's window (2 MiB) and the connection's (5 MiB).
+    let messages: Vec<_> = (0..192).map(|_| message(64 * 1024)).collect();
+    let expected: usize = messages.iter().map(framed_len).sum();
+    let (read, route) = sink(svc, tokio_stream::iter(messages)).await;
+    assert_eq!(read, expected);
+    assert_eq!(route, Some(Route::Daemon { pid: daemon.pid() }));
+}
+
+#[tokio::test]
+async fn a_body_larger_than_every_window_arrives_whole() {
+    body_larger_than_every_window_arrives_whole().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_larger_than_every_window_arrives_whole_from_a_multi_thread_runtime() {
+    body_larger_than_every_window_arrives_whole().await;
+}
+
+#[tokio::test]
+async fn a_body_the_caller_is_still_producing_arrives_as_it_comes() {
+    let dir = TestDir::new("b-slow");
+    let daemon = DaemonProcess::start(dir.path());
+    let svc = layered(test_layer(dir.path()));
+    echo(&mut EchoClient::new(svc.clone()), 0).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let sizes = [10, 0, 70_000, 3, 1_000_000, 5];
+    let expected: usize = sizes.iter().map(|&size| framed_len(&message(size))).sum();
+    tokio::spawn(async move {
+        for size in sizes {
+            // The body is pending between messages: what came before it must not wait.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tx.send(message(size)).await.unwrap();
+        }
+    });
+    let (read, route) = sink(svc, tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+    assert_eq!(read, expected);
+    assert_eq!(route, Some(Route::Daemon { pid: daemon.pid() }));
+}
+
+#[tokio::test]
+async fn an_empty_body_arrives_as_one() {
+    let dir = TestDir::new("b-empty");
+    let daemon = DaemonProcess::start(dir.path());
+    let svc = layered(test_layer(dir.path()));
+    echo(&mut EchoClient::new(svc.clone()), 0).await.unwrap();
+    let (read, route) = sink(svc, tokio_stream::iter(Vec::new())).await;
+    assert_eq!(read, 0);
+    assert_eq!(route, Some(Route::Daemon { pid: daemon.pid() }));
+}
