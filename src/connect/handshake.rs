@@ -106,7 +106,9 @@ pub(crate) async fn handshake(
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_send_buffer_size(SEND_BUFFER)
-        .handshake::<_, Bytes>(stream)
+        // h2 writes its preface without a flush: buffered, it joins the first frames (our
+        // SETTINGS and the health check) in one write, and the daemon wakes once for them.
+        .handshake::<_, Bytes>(tokio::io::BufWriter::new(stream))
         .await
         .map_err(|e| FallbackReason::HandshakeFailed {
             message: error_chain(&e),
