@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-pub(crate) use self::entry::{Decision, Entry};
+pub(crate) use self::entry::{DaemonRoute, Decision, Entry};
 pub use self::stats::RouteStats;
 use crate::config::Settings;
 use crate::paths::DirIdentity;

@@ -15,7 +15,7 @@ use self::route::{Cached, poll_route};
 use crate::config::Mode;
 use crate::connect::EndCause;
 use crate::future::ResponseFuture;
-use crate::registry::{Decision, RouteStats};
+use crate::registry::{DaemonRoute, Decision, RouteStats};
 
 /// Routes each call to the local daemon or to the in-process service `S`.
 ///
@@ -179,40 +179,51 @@ where
         };
         *ready = false;
         let mark = self.shared.mark_route;
-        let entry = self.shared.entry();
         match decision {
-            Decision::Daemon(daemon) => {
-                let request = match daemon.client.send(request) {
-                    Ok(future) => {
-                        if let Some(entry) = entry {
-                            entry.count_daemon_call();
-                        }
-                        return ResponseFuture::daemon(future, daemon.pid, mark);
-                    }
-                    Err(request) => request,
-                };
-                // The connection took no new request: it closed, or the daemon is going away.
-                let (id, runtime) = (daemon.id, daemon.runtime);
-                if let Some(entry) = entry {
-                    entry.connection_ended(id, runtime, EndCause::Daemon);
-                }
-                match self.shared.settings.mode {
-                    Mode::Require => ResponseFuture::unsent(),
-                    _ => {
-                        if let Some(entry) = entry {
-                            entry.count_in_process_call();
-                        }
-                        ResponseFuture::rerouted(self.inner.clone(), *request, mark)
-                    }
-                }
-            }
             Decision::InProcess => {
-                if let Some(entry) = entry {
+                if let Some(entry) = self.shared.entry() {
                     entry.count_in_process_call();
                 }
                 ResponseFuture::in_process(self.inner.call(request), mark)
             }
+            Decision::Daemon(daemon) => call_daemon(daemon, &self.shared, &self.inner, request),
             Decision::Refused(reason) => ResponseFuture::refused(reason.clone()),
+        }
+    }
+}
+
+/// A call on the daemon route; out of line, so that the in-process route's `call` stays small.
+#[inline(never)]
+fn call_daemon<S>(
+    daemon: &mut DaemonRoute,
+    shared: &Shared,
+    inner: &S,
+    request: http::Request<Body>,
+) -> ResponseFuture<S>
+where
+    S: Service<http::Request<Body>> + Clone,
+{
+    let entry = shared.entry();
+    let request = match daemon.client.send(request) {
+        Ok(future) => {
+            if let Some(entry) = entry {
+                entry.count_daemon_call();
+            }
+            return ResponseFuture::daemon(future, daemon.pid, shared.mark_route);
+        }
+        Err(request) => request,
+    };
+    // The connection took no new request: it closed, or the daemon is going away.
+    if let Some(entry) = entry {
+        entry.connection_ended(daemon.id, daemon.runtime, EndCause::Daemon);
+    }
+    match shared.settings.mode {
+        Mode::Require => ResponseFuture::unsent(),
+        _ => {
+            if let Some(entry) = entry {
+                entry.count_in_process_call();
+            }
+            ResponseFuture::rerouted(inner.clone(), *request, shared.mark_route)
         }
     }
 }

@@ -77,7 +77,7 @@ const CLOCK_CHECK_EVERY: u8 = 64;
 /// The route for the next call: the warm path is one atomic load and a comparison (on the
 /// daemon route, also a thread-local read, or the runtime's handle outside a task). A new
 /// decision replaces the cached one, readiness included.
-#[inline]
+#[inline(always)]
 pub(super) fn poll_route<'a>(
     shared: &Shared,
     route: &'a mut Option<Cached>,
