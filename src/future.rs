@@ -13,7 +13,7 @@ use tonic::body::Body;
 use tower::util::Oneshot;
 use tower::{BoxError, Service};
 
-use crate::connect::{DaemonFuture, SendError};
+use crate::connect::{DaemonFuture, Unsent};
 use crate::reason::FallbackReason;
 
 /// Which route served a response: found in the response's extensions when the layer was
@@ -109,10 +109,10 @@ impl<S: Service<Request>> ResponseFuture<S> {
         }
     }
 
-    /// A call that did not run: its connection closed first, and mode `require` forbids the
-    /// in-process route.
-    pub(crate) fn unsent() -> Self {
-        Self::failed(SendError::unsent_status())
+    /// A call that did not run (its connection did not take it), where mode `require`
+    /// forbids the in-process route.
+    pub(crate) fn unsent(unsent: &Unsent) -> Self {
+        Self::failed(unsent.status())
     }
 
     pub(crate) fn refused(reason: FallbackReason) -> Self {

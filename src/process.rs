@@ -93,11 +93,11 @@ mod imp {
 
     #[cfg(feature = "client")]
     impl ProcessInfo {
-        /// The effective uid. `/proc/<pid>` is owned by it (one `stat`, where `status` is a
-        /// file the kernel composes line by line), except for a process that is not dumpable
-        /// (setuid, or `PR_SET_DUMPABLE` 0), which shows root there: any owner other than ours
-        /// is confirmed from `/proc/<pid>/status`. Run as root, such a process of another user
-        /// passes here, and the socket's owner and the connection's peer credentials refuse it.
+        /// The effective uid: the owner of `/proc/<pid>` (one `stat`, as procps reads it,
+        /// where `status` is a file the kernel composes line by line). Linux owns a process's
+        /// files by root while it is not dumpable, but not that directory; an owner other than
+        /// ours is still confirmed from `/proc/<pid>/status`, which says the uid whatever the
+        /// kernel does with ownership.
         pub(crate) fn effective_uid(&self) -> Result<u32, ProcessError> {
             let dir = format!("/proc/{}", self.pid);
             let owner = std::fs::metadata(&dir)
@@ -182,8 +182,8 @@ mod imp {
     }
 
     /// A `/proc` file, whole. The kernel composes it on the first `read`, and reports no size:
-    /// one buffer large enough for `stat` and `status` reads it in one call, where
-    /// `std::fs::read` would probe with small reads.
+    /// one buffer large enough for `stat` and `status` takes it in one `read` (and one more that
+    /// says the end), where `std::fs::read` would probe with small reads.
     fn read_proc(path: &Path) -> io::Result<Vec<u8>> {
         use std::io::Read;
         let mut contents = Vec::with_capacity(4096);

@@ -31,6 +31,15 @@ fn framed_len(message: &EchoRequest) -> usize {
     5 + message.encoded_len()
 }
 
+/// A daemon for a new directory, and the layered service with its route decided.
+async fn on_daemon(name: &str) -> (TestDir, DaemonProcess, Layered) {
+    let dir = TestDir::new(name);
+    let daemon = DaemonProcess::start(dir.path());
+    let svc = layered(test_layer(dir.path()));
+    echo(&mut EchoClient::new(svc.clone()), 0).await.unwrap();
+    (dir, daemon, svc)
+}
+
 /// A client-streaming call of `messages` to the daemon's sink, through the layer; returns the
 /// byte count the daemon read and the route.
 async fn sink<S>(svc: Layered, messages: S) -> (usize, Option<Route>)
@@ -50,11 +59,9 @@ where
 }
 
 async fn body_larger_than_every_window_arrives_whole() {
-    let dir = TestDir::new("b-large");
-    let daemon = DaemonProcess::start(dir.path());
-    let svc = layered(test_layer(dir.path()));
-    echo(&mut EchoClient::new(svc.clone()), 0).await.unwrap();
-    // 12 MiB: more than the stream's window (2 MiB) and the connection's (5 MiB).
+    let (_dir, daemon, svc) = on_daemon("b-large").await;
+    // 12 MiB: more than every window the daemon gives the upload (its stream's and its
+    // connection's, 1 MiB each as tonic's server sets them).
     let messages: Vec<_> = (0..192).map(|_| message(64 * 1024)).collect();
     let expected: usize = messages.iter().map(framed_len).sum();
     let (read, route) = sink(svc, tokio_stream::iter(messages)).await;
@@ -74,10 +81,7 @@ async fn a_body_larger_than_every_window_arrives_whole_from_a_multi_thread_runti
 
 #[tokio::test]
 async fn a_body_the_caller_is_still_producing_arrives_as_it_comes() {
-    let dir = TestDir::new("b-slow");
-    let daemon = DaemonProcess::start(dir.path());
-    let svc = layered(test_layer(dir.path()));
-    echo(&mut EchoClient::new(svc.clone()), 0).await.unwrap();
+    let (_dir, daemon, svc) = on_daemon("b-slow").await;
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let sizes = [10, 0, 70_000, 3, 1_000_000, 5];
     let expected: usize = sizes.iter().map(|&size| framed_len(&message(size))).sum();
@@ -94,11 +98,65 @@ async fn a_body_the_caller_is_still_producing_arrives_as_it_comes() {
 }
 
 #[tokio::test]
-async fn an_empty_body_arrives_as_one() {
-    let dir = TestDir::new("b-empty");
+async fn a_body_still_streaming_when_the_caller_gives_up_is_reset_at_the_daemon() {
+    let (dir, _daemon, svc) = on_daemon("b-abandoned").await;
+    let outcome = dir.path().join("sink-outcome");
+    // A body that never ends: its sender stays alive. The caller gives up on the call (it drops
+    // it; no `grpc-timeout` goes to the daemon, which would end the call by itself).
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(message(10)).await.unwrap();
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request.metadata_mut().insert(
+        support::sink::OUTCOME_FILE_HEADER,
+        outcome.to_str().unwrap().parse().unwrap(),
+    );
+    let mut grpc = Grpc::new(svc);
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<EchoRequest, EchoReply>::default();
+    let call = grpc.client_streaming(request, support::sink::path(), codec);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), call)
+            .await
+            .is_err(),
+        "the call ended though its body never did"
+    );
+    // The daemon's handler sees the stream reset, though the body's sender is still alive.
+    wait_until_async("the daemon sees the abandoned body reset", || async {
+        std::fs::read_to_string(&outcome).is_ok_and(|text| text == "reset\n")
+    })
+    .await;
+    drop(tx);
+}
+
+#[tokio::test]
+async fn connection_headers_are_left_out_as_http2_requires() {
+    let dir = TestDir::new("b-connection-headers");
     let daemon = DaemonProcess::start(dir.path());
     let svc = layered(test_layer(dir.path()));
-    echo(&mut EchoClient::new(svc.clone()), 0).await.unwrap();
+    let mut client = EchoClient::new(svc.clone());
+    let mut request = tonic::Request::new(message(5));
+    for (key, value) in [
+        ("connection", "keep-alive, x-hop"),
+        ("keep-alive", "timeout=5"),
+        ("x-hop", "1"),
+        ("proxy-connection", "keep-alive"),
+        ("upgrade", "h2c"),
+    ] {
+        request.metadata_mut().insert(key, value.parse().unwrap());
+    }
+    let reply = client.echo(request).await.unwrap();
+    assert_eq!(reply.get_ref().served_by, "daemon");
+    assert_eq!(
+        reply.extensions().get::<Route>(),
+        Some(&Route::Daemon { pid: daemon.pid() })
+    );
+    // The route still stands: nothing took those headers for a closed connection.
+    assert_eq!(svc.stats().unwrap().fallbacks, Vec::new());
+}
+
+#[tokio::test]
+async fn an_empty_body_arrives_as_one() {
+    let (_dir, daemon, svc) = on_daemon("b-empty").await;
     let (read, route) = sink(svc, tokio_stream::iter(Vec::new())).await;
     assert_eq!(read, 0);
     assert_eq!(route, Some(Route::Daemon { pid: daemon.pid() }));

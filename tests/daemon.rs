@@ -399,6 +399,32 @@ async fn in_flight_call_finishes_within_the_grace_period() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_in_flight_finishes_while_the_calls_after_the_daemons_goaway_run_in_process() {
+    let dir = TestDir::new("grace-later-calls");
+    let daemon = InProcessDaemon::start(dir.path(), Duration::from_secs(20)).await;
+    let call = slow_call_in_flight(dir.path(), &daemon, 500).await;
+
+    daemon.stop.send(()).unwrap();
+    // The same entry and connection as the slow call: once the daemon's GOAWAY arrives, a call
+    // finds the connection closed to new requests, runs in-process, and the route lets go of
+    // the connection, which must not take the slow call with it.
+    let mut later = EchoClient::new(layered(test_layer(dir.path())));
+    let mut in_process = false;
+    for id in 0..2_000 {
+        let reply = echo(&mut later, id).await.unwrap();
+        if reply.get_ref().served_by == "in-process" {
+            in_process = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(in_process, "no call after the GOAWAY ran in-process");
+    let reply = call.await.unwrap().unwrap();
+    assert_eq!(reply.get_ref().served_by, "daemon");
+    daemon.serving.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn call_longer_than_the_grace_period_is_aborted_and_the_daemon_still_stops() {
     let dir = TestDir::new("grace-over");
     let daemon = InProcessDaemon::start(dir.path(), Duration::from_millis(100)).await;

@@ -12,7 +12,9 @@ use std::collections::VecDeque;
 use std::error::Error;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,12 +24,13 @@ use http::header::USER_AGENT;
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Uri};
 use http_body::{Body as _, Frame};
-use pin_project_lite::pin_project;
 use tonic::body::Body;
 use tonic::{Code, Status, TimeoutExpired};
 use tower::BoxError;
 
+use super::end::{CallClaim, InFlight};
 use crate::reason::error_chain;
+use crate::sync::lock;
 
 /// The user-agent of a request that names none.
 const CRATE_USER_AGENT: &str = concat!("tower-local-daemon/", env!("CARGO_PKG_VERSION"));
@@ -36,6 +39,16 @@ const CRATE_USER_AGENT: &str = concat!("tower-local-daemon/", env!("CARGO_PKG_VE
 #[derive(Debug, Clone)]
 pub(crate) struct DaemonClient {
     sender: SendRequest<Bytes>,
+    in_flight: Arc<InFlight>,
+}
+
+/// A request that did not leave this process, and whether that is because the connection is
+/// closed (or going away) rather than the request's own shape.
+#[derive(Debug)]
+pub(crate) struct Unsent {
+    pub(crate) request: Box<http::Request<Body>>,
+    pub(crate) error: h2::Error,
+    pub(crate) connection_closed: bool,
 }
 
 /// Why a sent request got no response from the daemon.
@@ -47,14 +60,22 @@ pub(crate) enum SendError {
     Failed(h2::Error),
 }
 
-impl SendError {
-    /// The status of a request that never left this process and may not run elsewhere.
-    pub(crate) fn unsent_status() -> Status {
-        Status::unavailable(
-            "the local daemon connection closed before the request was sent; it did not run",
-        )
+impl Unsent {
+    /// The status of this request where it may not run elsewhere.
+    pub(crate) fn status(&self) -> Status {
+        match self.connection_closed {
+            true => Status::unavailable(
+                "the local daemon connection closed before the request was sent; it did not run",
+            ),
+            false => Status::internal(format!(
+                "the request could not be sent to the local daemon ({}); it did not run",
+                self.error
+            )),
+        }
     }
+}
 
+impl SendError {
     /// The status a caller sees.
     pub(crate) fn into_status(self) -> Status {
         match self {
@@ -65,8 +86,8 @@ impl SendError {
 }
 
 impl DaemonClient {
-    pub(crate) fn new(sender: SendRequest<Bytes>) -> Self {
-        Self { sender }
+    pub(crate) fn new(sender: SendRequest<Bytes>, in_flight: Arc<InFlight>) -> Self {
+        Self { sender, in_flight }
     }
 
     /// `Ready(Err)` once the connection is closed or going away: nothing can be sent any more.
@@ -75,12 +96,8 @@ impl DaemonClient {
     }
 
     /// Sends `request`, completed as tonic's `Channel` completes it. A request the connection
-    /// no longer takes (it closed, or the daemon said GOAWAY) comes back whole: it never left
-    /// this process.
-    pub(crate) fn send(
-        &mut self,
-        mut request: http::Request<Body>,
-    ) -> Result<DaemonFuture, Box<http::Request<Body>>> {
+    /// does not take comes back whole: it never left this process.
+    pub(crate) fn send(&mut self, mut request: http::Request<Body>) -> Result<DaemonFuture, Unsent> {
         complete_origin(&mut request);
         let headers = request.headers_mut();
         if !headers.contains_key(USER_AGENT) {
@@ -92,19 +109,59 @@ impl DaemonClient {
         *head.method_mut() = request.method().clone();
         *head.uri_mut() = request.uri().clone();
         *head.headers_mut() = request.headers().clone();
+        strip_connection_headers(head.headers_mut());
         let end_of_stream = request.body().is_end_stream();
         let (response, stream) = match self.sender.send_request(head, end_of_stream) {
             Ok(sent) => sent,
-            Err(e) => {
-                tracing::debug!(error = %e, "local daemon connection took no new request");
-                return Err(Box::new(request));
+            Err(error) => {
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                let connection_closed = matches!(self.sender.poll_ready(&mut cx), Poll::Ready(Err(_)));
+                tracing::debug!(%error, connection_closed, "the local daemon connection took no request");
+                return Err(Unsent {
+                    request: Box::new(request),
+                    error,
+                    connection_closed,
+                });
             }
         };
         let deadline = grpc_timeout(request.headers()).map(|d| Box::pin(tokio::time::sleep(d)));
-        if !end_of_stream {
-            Upload::new(request.into_body(), stream).start();
-        }
-        Ok(DaemonFuture { response, deadline })
+        let upload = match end_of_stream {
+            true => None,
+            false => Upload::new(request.into_body(), stream).start(),
+        };
+        Ok(DaemonFuture {
+            response,
+            deadline,
+            end: Some(CallEnd {
+                _claim: self.in_flight.enter(),
+                upload,
+            }),
+        })
+    }
+}
+
+/// The headers that HTTP/2 forbids (RFC 9113, 8.2.2), which h2 refuses where hyper's client
+/// dropped them: `connection` and those it names, `keep-alive`, `proxy-connection`,
+/// `transfer-encoding`, `upgrade`, and a `te` other than `trailers`.
+fn strip_connection_headers(headers: &mut http::HeaderMap) {
+    use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+    let named: Vec<http::HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|list| list.split(','))
+        .filter_map(|name| http::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [CONNECTION, TRANSFER_ENCODING, UPGRADE] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    if headers.get(TE).is_some_and(|te| te != "trailers") {
+        headers.remove(TE);
     }
 }
 
@@ -144,12 +201,12 @@ fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     })
 }
 
-pin_project! {
-    /// A request on its way to the daemon, bounded by the caller's deadline.
-    pub(crate) struct DaemonFuture {
-        response: ResponseFuture,
-        deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-    }
+/// A request on its way to the daemon, bounded by the caller's deadline.
+pub(crate) struct DaemonFuture {
+    response: ResponseFuture,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Taken by the response's body when the head arrives.
+    end: Option<CallEnd>,
 }
 
 impl std::fmt::Debug for DaemonFuture {
@@ -162,20 +219,61 @@ impl Future for DaemonFuture {
     type Output = Result<http::Response<Body>, SendError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        if let Poll::Ready(result) = Pin::new(this.response).poll(cx) {
+        let this = self.get_mut();
+        if let Poll::Ready(result) = Pin::new(&mut this.response).poll(cx) {
             return Poll::Ready(match result {
-                Ok(response) => Ok(response.map(|recv| Body::new(DaemonBody::new(recv)))),
+                Ok(response) => {
+                    let end = this.end.take();
+                    Ok(response.map(|recv| Body::new(DaemonBody::new(recv, end))))
+                }
                 Err(e) => Err(SendError::Failed(e)),
             });
         }
-        match this.deadline {
+        match &mut this.deadline {
             Some(deadline) => deadline
                 .as_mut()
                 .poll(cx)
                 .map(|()| Err(SendError::TimedOut)),
             None => Poll::Pending,
         }
+    }
+}
+
+/// What the end of a call's response does, whenever it comes (the whole body read, the caller
+/// gone, the deadline passed): it releases the call's claim on the connection, and ends its
+/// upload should the request body still be streaming.
+struct CallEnd {
+    _claim: CallClaim,
+    upload: Option<Arc<Abandon>>,
+}
+
+impl Drop for CallEnd {
+    fn drop(&mut self) {
+        if let Some(upload) = &self.upload {
+            upload.abandon();
+        }
+    }
+}
+
+/// The response side's word to a request body still streaming in its own task: the call is
+/// over, and the stream is reset rather than left open for a body that may never end.
+#[derive(Default)]
+struct Abandon {
+    over: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Abandon {
+    fn abandon(&self) {
+        self.over.store(true, Ordering::Release);
+        if let Some(waker) = lock(&self.waker).take() {
+            waker.wake();
+        }
+    }
+
+    fn is_over(&self, cx: &mut Context<'_>) -> bool {
+        *lock(&self.waker) = Some(cx.waker().clone());
+        self.over.load(Ordering::Acquire)
     }
 }
 
@@ -202,17 +300,27 @@ impl Upload {
 
     /// Sends what the body has now, from the caller's task: a whole body (a unary call's) is
     /// queued with the head, and the connection writes both together. The rest of a body still
-    /// streaming goes in a task of its own.
-    fn start(mut self) {
+    /// streaming goes in a task of its own, until the response side says the call is over.
+    fn start(mut self) -> Option<Arc<Abandon>> {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         if self.poll_send(&mut cx).is_ready() {
-            return;
+            return None;
         }
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn(std::future::poll_fn(move |cx| self.poll_send(cx)))),
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // No runtime to stream it: the stream ends here, and the daemon sees it cancelled.
-            Err(_) => self.stream.send_reset(h2::Reason::CANCEL),
-        }
+            self.stream.send_reset(h2::Reason::CANCEL);
+            return None;
+        };
+        let abandon = Arc::new(Abandon::default());
+        let over = abandon.clone();
+        drop(runtime.spawn(std::future::poll_fn(move |cx| {
+            if over.is_over(cx) {
+                self.stream.send_reset(h2::Reason::CANCEL);
+                return Poll::Ready(());
+            }
+            self.poll_send(cx)
+        })));
+        Some(abandon)
     }
 
     /// `Ready` once the body is sent, failed, or the daemon reset the stream.
@@ -228,7 +336,12 @@ impl Upload {
                 if self.stream.capacity() == 0 {
                     match std::task::ready!(self.stream.poll_capacity(cx)) {
                         Some(Ok(_)) => continue,
-                        Some(Err(_)) | None => return Poll::Ready(()),
+                        Some(Err(_)) => {
+                            self.stream.send_reset(h2::Reason::CANCEL);
+                            return Poll::Ready(());
+                        }
+                        // The stream no longer sends: the daemon reset or finished it.
+                        None => return Poll::Ready(()),
                     }
                 }
                 let Some(chunk) = self.chunks.pop_front() else {
@@ -296,7 +409,7 @@ impl tower::Service<http::Request<Body>> for DaemonClient {
         Box::pin(async move {
             match sent {
                 Ok(sent) => sent.await.map_err(|e| e.into_status().into()),
-                Err(_) => Err(SendError::unsent_status().into()),
+                Err(unsent) => Err(unsent.status().into()),
             }
         })
     }
@@ -343,14 +456,16 @@ struct DaemonBody {
     recv: RecvStream,
     data_done: bool,
     done: bool,
+    _end: Option<CallEnd>,
 }
 
 impl DaemonBody {
-    fn new(recv: RecvStream) -> Self {
+    fn new(recv: RecvStream, end: Option<CallEnd>) -> Self {
         Self {
             recv,
             data_done: false,
             done: false,
+            _end: end,
         }
     }
 }

@@ -1,14 +1,18 @@
 //! The end of a daemon connection, and who ended it: the daemon (or a broken or hung
-//! connection), or the runtime that drove it.
+//! connection), or the runtime that drove it; and the registry's handle that closes it once the
+//! calls in flight on it have finished.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
+use tokio::task::AbortHandle;
+
+use crate::sync::lock;
 
 /// How a daemon connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +60,11 @@ impl ConnectionEnd {
         self.fired.load(Ordering::Acquire)
     }
 
+    /// Marks the end as told without telling it.
+    fn silence(&self) {
+        self.fired.store(true, Ordering::Release);
+    }
+
     pub(crate) fn fire(&self, cause: EndCause) {
         if !self.fired.swap(true, Ordering::AcqRel) {
             (self.callback)(cause);
@@ -63,15 +72,91 @@ impl ConnectionEnd {
     }
 }
 
+/// The calls in flight on one connection, and whether the registry asked it to close.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight {
+    calls: AtomicUsize,
+    closing: AtomicBool,
+    /// The connection's task, while it waits for the last call of a close.
+    waker: Mutex<Option<Waker>>,
+}
+
+impl InFlight {
+    /// A call's claim on the connection, held until its response is done with.
+    pub(crate) fn enter(self: &Arc<Self>) -> CallClaim {
+        self.calls.fetch_add(1, Ordering::AcqRel);
+        CallClaim(self.clone())
+    }
+
+    fn wake(&self) {
+        if let Some(waker) = lock(&self.waker).take() {
+            waker.wake();
+        }
+    }
+
+    /// `Ready` once a close was asked for and no call is left.
+    fn poll_drained(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.closing.load(Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        *lock(&self.waker) = Some(cx.waker().clone());
+        match self.calls.load(Ordering::Acquire) {
+            0 => Poll::Ready(()),
+            _ => Poll::Pending,
+        }
+    }
+}
+
+/// A call's claim on its connection: a connection asked to close waits for it.
+#[derive(Debug)]
+pub(crate) struct CallClaim(Arc<InFlight>);
+
+impl Drop for CallClaim {
+    fn drop(&mut self) {
+        if self.0.calls.fetch_sub(1, Ordering::AcqRel) == 1 && self.0.closing.load(Ordering::Acquire)
+        {
+            self.0.wake();
+        }
+    }
+}
+
+/// The registry's handle on a connection's task.
+#[derive(Debug)]
+pub(crate) struct ConnectionTask {
+    abort: AbortHandle,
+    in_flight: Arc<InFlight>,
+}
+
+impl ConnectionTask {
+    pub(crate) fn new(abort: AbortHandle, in_flight: Arc<InFlight>) -> Self {
+        Self { abort, in_flight }
+    }
+
+    /// Closes the connection once the calls already sent on it are done: a daemon that is
+    /// stopping finishes them within its grace period, and a response still streaming to its
+    /// caller goes on. The route has already stopped sending new calls here.
+    pub(crate) fn close(&self) {
+        self.in_flight.closing.store(true, Ordering::Release);
+        self.in_flight.wake();
+    }
+
+    /// Closes the connection now: for one that no call has used.
+    pub(crate) fn abort(&self) {
+        self.abort.abort();
+    }
+}
+
 pin_project! {
     /// The HTTP/2 connection's future with its keepalive, which fires the end signal when the
     /// connection finishes ([`EndCause::Daemon`]), when a ping goes unanswered
     /// ([`EndCause::Unresponsive`]; the connection is then dropped, which closes the socket), or
-    /// when it is dropped unfinished ([`EndCause::RuntimeEnded`]).
+    /// when it is dropped unfinished ([`EndCause::RuntimeEnded`]). Asked to close, it ends
+    /// quietly when its last call in flight is done.
     pub(crate) struct Watched<F> {
         #[pin]
         connection: F,
         keepalive: Option<Keepalive>,
+        in_flight: Arc<InFlight>,
         end: ConnectionEnd,
     }
 
@@ -83,10 +168,16 @@ pin_project! {
 }
 
 impl<F> Watched<F> {
-    pub(crate) fn new(connection: F, keepalive: Option<Keepalive>, end: ConnectionEnd) -> Self {
+    pub(crate) fn new(
+        connection: F,
+        keepalive: Option<Keepalive>,
+        in_flight: Arc<InFlight>,
+        end: ConnectionEnd,
+    ) -> Self {
         Self {
             connection,
             keepalive,
+            in_flight,
             end,
         }
     }
@@ -103,14 +194,19 @@ impl<F: Future<Output = Result<(), h2::Error>>> Future for Watched<F> {
                 tracing::debug!(error = %e, "local daemon connection failed");
                 EndCause::Daemon
             }
-            Poll::Pending => match this.keepalive {
-                Some(keepalive) => {
-                    std::task::ready!(keepalive.poll_unanswered(cx));
+            Poll::Pending => {
+                if let Some(keepalive) = this.keepalive
+                    && keepalive.poll_unanswered(cx).is_ready()
+                {
                     tracing::debug!("local daemon did not answer a keepalive ping in time");
                     EndCause::Unresponsive
+                } else {
+                    std::task::ready!(this.in_flight.poll_drained(cx));
+                    // Closed by the registry, which let go of it first: no news to tell.
+                    this.end.silence();
+                    return Poll::Ready(());
                 }
-                None => return Poll::Pending,
-            },
+            }
         };
         this.end.fire(cause);
         Poll::Ready(())

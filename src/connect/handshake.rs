@@ -2,12 +2,11 @@
 //! for every required service, the directory the daemon serves and its version.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::net::UnixStream;
-use tokio::task::AbortHandle;
 use tonic::body::Body;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -16,17 +15,21 @@ use tower::BoxError;
 
 use super::checked::connect_checked;
 use super::client::DaemonClient;
-use super::end::{ConnectionEnd, Keepalive, Watched};
+use super::end::{ConnectionEnd, ConnectionTask, InFlight, Keepalive, Watched};
 use crate::config::Settings;
 use crate::paths::FileIdentity;
 use crate::probe::UdsTarget;
 use crate::protocol::{DIRECTORY_METADATA_KEY, VERSION_METADATA_KEY};
 use crate::reason::{FallbackReason, error_chain};
 
-/// The HTTP/2 windows and send buffer, as hyper's client sets them for tonic's `Channel`.
+/// The HTTP/2 settings hyper's client gives tonic's `Channel`: windows, send buffer, the
+/// response header list's bound, and the streams sent before the daemon's own limit is known.
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 const SEND_BUFFER: usize = 1024 * 1024;
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+const INITIAL_MAX_SEND_STREAMS: usize = 100;
+const MAX_FRAME: u32 = 16 * 1024;
 
 /// A daemon connection that passed every check.
 #[derive(Debug)]
@@ -35,8 +38,8 @@ pub(crate) struct DaemonConnection {
     pub(crate) client: DaemonClient,
     /// The version the daemon reported, if any.
     pub(crate) version: Option<String>,
-    /// The task that drives the connection: aborting it closes the socket.
-    pub(crate) task: AbortHandle,
+    /// The task that drives the connection.
+    pub(crate) task: ConnectionTask,
 }
 
 /// Where the time of [`establish`] went.
@@ -99,13 +102,15 @@ pub(crate) async fn handshake(
     dir: &Path,
     settings: &Settings,
     on_end: ConnectionEnd,
-) -> Result<(DaemonClient, Option<String>, AbortHandle), FallbackReason> {
+) -> Result<(DaemonClient, Option<String>, ConnectionTask), FallbackReason> {
     let (sender, mut connection) = h2::client::Builder::new()
-        // As hyper's client sets them, which tonic's `Channel` uses.
         .enable_push(false)
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_send_buffer_size(SEND_BUFFER)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
+        .max_frame_size(MAX_FRAME)
         // h2 writes its preface without a flush: buffered, it joins the first frames (our
         // SETTINGS and the health check) in one write, and the daemon wakes once for them.
         .handshake::<_, Bytes>(tokio::io::BufWriter::new(stream))
@@ -120,8 +125,10 @@ pub(crate) async fn handshake(
             settings.keepalive_timeout,
         )
     });
-    let task = tokio::spawn(Watched::new(connection, keepalive, on_end)).abort_handle();
-    let client = DaemonClient::new(sender);
+    let in_flight = Arc::new(InFlight::default());
+    let watched = Watched::new(connection, keepalive, in_flight.clone(), on_end);
+    let task = ConnectionTask::new(tokio::spawn(watched).abort_handle(), in_flight.clone());
+    let client = DaemonClient::new(sender, in_flight);
     match check_health(client.clone(), dir, settings).await {
         Ok(version) => Ok((client, version, task)),
         Err(reason) => {

@@ -14,8 +14,8 @@ mod handshake;
 mod upstream;
 
 pub(crate) use self::checked::connect_checked;
-pub(crate) use self::client::{DaemonClient, DaemonFuture, SendError};
-pub(crate) use self::end::{ConnectionEnd, EndCause};
+pub(crate) use self::client::{DaemonClient, DaemonFuture, Unsent};
+pub(crate) use self::end::{ConnectionEnd, ConnectionTask, EndCause};
 pub(crate) use self::handshake::{DaemonConnection, establish, handshake};
 pub use self::upstream::{
     LocalDaemonChannel, connect_local_daemon_channel, detect_local_daemon_with_connect_probe,

@@ -1,10 +1,10 @@
 //! What an entry holds: the process-wide verdict, each runtime's connection, the re-probe in
 //! flight and the timers armed for it.
 
-use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::entry::DaemonRoute;
+use crate::connect::ConnectionTask;
 use super::ids::{DetectionId, ReprobeId};
 use crate::lifecycle::SpawnedChild;
 use crate::probe::UdsTarget;
@@ -31,9 +31,9 @@ pub(super) enum Slot {
     Connecting { id: DetectionId, waiters: Waiters },
     Connected {
         route: DaemonRoute,
-        /// The task that drives the connection and its keepalive. Aborting it closes the
-        /// socket: a call still in flight on it ends with `UNAVAILABLE`.
-        task: AbortHandle,
+        /// The task that drives the connection and its keepalive; closed, it goes once the
+        /// calls in flight on it are done.
+        task: ConnectionTask,
     },
 }
 
@@ -42,7 +42,7 @@ impl Slot {
     pub(super) fn close(self) {
         match self {
             Slot::Connecting { waiters, .. } => waiters.wake_all(),
-            Slot::Connected { task, .. } => task.abort(),
+            Slot::Connected { task, .. } => task.close(),
         }
     }
 }

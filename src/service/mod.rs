@@ -204,26 +204,29 @@ where
     S: Service<http::Request<Body>> + Clone,
 {
     let entry = shared.entry();
-    let request = match daemon.client.send(request) {
+    let unsent = match daemon.client.send(request) {
         Ok(future) => {
             if let Some(entry) = entry {
                 entry.count_daemon_call();
             }
             return ResponseFuture::daemon(future, daemon.pid, shared.mark_route);
         }
-        Err(request) => request,
+        Err(unsent) => unsent,
     };
-    // The connection took no new request: it closed, or the daemon is going away.
-    if let Some(entry) = entry {
+    // It did not leave. A connection that took no request closed, or the daemon is going away;
+    // a request refused for its own shape says nothing of the connection.
+    if unsent.connection_closed
+        && let Some(entry) = entry
+    {
         entry.connection_ended(daemon.id, daemon.runtime, EndCause::Daemon);
     }
     match shared.settings.mode {
-        Mode::Require => ResponseFuture::unsent(),
+        Mode::Require => ResponseFuture::unsent(&unsent),
         _ => {
             if let Some(entry) = entry {
                 entry.count_in_process_call();
             }
-            ResponseFuture::rerouted(inner.clone(), *request, shared.mark_route)
+            ResponseFuture::rerouted(inner.clone(), *unsent.request, shared.mark_route)
         }
     }
 }

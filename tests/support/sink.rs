@@ -1,6 +1,9 @@
 //! A daemon-side service that reads a request's whole body and answers with how many bytes it
 //! read, in an `EchoReply` whose message is the count: for the tests of request bodies that
-//! stream (client-streaming calls) over the daemon route.
+//! stream (client-streaming calls) over the daemon route. A request naming a file in its
+//! [`OUTCOME_FILE_HEADER`] gets a line appended there when its call ends: `complete N`, or
+//! `reset` when the client reset the stream first (the body fails, or the server drops the
+//! handler).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -24,6 +27,9 @@ impl NamedService for BodySink {
     const NAME: &'static str = "test.v1.Sink";
 }
 
+/// The request header naming the file where the sink writes how a body ended.
+pub const OUTCOME_FILE_HEADER: &str = "sink-outcome-file";
+
 /// The path of its one method.
 pub fn path() -> http::uri::PathAndQuery {
     http::uri::PathAndQuery::from_static("/test.v1.Sink/Sink")
@@ -39,16 +45,26 @@ impl tower::Service<http::Request<Body>> for BodySink {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let mut outcome = Outcome(
+            request
+                .headers()
+                .get(OUTCOME_FILE_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(std::path::PathBuf::from),
+        );
         Box::pin(async move {
             let mut body = request.into_body();
             let mut read = 0usize;
             while let Some(frame) =
                 std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
             {
-                if let Ok(data) = frame.map(Frame::into_data) {
-                    read += data.map_or(0, |d| d.len());
+                match frame.map(Frame::into_data) {
+                    Ok(data) => read += data.map_or(0, |d| d.len()),
+                    // Reset: the outcome says so as it drops.
+                    Err(_) => return Ok(http::Response::new(Body::empty())),
                 }
             }
+            outcome.write(&format!("complete {read}"));
             let reply = EchoReply {
                 message: read.to_string(),
                 served_by: "daemon".into(),
@@ -66,6 +82,29 @@ impl tower::Service<http::Request<Body>> for BodySink {
                 .body(Body::new(Frames(frames)))
                 .unwrap())
         })
+    }
+}
+
+/// Where a call's outcome goes: `reset`, unless it completed first.
+struct Outcome(Option<std::path::PathBuf>);
+
+impl Outcome {
+    fn write(&mut self, line: &str) {
+        use std::io::Write;
+        if let Some(file) = self.0.take() {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(file)
+                .unwrap();
+            writeln!(file, "{line}").unwrap();
+        }
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        self.write("reset");
     }
 }
 
