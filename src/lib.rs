@@ -67,7 +67,7 @@
 //! | `reason` | [`FallbackReason`]: every way a check can fail |
 //! | `config` | the options a layer is built with |
 //! | `probe` | the first check, syscalls only |
-//! | `connect` | the checked connect, the health handshake, the watched connection |
+//! | `connect` | the checked connect, the health handshake, the h2 client calls go over, the watched connection (keepalive; closed once its calls are done) |
 //! | `registry` | the process-wide entries: single flight, decisions, re-probes, stats |
 //! | `layer`, `service`, `future` | the tower face: [`LocalDaemonLayer`], [`LocalDaemon`], [`ResponseFuture`], [`Route`] |
 //! | `lazy`, `sync` | [`LazyFallback`]; the lock and waiter list it shares with the registry |
@@ -87,7 +87,9 @@
 //!             handshake HTTP/2 + Health/Check (+ version, + directory)   one round trip
 //!           -> Daemon | InProcess(reason) | Refused(reason)
 //!        -> poll_ready of the chosen route only
-//!   -> LocalDaemon::call -> ResponseFuture: marks the Route, maps the daemon's errors
+//!   -> LocalDaemon::call  daemon: the caller's task queues the head (and a whole body)
+//!                        on the h2 connection; in-process: the inner service's call
+//!   -> ResponseFuture: marks the Route when asked, maps the daemon's errors
 //! ```
 //!
 //! # Platforms

@@ -1,36 +1,31 @@
 //! The daemon route itself: requests over an h2 client ([`SendRequest`]) on the one checked
 //! connection, with what tonic's `Channel` would add (the origin, a user-agent, the caller's
-//! own deadline), and the status codes that say what happened to a call.
+//! own deadline), and what the end of a call's response does.
 //!
 //! No task stands between the caller and the connection: the caller's task queues the request's
 //! head and, when the body is already whole (a unary call's is), all of it, so that the
-//! connection's task writes the call in one go. A body still streaming goes on in a task of its
-//! own, within the stream's flow-control window. There is no reconnect: a closed connection
-//! stays closed.
+//! connection's task writes the call in one go ([`Upload`]). There is no reconnect: a closed
+//! connection stays closed.
 
-use std::collections::VecDeque;
-use std::error::Error;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::{ResponseFuture, SendRequest};
-use h2::{RecvStream, SendStream};
 use http::header::USER_AGENT;
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Uri};
-use http_body::{Body as _, Frame};
+use http_body::Body as _;
 use tonic::body::Body;
-use tonic::{Code, Status, TimeoutExpired};
+use tonic::{Status, TimeoutExpired};
 use tower::BoxError;
 
 use super::end::{CallClaim, InFlight};
-use crate::reason::error_chain;
-use crate::sync::lock;
+use super::response::{DaemonBody, daemon_status};
+use super::upload::{Abandon, Upload};
 
 /// The user-agent of a request that names none.
 const CRATE_USER_AGENT: &str = concat!("tower-local-daemon/", env!("CARGO_PKG_VERSION"));
@@ -242,7 +237,7 @@ impl Future for DaemonFuture {
 /// What the end of a call's response does, whenever it comes (the whole body read, the caller
 /// gone, the deadline passed): it releases the call's claim on the connection, and ends its
 /// upload should the request body still be streaming.
-struct CallEnd {
+pub(super) struct CallEnd {
     _claim: CallClaim,
     upload: Option<Arc<Abandon>>,
 }
@@ -251,145 +246,6 @@ impl Drop for CallEnd {
     fn drop(&mut self) {
         if let Some(upload) = &self.upload {
             upload.abandon();
-        }
-    }
-}
-
-/// The response side's word to a request body still streaming in its own task: the call is
-/// over, and the stream is reset rather than left open for a body that may never end.
-#[derive(Default)]
-struct Abandon {
-    over: AtomicBool,
-    waker: Mutex<Option<Waker>>,
-}
-
-impl Abandon {
-    fn abandon(&self) {
-        self.over.store(true, Ordering::Release);
-        if let Some(waker) = lock(&self.waker).take() {
-            waker.wake();
-        }
-    }
-
-    fn is_over(&self, cx: &mut Context<'_>) -> bool {
-        *lock(&self.waker) = Some(cx.waker().clone());
-        self.over.load(Ordering::Acquire)
-    }
-}
-
-/// A request body on its way: the chunks the body has given and not yet sent (at most two, so
-/// that the first is known to be the last or not), sent as the stream's window allows; the last
-/// one goes at once, window or not, since nothing follows it.
-struct Upload {
-    body: Body,
-    stream: SendStream<Bytes>,
-    chunks: VecDeque<Bytes>,
-    /// The body said `Pending` since the front chunk was read: the daemon may wait for it.
-    body_waits: bool,
-}
-
-impl Upload {
-    fn new(body: Body, stream: SendStream<Bytes>) -> Self {
-        Self {
-            body,
-            stream,
-            chunks: VecDeque::new(),
-            body_waits: false,
-        }
-    }
-
-    /// Sends what the body has now, from the caller's task: a whole body (a unary call's) is
-    /// queued with the head, and the connection writes both together. The rest of a body still
-    /// streaming goes in a task of its own, until the response side says the call is over.
-    fn start(mut self) -> Option<Arc<Abandon>> {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        if self.poll_send(&mut cx).is_ready() {
-            return None;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // No runtime to stream it: the stream ends here, and the daemon sees it cancelled.
-            self.stream.send_reset(h2::Reason::CANCEL);
-            return None;
-        };
-        let abandon = Arc::new(Abandon::default());
-        let over = abandon.clone();
-        drop(runtime.spawn(std::future::poll_fn(move |cx| {
-            if over.is_over(cx) {
-                self.stream.send_reset(h2::Reason::CANCEL);
-                return Poll::Ready(());
-            }
-            self.poll_send(cx)
-        })));
-        Some(abandon)
-    }
-
-    /// `Ready` once the body is sent, failed, or the daemon reset the stream.
-    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        loop {
-            if self.stream.poll_reset(cx).is_ready() {
-                return Poll::Ready(());
-            }
-            if self.chunks.len() > 1 || (self.body_waits && !self.chunks.is_empty()) {
-                // The front chunk is not known to be the last: it waits for window.
-                let len = self.chunks.front().map_or(0, Bytes::len);
-                self.stream.reserve_capacity(len);
-                if self.stream.capacity() == 0 {
-                    match std::task::ready!(self.stream.poll_capacity(cx)) {
-                        Some(Ok(_)) => continue,
-                        Some(Err(_)) => {
-                            self.stream.send_reset(h2::Reason::CANCEL);
-                            return Poll::Ready(());
-                        }
-                        // The stream no longer sends: the daemon reset or finished it.
-                        None => return Poll::Ready(()),
-                    }
-                }
-                let Some(chunk) = self.chunks.pop_front() else {
-                    continue;
-                };
-                self.body_waits = false;
-                if self.stream.send_data(chunk, false).is_err() {
-                    return Poll::Ready(());
-                }
-                continue;
-            }
-            let frame = match Pin::new(&mut self.body).poll_frame(cx) {
-                Poll::Pending if self.chunks.is_empty() => return Poll::Pending,
-                Poll::Pending => {
-                    self.body_waits = true;
-                    continue;
-                }
-                Poll::Ready(frame) => frame,
-            };
-            match frame.map(|frame| frame.map(Frame::into_data)) {
-                Some(Ok(Ok(chunk))) => {
-                    if !chunk.is_empty() {
-                        self.body_waits = false;
-                        self.chunks.push_back(chunk);
-                    }
-                }
-                Some(Ok(Err(frame))) => {
-                    // Trailers end the body: what is left goes now, then them.
-                    for chunk in self.chunks.drain(..) {
-                        if self.stream.send_data(chunk, false).is_err() {
-                            return Poll::Ready(());
-                        }
-                    }
-                    let trailers = frame.into_trailers().unwrap_or_default();
-                    let _ = self.stream.send_trailers(trailers);
-                    return Poll::Ready(());
-                }
-                None => {
-                    let last = self.chunks.pop_front().unwrap_or_default();
-                    let _ = self.stream.send_data(last, true);
-                    return Poll::Ready(());
-                }
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "request body failed; the stream is cancelled");
-                    self.stream.send_reset(h2::Reason::CANCEL);
-                    return Poll::Ready(());
-                }
-            }
         }
     }
 }
@@ -412,99 +268,6 @@ impl tower::Service<http::Request<Body>> for DaemonClient {
                 Err(unsent) => Err(unsent.status().into()),
             }
         })
-    }
-}
-
-/// An error on the daemon route, as the caller sees it: a stream the daemon reset gets the
-/// code of its reason; anything else that broke the connection mid-call is `UNAVAILABLE`.
-pub(crate) fn daemon_status(error: &(dyn Error + 'static)) -> Status {
-    let mut link = Some(error);
-    while let Some(error) = link {
-        if let Some(h2) = error.downcast_ref::<h2::Error>()
-            && h2.is_reset()
-            && h2.is_remote()
-            && let Some(reason) = h2.reason()
-        {
-            return Status::new(
-                code_of_reset(reason),
-                format!("the local daemon reset the stream: {reason}"),
-            );
-        }
-        link = error.source();
-    }
-    Status::unavailable(format!(
-        "local daemon connection failed; the call may have run on the daemon: {}",
-        error_chain(error)
-    ))
-}
-
-/// The code the gRPC spec gives a stream reset by the server (PROTOCOL-HTTP2.md, "Errors").
-/// tonic maps these only under its `server` feature, which a client need not build.
-fn code_of_reset(reason: h2::Reason) -> Code {
-    match reason {
-        h2::Reason::REFUSED_STREAM => Code::Unavailable,
-        h2::Reason::CANCEL => Code::Cancelled,
-        h2::Reason::ENHANCE_YOUR_CALM => Code::ResourceExhausted,
-        h2::Reason::INADEQUATE_SECURITY => Code::PermissionDenied,
-        _ => Code::Internal,
-    }
-}
-
-/// The daemon's response body: its data (whose window is released as it is read), then its
-/// trailers; errors get their codes as the head's do.
-struct DaemonBody {
-    recv: RecvStream,
-    data_done: bool,
-    done: bool,
-    _end: Option<CallEnd>,
-}
-
-impl DaemonBody {
-    fn new(recv: RecvStream, end: Option<CallEnd>) -> Self {
-        Self {
-            recv,
-            data_done: false,
-            done: false,
-            _end: end,
-        }
-    }
-}
-
-impl http_body::Body for DaemonBody {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        if !self.data_done {
-            match std::task::ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => {
-                    self.done = true;
-                    return Poll::Ready(Some(Err(daemon_status(&e))));
-                }
-                None => self.data_done = true,
-            }
-        }
-        let trailers = std::task::ready!(self.recv.poll_trailers(cx));
-        self.done = true;
-        Poll::Ready(match trailers {
-            Ok(Some(trailers)) => Some(Ok(Frame::trailers(trailers))),
-            Ok(None) => None,
-            Err(e) => Some(Err(daemon_status(&e))),
-        })
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done || self.recv.is_end_stream()
     }
 }
 

@@ -1,8 +1,10 @@
 //! The second and third checks, and the daemon route they leave behind: a connection to the
 //! socket whose peer is the pidfile's process of our uid ([`checked`]), HTTP/2 over that one
 //! connection with `grpc.health.v1.Health/Check` and the directory and version checks
-//! ([`handshake`]), the client that sends the layer's calls over it ([`client`]), and the
-//! signal of its end ([`end`]). [`upstream`] keeps heddle's one-call functions.
+//! ([`handshake`]), the h2 client that sends the layer's calls over it ([`client`]), their
+//! request bodies on the way ([`upload`]) and their answers ([`response`]), and the
+//! connection's task: its keepalive, the signal of its end, and its close once the calls in
+//! flight on it are done ([`end`]). [`upstream`] keeps heddle's one-call functions.
 //!
 //! A connection never redials: once it ends, a new one must pass every check again, which the
 //! registry's re-probe does.
@@ -11,6 +13,8 @@ mod checked;
 mod client;
 mod end;
 mod handshake;
+mod response;
+mod upload;
 mod upstream;
 
 pub(crate) use self::checked::connect_checked;

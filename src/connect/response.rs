@@ -1,0 +1,107 @@
+//! The daemon's answer as the caller sees it: its body ([`DaemonBody`]), and the status codes
+//! of what went wrong on the way.
+
+use std::error::Error;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use h2::RecvStream;
+use http_body::Frame;
+use tonic::{Code, Status};
+
+use super::client::CallEnd;
+use crate::reason::error_chain;
+
+/// An error on the daemon route, as the caller sees it: a stream the daemon reset gets the
+/// code of its reason; anything else that broke the connection mid-call is `UNAVAILABLE`.
+pub(crate) fn daemon_status(error: &(dyn Error + 'static)) -> Status {
+    let mut link = Some(error);
+    while let Some(error) = link {
+        if let Some(h2) = error.downcast_ref::<h2::Error>()
+            && h2.is_reset()
+            && h2.is_remote()
+            && let Some(reason) = h2.reason()
+        {
+            return Status::new(
+                code_of_reset(reason),
+                format!("the local daemon reset the stream: {reason}"),
+            );
+        }
+        link = error.source();
+    }
+    Status::unavailable(format!(
+        "local daemon connection failed; the call may have run on the daemon: {}",
+        error_chain(error)
+    ))
+}
+
+/// The code the gRPC spec gives a stream reset by the server (PROTOCOL-HTTP2.md, "Errors").
+/// tonic maps these only under its `server` feature, which a client need not build.
+fn code_of_reset(reason: h2::Reason) -> Code {
+    match reason {
+        h2::Reason::REFUSED_STREAM => Code::Unavailable,
+        h2::Reason::CANCEL => Code::Cancelled,
+        h2::Reason::ENHANCE_YOUR_CALM => Code::ResourceExhausted,
+        h2::Reason::INADEQUATE_SECURITY => Code::PermissionDenied,
+        _ => Code::Internal,
+    }
+}
+
+/// The daemon's response body: its data (whose window is released as it is read), then its
+/// trailers; errors get their codes as the head's do.
+pub(super) struct DaemonBody {
+    recv: RecvStream,
+    data_done: bool,
+    done: bool,
+    _end: Option<CallEnd>,
+}
+
+impl DaemonBody {
+    pub(super) fn new(recv: RecvStream, end: Option<CallEnd>) -> Self {
+        Self {
+            recv,
+            data_done: false,
+            done: false,
+            _end: end,
+        }
+    }
+}
+
+impl http_body::Body for DaemonBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if !self.data_done {
+            match std::task::ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(daemon_status(&e))));
+                }
+                None => self.data_done = true,
+            }
+        }
+        let trailers = std::task::ready!(self.recv.poll_trailers(cx));
+        self.done = true;
+        Poll::Ready(match trailers {
+            Ok(Some(trailers)) => Some(Ok(Frame::trailers(trailers))),
+            Ok(None) => None,
+            Err(e) => Some(Err(daemon_status(&e))),
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.recv.is_end_stream()
+    }
+}
