@@ -56,6 +56,10 @@ pin_project! {
     /// | the daemon reset the stream (HTTP/2 `RST_STREAM`) | the code gRPC maps its reason to: `REFUSED_STREAM` is `UNAVAILABLE`, `CANCEL` is `CANCELLED`, `ENHANCE_YOUR_CALM` is `RESOURCE_EXHAUSTED`, `INADEQUATE_SECURITY` is `PERMISSION_DENIED`, the others `INTERNAL` |
     /// | the connection ended or broke mid-call (EOF, reset, the daemon killed) | `UNAVAILABLE`: the call may have run on the daemon |
     /// | the connection closed before the request was handed to it | the call runs in-process (in mode `require`: `UNAVAILABLE`, "it did not run") |
+    ///
+    /// A call whose request body is still streaming when its response (or the response's body)
+    /// is dropped is over: its stream is reset with `CANCEL`, and the rest of the body is not
+    /// sent.
     pub struct ResponseFuture<S: Service<Request>> {
         #[pin]
         kind: Kind<S>,

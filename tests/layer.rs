@@ -470,3 +470,36 @@ async fn a_tool_with_its_own_pidfile_marker_finds_its_daemon_and_only_it() {
         )))
     );
 }
+
+/// The daemon process's open connections: its socket descriptors beyond the listener's.
+fn daemon_sockets(daemon: &DaemonProcess) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
+#[tokio::test]
+async fn an_idle_connection_closes_when_its_route_is_reset_not_at_its_next_ping() {
+    let dir = TestDir::new("l-idle-close");
+    let daemon = DaemonProcess::start(dir.path());
+    let before = daemon_sockets(&daemon);
+    // No ping for an hour: only the close itself can wake the idle connection's task.
+    let hour = Duration::from_secs(3600);
+    let svc = layered(test_layer(dir.path()).keepalive(hour, hour));
+    // A client that keeps its route (and so a handle on the connection) while idle.
+    let mut client = EchoClient::new(svc.clone());
+    echo(&mut client, 0).await.unwrap();
+    wait_until_async("the daemon holds the connection", || async {
+        daemon_sockets(&daemon) == before + 1
+    })
+    .await;
+    svc.reset();
+    wait_until_async("the daemon sees the connection closed", || async {
+        daemon_sockets(&daemon) == before
+    })
+    .await;
+    // Its next call finds the route reset, and checks again.
+    echo(&mut client, 1).await.unwrap();
+}

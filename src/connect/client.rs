@@ -42,7 +42,8 @@ pub(crate) struct DaemonClient {
 #[derive(Debug)]
 pub(crate) struct Unsent {
     pub(crate) request: Box<http::Request<Body>>,
-    pub(crate) error: h2::Error,
+    /// What h2 said, if it was asked.
+    pub(crate) error: Option<h2::Error>,
     pub(crate) connection_closed: bool,
 }
 
@@ -65,6 +66,8 @@ impl Unsent {
             false => Status::internal(format!(
                 "the request could not be sent to the local daemon ({}); it did not run",
                 self.error
+                    .as_ref()
+                    .map_or_else(|| "refused".to_owned(), ToString::to_string)
             )),
         }
     }
@@ -106,15 +109,24 @@ impl DaemonClient {
         *head.headers_mut() = request.headers().clone();
         strip_connection_headers(head.headers_mut());
         let end_of_stream = request.body().is_end_stream();
+        let Some(claim) = self.in_flight.enter() else {
+            // The registry closed this connection: it drains, and takes no new call.
+            return Err(Unsent {
+                request: Box::new(request),
+                error: None,
+                connection_closed: true,
+            });
+        };
         let (response, stream) = match self.sender.send_request(head, end_of_stream) {
             Ok(sent) => sent,
             Err(error) => {
                 let mut cx = Context::from_waker(std::task::Waker::noop());
-                let connection_closed = matches!(self.sender.poll_ready(&mut cx), Poll::Ready(Err(_)));
+                let connection_closed =
+                    matches!(self.sender.poll_ready(&mut cx), Poll::Ready(Err(_)));
                 tracing::debug!(%error, connection_closed, "the local daemon connection took no request");
                 return Err(Unsent {
                     request: Box::new(request),
-                    error,
+                    error: Some(error),
                     connection_closed,
                 });
             }
@@ -128,7 +140,7 @@ impl DaemonClient {
             response,
             deadline,
             end: Some(CallEnd {
-                _claim: self.in_flight.enter(),
+                _claim: claim,
                 upload,
             }),
         })

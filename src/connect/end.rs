@@ -82,10 +82,14 @@ pub(crate) struct InFlight {
 }
 
 impl InFlight {
-    /// A call's claim on the connection, held until its response is done with.
-    pub(crate) fn enter(self: &Arc<Self>) -> CallClaim {
-        self.calls.fetch_add(1, Ordering::AcqRel);
-        CallClaim(self.clone())
+    /// A call's claim on the connection, held until its response is done with; `None` once
+    /// the connection is closing, when the call must not be sent. Taken before the request is
+    /// queued: either the call sees the close, or the connection sees the call and waits for it
+    /// (`SeqCst` on both sides, here and in [`poll_drained`](Self::poll_drained)).
+    pub(crate) fn enter(self: &Arc<Self>) -> Option<CallClaim> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let claim = CallClaim(self.clone());
+        (!self.closing.load(Ordering::SeqCst)).then_some(claim)
     }
 
     fn wake(&self) {
@@ -94,16 +98,20 @@ impl InFlight {
         }
     }
 
-    /// `Ready` once a close was asked for and no call is left.
+    /// `Ready` once a close was asked for and no call is left. The task's waker is kept on
+    /// every poll, before the flags are read, so that a close or the last call's end always
+    /// finds it.
     fn poll_drained(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if !self.closing.load(Ordering::Acquire) {
-            return Poll::Pending;
+        {
+            let mut waker = lock(&self.waker);
+            if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *waker = Some(cx.waker().clone());
+            }
         }
-        *lock(&self.waker) = Some(cx.waker().clone());
-        match self.calls.load(Ordering::Acquire) {
-            0 => Poll::Ready(()),
-            _ => Poll::Pending,
+        if self.closing.load(Ordering::SeqCst) && self.calls.load(Ordering::SeqCst) == 0 {
+            return Poll::Ready(());
         }
+        Poll::Pending
     }
 }
 
@@ -113,7 +121,7 @@ pub(crate) struct CallClaim(Arc<InFlight>);
 
 impl Drop for CallClaim {
     fn drop(&mut self) {
-        if self.0.calls.fetch_sub(1, Ordering::AcqRel) == 1 && self.0.closing.load(Ordering::Acquire)
+        if self.0.calls.fetch_sub(1, Ordering::SeqCst) == 1 && self.0.closing.load(Ordering::SeqCst)
         {
             self.0.wake();
         }
@@ -134,9 +142,11 @@ impl ConnectionTask {
 
     /// Closes the connection once the calls already sent on it are done: a daemon that is
     /// stopping finishes them within its grace period, and a response still streaming to its
-    /// caller goes on. The route has already stopped sending new calls here.
+    /// caller goes on. A call that comes after the close is not sent (it runs in-process). A
+    /// response the caller keeps and never finishes keeps the connection open until it drops it,
+    /// or the daemon goes away, or keepalive finds it hung.
     pub(crate) fn close(&self) {
-        self.in_flight.closing.store(true, Ordering::Release);
+        self.in_flight.closing.store(true, Ordering::SeqCst);
         self.in_flight.wake();
     }
 

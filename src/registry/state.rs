@@ -32,7 +32,7 @@ pub(super) enum Slot {
     Connected {
         route: DaemonRoute,
         /// The task that drives the connection and its keepalive; closed, it goes once the
-        /// calls in flight on it are done.
+        /// calls in flight on it are done (a response its caller keeps open keeps it).
         task: ConnectionTask,
     },
 }
