@@ -92,21 +92,20 @@ impl InFlight {
         (!self.closing.load(Ordering::SeqCst)).then_some(claim)
     }
 
+    /// Wakes the connection's task, whose waker stays for the next time.
     fn wake(&self) {
-        if let Some(waker) = lock(&self.waker).take() {
-            waker.wake();
+        if let Some(waker) = lock(&self.waker).as_ref() {
+            waker.wake_by_ref();
         }
     }
 
-    /// `Ready` once a close was asked for and no call is left. The task's waker is kept on
-    /// every poll, before the flags are read, so that a close or the last call's end always
-    /// finds it.
-    fn poll_drained(&self, cx: &mut Context<'_>) -> Poll<()> {
-        {
-            let mut waker = lock(&self.waker);
-            if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *waker = Some(cx.waker().clone());
-            }
+    /// `Ready` once a close was asked for and no call is left. The task's waker is kept before
+    /// the flags are read, so that a close or the last call's end always finds it; `kept` is the
+    /// task's own note of the waker it left, so that the lock is taken only when it changes.
+    fn poll_drained(&self, cx: &mut Context<'_>, kept: &mut Option<Waker>) -> Poll<()> {
+        if !kept.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *lock(&self.waker) = Some(cx.waker().clone());
+            *kept = Some(cx.waker().clone());
         }
         if self.closing.load(Ordering::SeqCst) && self.calls.load(Ordering::SeqCst) == 0 {
             return Poll::Ready(());
@@ -167,6 +166,8 @@ pin_project! {
         connection: F,
         keepalive: Option<Keepalive>,
         in_flight: Arc<InFlight>,
+        // The waker this task left with `in_flight`.
+        kept_waker: Option<Waker>,
         end: ConnectionEnd,
     }
 
@@ -188,6 +189,7 @@ impl<F> Watched<F> {
             connection,
             keepalive,
             in_flight,
+            kept_waker: None,
             end,
         }
     }
@@ -211,7 +213,7 @@ impl<F: Future<Output = Result<(), h2::Error>>> Future for Watched<F> {
                     tracing::debug!("local daemon did not answer a keepalive ping in time");
                     EndCause::Unresponsive
                 } else {
-                    std::task::ready!(this.in_flight.poll_drained(cx));
+                    std::task::ready!(this.in_flight.poll_drained(cx, this.kept_waker));
                     // Closed by the registry, which let go of it first: no news to tell.
                     this.end.silence();
                     return Poll::Ready(());
