@@ -8,7 +8,8 @@ use tokio::runtime::Handle;
 use tokio::time::Instant;
 
 use super::detect::{Checked, Outcome};
-use super::entry::{DaemonRoute, Entry};
+use super::decision::DaemonRoute;
+use super::entry::Entry;
 use super::ids::ConnectionId;
 use super::state::{Slot, State, Verdict};
 use crate::config::Mode;

@@ -10,6 +10,7 @@
 
 mod auto_start;
 mod decide;
+mod decision;
 mod detect;
 mod entry;
 mod ids;
@@ -21,7 +22,8 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-pub(crate) use self::entry::{DaemonRoute, Decision, Entry};
+pub(crate) use self::decision::{DaemonRoute, Decision};
+pub(crate) use self::entry::Entry;
 pub use self::stats::RouteStats;
 use crate::config::Settings;
 use crate::paths::DirIdentity;

@@ -3,7 +3,7 @@
 
 use tokio::time::Instant;
 
-use super::entry::DaemonRoute;
+use super::decision::DaemonRoute;
 use crate::connect::ConnectionTask;
 use super::ids::{DetectionId, ReprobeId};
 use crate::lifecycle::SpawnedChild;
