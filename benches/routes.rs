@@ -415,19 +415,24 @@ fn floors(c: &mut Criterion, fixture: &Fixture) {
         group.bench_function("raw unix echo", |b| {
             b.iter_custom(|iters| {
                 rt.block_on(async {
-                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
                     let mut stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
-                    let mut buf = [7u8; RAW_ECHO_BYTES];
                     let start = Instant::now();
-                    for _ in 0..iters {
-                        stream.write_all(&buf).await.unwrap();
-                        stream.read_exact(&mut buf).await.unwrap();
-                    }
+                    raw_round_trips(&mut stream, iters).await;
                     start.elapsed()
                 })
             })
         });
         group.finish();
+    }
+}
+
+/// `n` round trips of [`RAW_ECHO_BYTES`] raw bytes to the daemon's raw echo.
+async fn raw_round_trips(stream: &mut tokio::net::UnixStream, n: u64) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = [7u8; RAW_ECHO_BYTES];
+    for _ in 0..n {
+        stream.write_all(&buf).await.unwrap();
+        stream.read_exact(&mut buf).await.unwrap();
     }
 }
 
@@ -532,13 +537,8 @@ fn first_call_with_daemon(c: &mut Criterion, fixture: &Fixture) {
                 iters,
                 || (),
                 || async {
-                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
                     let mut stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
-                    let mut buf = [7u8; RAW_ECHO_BYTES];
-                    for _ in 0..2 {
-                        stream.write_all(&buf).await.unwrap();
-                        stream.read_exact(&mut buf).await.unwrap();
-                    }
+                    raw_round_trips(&mut stream, 2).await;
                 },
             )
         })
