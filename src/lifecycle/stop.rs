@@ -60,9 +60,18 @@ pub enum StopOutcome {
 /// ```
 pub async fn stop(heddle_dir: impl AsRef<Path>, timeout: Duration) -> StopOutcome {
     let dir = heddle_dir.as_ref();
-    let paths = DaemonPaths::new(dir);
+    stop_with(dir, &DaemonPaths::new(dir), &Settings::default(), timeout).await
+}
+
+/// [`stop`] for a daemon a layer knows: its paths, and its settings' pidfile marker and checks.
+pub(crate) async fn stop_with(
+    dir: &Path,
+    paths: &DaemonPaths,
+    settings: &Settings,
+    timeout: Duration,
+) -> StopOutcome {
     let deadline = Instant::now().checked_add(timeout);
-    let pid = match verify(dir, &paths, timeout).await {
+    let pid = match verify(dir, paths, settings, timeout).await {
         Ok(Some(pid)) => pid,
         Ok(None) => return StopOutcome::NotRunning,
         Err(reason) => return StopOutcome::Refused { reason },
@@ -86,6 +95,7 @@ pub async fn stop(heddle_dir: impl AsRef<Path>, timeout: Duration) -> StopOutcom
 async fn verify(
     dir: &Path,
     paths: &DaemonPaths,
+    settings: &Settings,
     timeout: Duration,
 ) -> Result<Option<u32>, FallbackReason> {
     match check_sockets_dir(&paths.sockets_dir) {
@@ -94,7 +104,7 @@ async fn verify(
     }
     let settings = Settings {
         deadline: timeout,
-        ..Settings::default()
+        ..settings.clone()
     };
     let pid = match read_pidfile(&paths.pidfile, &settings.marker) {
         Ok(pidfile) => pidfile.pid,

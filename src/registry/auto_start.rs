@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use super::entry::Entry;
 use super::state::State;
 use crate::lifecycle::{
-    AutoStart, SpawnOutcome, SpawnedChild, StopOutcome, lock_held, maybe_spawn, stop,
+    AutoStart, SpawnOutcome, SpawnedChild, StopOutcome, lock_held, maybe_spawn, stop_with,
 };
 use crate::paths::DaemonPaths;
 use crate::pidfile::Pidfile;
@@ -51,7 +51,7 @@ impl Entry {
             tracing::debug!(dir = %self.dir.display(), "the daemon runs another installation");
             return;
         }
-        let stopped = stop(&self.dir, auto.start_timeout).await;
+        let stopped = stop_with(&self.dir, &self.paths, &self.settings, auto.start_timeout).await;
         tracing::info!(dir = %self.dir.display(), ?stopped, "restarting an upgraded local daemon");
         if let StopOutcome::Stopped { .. } = stopped {
             let _ = self.probe_or_start();
