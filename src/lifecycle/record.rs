@@ -1,8 +1,8 @@
 //! The attempt record, `sockets/spawn.record`: the one place that knows its format, and what
 //! it says of a pending start and of the backoff.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::OpenOptions;
+use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use nix::fcntl::OFlag;
 
 use super::stop::exited;
+use crate::pidfile::read_bounded;
 use crate::protocol::SPAWN_RECORD_FILE;
 
 /// The longest backoff between two starts whose daemons never served.
@@ -27,13 +28,11 @@ pub(crate) struct SpawnRecord {
 }
 
 impl SpawnRecord {
+    /// Read as defensively as a pidfile (bounded, no symlink followed, never blocking on a
+    /// FIFO): `auto_start_status` reads it in any directory it is given.
     pub(crate) fn read(sockets_dir: &Path) -> Option<Self> {
-        let mut text = String::new();
-        File::open(sockets_dir.join(SPAWN_RECORD_FILE))
-            .ok()?
-            .take(256)
-            .read_to_string(&mut text)
-            .ok()?;
+        let (bytes, _) = read_bounded(&sockets_dir.join(SPAWN_RECORD_FILE)).ok()?;
+        let text = std::str::from_utf8(&bytes).ok()?;
         let mut fields = text.split_whitespace().map(str::parse::<u64>);
         Some(Self {
             last_spawn_ms: fields.next()?.ok()?,

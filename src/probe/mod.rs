@@ -170,13 +170,15 @@ pub fn detect_local_daemon(heddle_dir: impl AsRef<Path>) -> Option<UdsTarget> {
     static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
     let dir = heddle_dir.as_ref();
     let key = DirIdentity::of(dir);
-    let mut cache = lock(CACHE.get_or_init(Default::default));
-    if let Some((at, target)) = cache.get(&key)
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some((at, target)) = lock(cache).get(&key)
         && at.elapsed() < DETECT_CACHE_TTL
     {
         return target.clone();
     }
+    // Probed outside the lock: a slow filesystem holds up this lookup only.
     let target = probe(dir).target();
+    let mut cache = lock(cache);
     // Bounded: a process that walks many repositories keeps only the fresh results.
     if cache.len() >= DETECT_CACHE_CAPACITY {
         cache.retain(|_, (at, _)| at.elapsed() < DETECT_CACHE_TTL);
