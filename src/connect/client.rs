@@ -19,13 +19,14 @@ use http::header::USER_AGENT;
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Uri};
 use http_body::Body as _;
+use tokio::task::AbortHandle;
 use tonic::body::Body;
 use tonic::{Status, TimeoutExpired};
 use tower::BoxError;
 
 use super::end::{CallClaim, InFlight};
 use super::response::{DaemonBody, daemon_status};
-use super::upload::{Abandon, Upload};
+use super::upload::Upload;
 
 /// The user-agent of a request that names none.
 const CRATE_USER_AGENT: &str = concat!("tower-local-daemon/", env!("CARGO_PKG_VERSION"));
@@ -251,13 +252,13 @@ impl Future for DaemonFuture {
 /// upload should the request body still be streaming.
 pub(super) struct CallEnd {
     _claim: CallClaim,
-    upload: Option<Arc<Abandon>>,
+    upload: Option<AbortHandle>,
 }
 
 impl Drop for CallEnd {
     fn drop(&mut self) {
         if let Some(upload) = &self.upload {
-            upload.abandon();
+            upload.abort();
         }
     }
 }

@@ -1,41 +1,16 @@
 //! A request body on its way to the daemon ([`Upload`]): sent from the caller's task when it is
 //! already whole, else streamed by a task of its own within the stream's flow-control window,
-//! until the response side says the call is over ([`Abandon`]).
+//! until the response side aborts that task: the call is over.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use h2::SendStream;
 use http_body::{Body as _, Frame};
+use tokio::task::AbortHandle;
 use tonic::body::Body;
-
-use crate::sync::lock;
-
-/// The response side's word to a request body still streaming in its own task: the call is
-/// over, and the stream is reset rather than left open for a body that may never end.
-#[derive(Default)]
-pub(super) struct Abandon {
-    over: AtomicBool,
-    waker: Mutex<Option<Waker>>,
-}
-
-impl Abandon {
-    pub(super) fn abandon(&self) {
-        self.over.store(true, Ordering::Release);
-        if let Some(waker) = lock(&self.waker).take() {
-            waker.wake();
-        }
-    }
-
-    fn is_over(&self, cx: &mut Context<'_>) -> bool {
-        *lock(&self.waker) = Some(cx.waker().clone());
-        self.over.load(Ordering::Acquire)
-    }
-}
 
 /// A request body on its way: the chunks the body has given and not yet sent (at most two, so
 /// that the first is known to be the last or not), sent as the stream's window allows; the last
@@ -60,8 +35,10 @@ impl Upload {
 
     /// Sends what the body has now, from the caller's task: a whole body (a unary call's) is
     /// queued with the head, and the connection writes both together. The rest of a body still
-    /// streaming goes in a task of its own, until the response side says the call is over.
-    pub(super) fn start(mut self) -> Option<Arc<Abandon>> {
+    /// streaming goes in a task of its own, which the response side aborts when the call is
+    /// over: the stream's last handle goes with it, and h2 resets the stream (`CANCEL`) rather
+    /// than leave it open for a body that may never end.
+    pub(super) fn start(mut self) -> Option<AbortHandle> {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         if self.poll_send(&mut cx).is_ready() {
             return None;
@@ -71,16 +48,8 @@ impl Upload {
             self.stream.send_reset(h2::Reason::CANCEL);
             return None;
         };
-        let abandon = Arc::new(Abandon::default());
-        let over = abandon.clone();
-        drop(runtime.spawn(std::future::poll_fn(move |cx| {
-            if over.is_over(cx) {
-                self.stream.send_reset(h2::Reason::CANCEL);
-                return Poll::Ready(());
-            }
-            self.poll_send(cx)
-        })));
-        Some(abandon)
+        let task = runtime.spawn(std::future::poll_fn(move |cx| self.poll_send(cx)));
+        Some(task.abort_handle())
     }
 
     /// `Ready` once the body is sent, failed, or the daemon reset the stream.
