@@ -119,7 +119,7 @@ impl<S: Service<Request>> ResponseFuture<S> {
         Self::failed(unsent.status())
     }
 
-    pub(crate) fn refused(reason: FallbackReason) -> Self {
+    pub(crate) fn refused(reason: &FallbackReason) -> Self {
         Self::failed(Status::unavailable(format!(
             "local daemon required (mode require) but not usable: {reason}; {}",
             reason.remedy()
@@ -228,19 +228,12 @@ where
                 })
             }
             KindProj::InProcessMarked { future } => poll_in_process(future.as_mut(), cx, true),
-            KindProj::Rerouted { oneshot, mark } => {
-                let result = std::task::ready!(oneshot.as_mut().poll(cx));
-                Poll::Ready(
-                    result
-                        .map(|response| in_process(response, *mark))
-                        .map_err(Into::into),
-                )
-            }
+            KindProj::Rerouted { oneshot, mark } => poll_in_process(oneshot.as_mut(), cx, *mark),
             KindProj::Failed { status } => {
                 let status = status
                     .take()
                     .expect("ResponseFuture polled after completion");
-                Poll::Ready(Err(Box::new(*status)))
+                Poll::Ready(Err(status))
             }
         }
     }

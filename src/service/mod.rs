@@ -187,7 +187,7 @@ where
                 ResponseFuture::in_process(self.inner.call(request), mark)
             }
             Decision::Daemon(daemon) => call_daemon(daemon, &self.shared, &self.inner, request),
-            Decision::Refused(reason) => ResponseFuture::refused(reason.clone()),
+            Decision::Refused(reason) => ResponseFuture::refused(reason),
         }
     }
 }
