@@ -30,12 +30,10 @@ impl fmt::Display for ProcessStart {
 /// Why a process is not one we can use, as far as the kernel tells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ProcessError {
-    /// No such process (ESRCH).
+    /// No such process (ESRCH), or one that has exited and waits to be reaped (a zombie: `kill`
+    /// still finds it, its `/proc` entry has no executable any more).
     #[cfg(feature = "client")]
     Gone,
-    /// Killed and not yet reaped: `kill(pid, 0)` still succeeds.
-    #[cfg(feature = "client")]
-    Zombie,
     /// The process's information could not be read (for example under `hidepid`).
     Unreadable(io::ErrorKind),
     /// This platform has no implementation.
@@ -130,11 +128,8 @@ mod imp {
         /// The executable's identity.
         pub(crate) fn executable(&self) -> Result<FileIdentity, ProcessError> {
             let link = format!("/proc/{}/exe", self.pid);
-            FileIdentity::following(Path::new(&link)).map_err(|e| match e.kind() {
-                // A zombie has no executable any more.
-                io::ErrorKind::NotFound if !self.foreign => ProcessError::Zombie,
-                kind => self.unreadable(kind),
-            })
+            // A zombie has no executable any more: gone.
+            FileIdentity::following(Path::new(&link)).map_err(|e| self.missing(e.kind()))
         }
 
         /// Whether the executable was deleted or replaced on disk since the process started.
@@ -257,7 +252,7 @@ mod imp {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
             assert_eq!(info.effective_uid(), Ok(crate::peer::own_uid()));
-            assert_eq!(info.executable(), Err(ProcessError::Zombie));
+            assert_eq!(info.executable(), Err(ProcessError::Gone));
             child.wait().unwrap();
             assert_eq!(check_alive(child.id()).err(), Some(ProcessError::Gone));
             let me = check_alive(std::process::id()).unwrap();

@@ -125,7 +125,7 @@ async fn verify(
 /// Whether `pid` is gone or a zombie.
 pub(crate) fn exited(pid: u32) -> bool {
     match process::check_alive(pid) {
-        Err(ProcessError::Gone | ProcessError::Zombie) => true,
+        Err(ProcessError::Gone) => true,
         Err(_) => false,
         Ok(info) => matches!(info.zombie(), Ok(true) | Err(ProcessError::Gone)),
     }

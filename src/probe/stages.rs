@@ -93,7 +93,7 @@ pub(super) fn check_process(
 
 fn process_reason(e: ProcessError) -> FallbackReason {
     match e {
-        ProcessError::Gone | ProcessError::Zombie => FallbackReason::ProcessGone,
+        ProcessError::Gone => FallbackReason::ProcessGone,
         ProcessError::Unreadable(error) => FallbackReason::ProcessUnreadable { error },
         ProcessError::Unsupported => FallbackReason::Unsupported,
     }
