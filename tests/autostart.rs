@@ -181,14 +181,9 @@ async fn nothing_is_started_in_mode_off_when_switched_off_or_where_the_directory
 
 #[tokio::test]
 async fn an_upgraded_daemon_is_stopped_and_a_new_one_started_by_a_client_of_the_new_build() {
-    use std::os::unix::fs::PermissionsExt;
     let dir = TestDir::new("auto-upgrade");
     let tool = dir.path().join("tool");
-    let install = |to: &std::path::Path| {
-        std::fs::copy(std::env::current_exe().unwrap(), to).unwrap();
-        std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o755)).unwrap();
-    };
-    install(&tool);
+    copy_of_this_binary(&tool);
     let old = DaemonProcess::start_with(
         dir.path(),
         DaemonOptions {
@@ -198,7 +193,7 @@ async fn an_upgraded_daemon_is_stopped_and_a_new_one_started_by_a_client_of_the_
     );
     // The upgrade: the same bytes under a new inode, renamed over the daemon's executable.
     let new_build = dir.path().join("tool.new");
-    install(&new_build);
+    copy_of_this_binary(&new_build);
     std::fs::rename(&new_build, &tool).unwrap();
 
     // A command of the new build: its call finds the old daemon replaced, stops it, starts a

@@ -110,8 +110,7 @@ async fn the_daemon_of_another_directory_is_refused_and_keeps_running() {
 async fn a_daemon_whose_executable_was_replaced_is_still_stopped() {
     let dir = TestDir::new("stop-upgraded");
     let program = dir.path().join("tool");
-    std::fs::copy(std::env::current_exe().unwrap(), &program).unwrap();
-    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    copy_of_this_binary(&program);
     let options = DaemonOptions {
         program: Some(program.clone()),
         ..DaemonOptions::default()
@@ -120,7 +119,7 @@ async fn a_daemon_whose_executable_was_replaced_is_still_stopped() {
     let pid = daemon.pid();
     // An upgrade: a new file renamed over the one the daemon runs.
     let upgrade = dir.path().join("tool.new");
-    std::fs::copy(std::env::current_exe().unwrap(), &upgrade).unwrap();
+    copy_of_this_binary(&upgrade);
     std::fs::rename(&upgrade, &program).unwrap();
     assert_eq!(
         stop(dir.path(), TIMEOUT).await,

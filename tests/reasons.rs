@@ -378,12 +378,6 @@ fn live_unrelated_process_is_another_executable() {
     sleep.wait().unwrap();
 }
 
-/// A copy of this test binary at `path`, executable.
-fn copy_of_this_binary(path: &std::path::Path) {
-    std::fs::copy(std::env::current_exe().unwrap(), path).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
 #[tokio::test]
 async fn daemon_whose_executable_name_is_not_utf8_is_used() {
     use std::os::unix::ffi::OsStrExt;

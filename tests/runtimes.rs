@@ -200,10 +200,6 @@ fn a_lazy_fallback_build_cut_short_by_its_runtime_is_built_again_on_the_next() {
 }
 
 /// Open descriptors of this process.
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
 #[test]
 fn released_entries_close_their_connections_and_end_their_tasks() {
     let dir = TestDir::new("rt-release");

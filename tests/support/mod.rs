@@ -290,8 +290,7 @@ impl NobodyBinary {
         let dir = TestDir::new("nobody-bin");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let path = dir.path().join("test-binary");
-        std::fs::copy(std::env::current_exe().unwrap(), &path).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        copy_of_this_binary(&path);
         Some(Self { dir, path })
     }
 
@@ -326,6 +325,18 @@ impl NobodyBinary {
         }
         probe_output(command.output().unwrap())
     }
+}
+
+/// A copy of this test binary at `path`, executable: a tool's installed daemon, or its upgrade.
+pub fn copy_of_this_binary(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::copy(std::env::current_exe().unwrap(), path).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// This process's open file descriptors.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
 /// The status a re-executed prober printed.
@@ -415,7 +426,6 @@ pub struct DaemonOptions {
 /// A daemon in another process: this test binary, re-executed. Killed when dropped.
 pub struct DaemonProcess {
     pub child: Child,
-    pub dir: PathBuf,
 }
 
 impl DaemonProcess {
@@ -472,7 +482,6 @@ impl DaemonProcess {
         }
         Self {
             child: spawn(&mut command),
-            dir: dir.to_owned(),
         }
     }
 
