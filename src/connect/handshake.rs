@@ -1,8 +1,9 @@
 //! The third check: HTTP/2 over the checked connection, then `grpc.health.v1.Health/Check`
 //! for every required service, the directory the daemon serves and its version.
 
+use std::future::Future;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -65,32 +66,39 @@ pub(crate) async fn establish(
     on_end: ConnectionEnd,
 ) -> Established {
     let start = Instant::now();
-    let connect_done = Mutex::new(None::<Instant>);
-    let attempt = async {
-        let stream = connect_checked(&target).await?;
-        *crate::sync::lock(&connect_done) = Some(Instant::now());
-        let (client, version, task) = handshake(stream, dir, settings, on_end).await?;
-        Ok(DaemonConnection {
-            target: target.clone(),
-            client,
-            version,
-            task,
-        })
-    };
-    let result = match tokio::time::Instant::now().checked_add(settings.deadline) {
-        Some(deadline) => tokio::time::timeout_at(deadline, attempt)
+    let deadline = tokio::time::Instant::now().checked_add(settings.deadline);
+    let connected = within(deadline, connect_checked(&target)).await;
+    let connected_at = Instant::now();
+    let result = match connected {
+        Ok(stream) => within(deadline, handshake(stream, dir, settings, on_end))
             .await
-            .unwrap_or(Err(FallbackReason::DeadlineExceeded)),
-        None => attempt.await,
+            .map(|(client, version, task)| DaemonConnection {
+                target,
+                client,
+                version,
+                task,
+            }),
+        Err(reason) => Err(reason),
     };
-    let end = Instant::now();
-    let connected = crate::sync::lock(&connect_done).unwrap_or(end);
     Established {
         result,
         timings: HandshakeTimings {
-            connect: connected - start,
-            handshake: end - connected,
+            connect: connected_at - start,
+            handshake: connected_at.elapsed(),
         },
+    }
+}
+
+/// `future`, failing with [`FallbackReason::DeadlineExceeded`] at `deadline` (none: never).
+pub(crate) async fn within<T>(
+    deadline: Option<tokio::time::Instant>,
+    future: impl Future<Output = Result<T, FallbackReason>>,
+) -> Result<T, FallbackReason> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, future)
+            .await
+            .unwrap_or(Err(FallbackReason::DeadlineExceeded)),
+        None => future.await,
     }
 }
 

@@ -20,7 +20,7 @@ mod upstream;
 pub(crate) use self::checked::connect_checked;
 pub(crate) use self::client::{DaemonClient, DaemonFuture, Unsent};
 pub(crate) use self::end::{ConnectionEnd, ConnectionTask, EndCause};
-pub(crate) use self::handshake::{DaemonConnection, establish, handshake};
+pub(crate) use self::handshake::{DaemonConnection, establish, handshake, within};
 pub use self::upstream::{
     LocalDaemonChannel, connect_local_daemon_channel, detect_local_daemon_with_connect_probe,
     try_connect_local_daemon_channel, try_detect_local_daemon_with_connect_probe,

@@ -13,6 +13,7 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::checked::connect_checked;
+use super::handshake::within;
 use super::handshake::check_health;
 use crate::config::Settings;
 use crate::paths::DaemonPaths;
@@ -119,12 +120,7 @@ pub async fn try_connect_local_daemon_channel(
             version,
         })
     };
-    match tokio::time::Instant::now().checked_add(timeout) {
-        Some(deadline) => tokio::time::timeout_at(deadline, attempt)
-            .await
-            .unwrap_or(Err(FallbackReason::DeadlineExceeded)),
-        None => attempt.await,
-    }
+    within(tokio::time::Instant::now().checked_add(timeout), attempt).await
 }
 
 /// A tonic `Channel` over the checked connection, with the layer's keepalive.

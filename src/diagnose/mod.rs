@@ -6,7 +6,7 @@ mod report;
 use std::path::Path;
 
 use crate::config::{IdentityPolicy, Mode, Settings};
-use crate::connect::{ConnectionEnd, connect_checked, handshake};
+use crate::connect::{ConnectionEnd, connect_checked, handshake, within};
 use crate::paths::{DaemonPaths, FileIdentity};
 use crate::probe::{Passed, probe_observed};
 use crate::reason::FallbackReason;
@@ -77,19 +77,6 @@ pub(crate) async fn run(dir: &Path, settings: &Settings) -> Report {
     };
     checks.record(detail, shaken.as_ref().map(|_| ()));
     checks.finish()
-}
-
-/// `future`, failing with [`FallbackReason::DeadlineExceeded`] at `deadline` (none: never).
-async fn within<T>(
-    deadline: Option<tokio::time::Instant>,
-    future: impl Future<Output = Result<T, FallbackReason>>,
-) -> Result<T, FallbackReason> {
-    match deadline {
-        Some(deadline) => tokio::time::timeout_at(deadline, future)
-            .await
-            .unwrap_or(Err(FallbackReason::DeadlineExceeded)),
-        None => future.await,
-    }
 }
 
 /// What a probe stage found, for a person; `pid` is the pidfile's, once read.

@@ -13,7 +13,7 @@ use super::entry::Entry;
 use super::ids::{ConnectionId, Run};
 use super::state::{Slot, State};
 use crate::config::Mode;
-use crate::connect::{ConnectionEnd, DaemonConnection, establish};
+use crate::connect::{ConnectionEnd, DaemonConnection, establish, within};
 use crate::probe::{UdsTarget, probe_paths};
 use crate::reason::FallbackReason;
 use crate::sync::{CatchUnwind, lock};
@@ -131,12 +131,7 @@ impl Entry {
         loop {
             let attempt = self.attempt(target.take(), runtime);
             // An attempt that hangs past the deadline ends there.
-            let result = match deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline, attempt)
-                    .await
-                    .unwrap_or(Err(FallbackReason::DeadlineExceeded)),
-                None => attempt.await,
-            };
+            let result = within(deadline, attempt).await;
             let reason = match result {
                 Ok(checked) => return Ok(checked),
                 Err(reason) => reason,
