@@ -113,7 +113,6 @@ impl Entry {
             }
         }
         if let Verdict::Negative { reason, since } = &state.verdict {
-            {
                 let decision = self.negative(reason.clone());
                 let since = *since;
                 if let Some(reprobe) = &mut state.reprobe {
@@ -158,7 +157,6 @@ impl Entry {
                     }
                     return Poll::Ready((generation, decision));
                 }
-            }
         }
         // This runtime's calls wait for its checks, which run on a task of the runtime.
         let Some(handle) = runtime.clone().filter(time_driver_available) else {
