@@ -94,14 +94,18 @@ impl<S: Service<Request>> ResponseFuture<S> {
         }
     }
 
-    pub(crate) fn in_process(future: S::Future, mark: bool) -> Self {
-        let kind = match mark {
-            false => Kind::InProcess { future },
-            true => Kind::InProcessMarked {
+    pub(crate) fn in_process(future: S::Future) -> Self {
+        Self {
+            kind: Kind::InProcess { future },
+        }
+    }
+
+    pub(crate) fn in_process_marked(future: S::Future) -> Self {
+        Self {
+            kind: Kind::InProcessMarked {
                 future: Box::pin(future),
             },
-        };
-        Self { kind }
+        }
     }
 
     pub(crate) fn rerouted(service: S, request: Request, mark: bool) -> Self {

@@ -178,13 +178,17 @@ where
             panic!("LocalDaemon::call was called before poll_ready returned Ready(Ok)");
         };
         *ready = false;
-        let mark = self.shared.mark_route;
         match decision {
             Decision::InProcess => {
                 if let Some(entry) = self.shared.entry() {
                     entry.count_in_process_call();
                 }
-                ResponseFuture::in_process(self.inner.call(request), mark)
+                // The mark decided before the inner call, so that its future is built where
+                // the unmarked route returns it.
+                match self.shared.mark_route {
+                    false => ResponseFuture::in_process(self.inner.call(request)),
+                    true => ResponseFuture::in_process_marked(self.inner.call(request)),
+                }
             }
             Decision::Daemon(daemon) => call_daemon(daemon, &self.shared, &self.inner, request),
             Decision::Refused(reason) => ResponseFuture::refused(reason),
