@@ -197,11 +197,21 @@ pub(crate) fn read_bounded(path: &Path) -> Result<(Vec<u8>, u64), ReadError> {
     if !metadata.file_type().is_file() {
         return Err(ReadError::NotRegularFile);
     }
-    let mut bytes = Vec::with_capacity(64);
-    (&file)
-        .take(MAX_PIDFILE_LEN as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| ReadError::Io(e.kind()))?;
+    // The size `stat` gave is where the reads stop (no read only to learn the end); past the
+    // bound, one byte more says too long. A file written while it is read is torn either way
+    // (it fails to parse, and the next probe reads it again).
+    let wanted = metadata.len().min(MAX_PIDFILE_LEN as u64 + 1) as usize;
+    let mut bytes = vec![0; wanted];
+    let mut read = 0;
+    while read < wanted {
+        match (&file).read(&mut bytes[read..]) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ReadError::Io(e.kind())),
+        }
+    }
+    bytes.truncate(read);
     Ok((bytes, metadata.nlink()))
 }
 

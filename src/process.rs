@@ -178,11 +178,25 @@ mod imp {
 
     /// A `/proc` file, whole. The kernel composes it on the first `read`, and reports no size:
     /// one buffer large enough for `stat` and `status` takes it in one `read` (and one more that
-    /// says the end), where `std::fs::read` would probe with small reads.
+    /// says the end). `read_to_end` would first ask the file its size and position, two calls
+    /// that tell nothing here.
     fn read_proc(path: &Path) -> io::Result<Vec<u8>> {
         use std::io::Read;
-        let mut contents = Vec::with_capacity(4096);
-        std::fs::File::open(path)?.read_to_end(&mut contents)?;
+        let mut file = std::fs::File::open(path)?;
+        let mut contents = vec![0; 4096];
+        let mut len = 0;
+        loop {
+            if len == contents.len() {
+                contents.resize(len * 2, 0);
+            }
+            match file.read(&mut contents[len..]) {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        contents.truncate(len);
         Ok(contents)
     }
 
@@ -220,9 +234,9 @@ mod imp {
         static BOOT_ID: OnceLock<Result<String, io::ErrorKind>> = OnceLock::new();
         BOOT_ID
             .get_or_init(|| {
-                let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                let id = read_proc(Path::new("/proc/sys/kernel/random/boot_id"))
                     .map_err(|e| e.kind())?;
-                Ok(id.trim().to_owned())
+                Ok(String::from_utf8_lossy(&id).trim().to_owned())
             })
             .clone()
             .map_err(ProcessError::Unreadable)
