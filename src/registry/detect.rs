@@ -160,7 +160,9 @@ impl Entry {
             (Some(target), _) => target,
             (None, Some(auto)) => match self.probe_or_start() {
                 Err(FallbackReason::ExecutableReplaced) => {
-                    self.restart(auto).await;
+                    // Boxed: the rare restart (a stop over its own connection) would otherwise
+                    // grow every run's future.
+                    Box::pin(self.restart(auto)).await;
                     return Err(FallbackReason::ExecutableReplaced);
                 }
                 probed => probed?,
