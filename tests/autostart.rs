@@ -182,27 +182,56 @@ async fn nothing_is_started_in_mode_off_when_switched_off_or_where_the_directory
 #[tokio::test]
 async fn an_upgraded_daemon_is_stopped_and_a_new_one_started_by_a_client_of_the_new_build() {
     let dir = TestDir::new("auto-upgrade");
+    let new_pid = upgrade(&dir, None).await;
+    assert_eq!(
+        stop(dir.path(), Duration::from_secs(10)).await,
+        StopOutcome::Stopped { pid: new_pid }
+    );
+}
+
+#[tokio::test]
+async fn a_tool_with_its_own_pidfile_marker_restarts_its_upgraded_daemon_too() {
+    let dir = TestDir::new("auto-upgrade-marker");
+    let new_pid = upgrade(&dir, Some("other-tool")).await;
+    // `stop` reads heddle's marker: the new daemon's pidfile is not one it stops.
+    assert!(matches!(
+        stop(dir.path(), Duration::from_secs(1)).await,
+        StopOutcome::Refused { .. }
+    ));
+    let pid = nix::unistd::Pid::from_raw(new_pid as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_until("the new daemon exits", || {
+        matches!(probe(dir.path()).status, LocalDaemonStatus::Absent { .. })
+    });
+}
+
+/// A daemon of a copy of this binary (`tool`, with the pidfile `marker` when given) is
+/// upgraded: the same bytes under a new inode are renamed over its executable. A command of the
+/// new build then calls with auto-start: it finds the daemon's executable replaced, stops it,
+/// starts a new one, and runs in-process meanwhile. Returns the new daemon's pid, once it serves.
+async fn upgrade(dir: &TestDir, marker: Option<&str>) -> u32 {
     let tool = dir.path().join("tool");
     copy_of_this_binary(&tool);
     let old = DaemonProcess::start_with(
         dir.path(),
         DaemonOptions {
             program: Some(tool.clone()),
+            marker: marker.map(str::to_owned),
             ..DaemonOptions::default()
         },
     );
-    // The upgrade: the same bytes under a new inode, renamed over the daemon's executable.
     let new_build = dir.path().join("tool.new");
     copy_of_this_binary(&new_build);
     std::fs::rename(&new_build, &tool).unwrap();
 
-    // A command of the new build: its call finds the old daemon replaced, stops it, starts a
-    // new one, and runs in-process meanwhile.
     let mut command = reexec(&tool, Role::Call(dir.path().to_owned()));
     command
         .env(CALL_AUTO_START_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
+    if let Some(marker) = marker {
+        command.env(DAEMON_MARKER_ENV, marker);
+    }
     let output = spawn(&mut command).wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
@@ -212,8 +241,11 @@ async fn an_upgraded_daemon_is_stopped_and_a_new_one_started_by_a_client_of_the_
     let (code, stderr) = old.wait_exit();
     assert_eq!(code, Some(0), "the old daemon exits cleanly: {stderr}");
     // The new daemon, of the new build, serves; the old one's files are gone with it.
-    let layer =
+    let mut layer =
         test_layer(dir.path()).identity(tower_local_daemon::IdentityPolicy::Executable(tool));
+    if let Some(marker) = marker {
+        layer = layer.pidfile_marker(marker);
+    }
     let svc = layered(layer);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let new_pid = loop {
@@ -226,10 +258,7 @@ async fn an_upgraded_daemon_is_stopped_and_a_new_one_started_by_a_client_of_the_
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_ne!(new_pid, old_pid);
-    assert_eq!(
-        stop(dir.path(), Duration::from_secs(10)).await,
-        StopOutcome::Stopped { pid: new_pid }
-    );
+    new_pid
 }
 
 #[tokio::test]

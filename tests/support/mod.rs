@@ -167,6 +167,10 @@ fn call_once(dir: &Path) -> ! {
         std::io::stdin().read_line(&mut line).unwrap();
     }
     let mut layer = test_layer(dir);
+    // A tool with its own marker: the daemons it starts inherit the variable, and use it too.
+    if let Ok(marker) = std::env::var(DAEMON_MARKER_ENV) {
+        layer = layer.pidfile_marker(marker);
+    }
     if std::env::var_os(CALL_AUTO_START_ENV).is_some() {
         layer = layer
             .auto_start(test_auto_start(dir))
