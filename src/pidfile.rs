@@ -12,7 +12,7 @@
 //!
 //! Reading is defensive: the file is opened without following symlinks and without blocking (a
 //! FIFO would otherwise block forever), must be a regular file, and at most
-//! [`MAX_PIDFILE_LEN`] bytes are read.
+//! [`MAX_PIDFILE_LEN`] + 1 bytes are read (one more than the longest pidfile says too long).
 
 use std::fmt;
 #[cfg(feature = "client")]
@@ -197,21 +197,15 @@ pub(crate) fn read_bounded(path: &Path) -> Result<(Vec<u8>, u64), ReadError> {
     if !metadata.file_type().is_file() {
         return Err(ReadError::NotRegularFile);
     }
-    // The size `stat` gave is where the reads stop (no read only to learn the end); past the
-    // bound, one byte more says too long. A file written while it is read is torn either way
-    // (it fails to parse, and the next probe reads it again).
-    let wanted = metadata.len().min(MAX_PIDFILE_LEN as u64 + 1) as usize;
-    let mut bytes = vec![0; wanted];
-    let mut read = 0;
-    while read < wanted {
-        match (&file).read(&mut bytes[read..]) {
-            Ok(0) => break,
-            Ok(n) => read += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(ReadError::Io(e.kind())),
-        }
-    }
-    bytes.truncate(read);
+    // The reads stop at the size `stat` gave, past the bound at one byte more (too long): a
+    // `take` that reaches its limit answers without asking the file again. A file written while
+    // it is read is torn either way (it fails to parse, and the next probe reads it again).
+    let wanted = metadata.len().min(MAX_PIDFILE_LEN as u64 + 1);
+    let mut bytes = Vec::with_capacity(wanted as usize);
+    (&file)
+        .take(wanted)
+        .read_to_end(&mut bytes)
+        .map_err(|e| ReadError::Io(e.kind()))?;
     Ok((bytes, metadata.nlink()))
 }
 

@@ -178,25 +178,14 @@ mod imp {
 
     /// A `/proc` file, whole. The kernel composes it on the first `read`, and reports no size:
     /// one buffer large enough for `stat` and `status` takes it in one `read` (and one more that
-    /// says the end). `read_to_end` would first ask the file its size and position, two calls
-    /// that tell nothing here.
+    /// says the end). Read through `take`: a `File`'s own `read_to_end` first asks the file its
+    /// size and position, two calls that tell nothing here.
     fn read_proc(path: &Path) -> io::Result<Vec<u8>> {
         use std::io::Read;
-        let mut file = std::fs::File::open(path)?;
-        let mut contents = vec![0; 4096];
-        let mut len = 0;
-        loop {
-            if len == contents.len() {
-                contents.resize(len * 2, 0);
-            }
-            match file.read(&mut contents[len..]) {
-                Ok(0) => break,
-                Ok(n) => len += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        contents.truncate(len);
+        let mut contents = Vec::with_capacity(4096);
+        std::fs::File::open(path)?
+            .take(u64::MAX)
+            .read_to_end(&mut contents)?;
         Ok(contents)
     }
 
@@ -236,7 +225,8 @@ mod imp {
             .get_or_init(|| {
                 let id = read_proc(Path::new("/proc/sys/kernel/random/boot_id"))
                     .map_err(|e| e.kind())?;
-                Ok(String::from_utf8_lossy(&id).trim().to_owned())
+                let id = String::from_utf8(id).map_err(|_| io::ErrorKind::InvalidData)?;
+                Ok(id.trim().to_owned())
             })
             .clone()
             .map_err(ProcessError::Unreadable)

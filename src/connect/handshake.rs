@@ -69,10 +69,9 @@ pub(crate) async fn establish(
     let deadline = tokio::time::Instant::now().checked_add(settings.deadline);
     let connected = within(deadline, connect_checked(&target)).await;
     let connected_at = Instant::now();
-    // The handshake's future (HTTP/2 and the health client's, about 6 KiB) is boxed: held
-    // inline, it made the checks' future 27 KiB, copied through poll frames of up to 31 KiB, and a
-    // one-shot process touched (and faulted in) that much more stack: 26 page faults more, each
-    // a few microseconds in a VM.
+    // The handshake's future (HTTP/2's and the health client's) is boxed, so that the futures
+    // that hold it stay small: every poll frame above a large future copies it, and a one-shot
+    // process faults in each page of stack those frames reach, a few microseconds each in a VM.
     let result = match connected {
         Ok(stream) => within(deadline, Box::pin(handshake(stream, dir, settings, on_end)))
             .await
