@@ -8,7 +8,7 @@ use tower::Layer;
 
 use crate::config::{DEFAULT_MODE_ENV, IdentityPolicy, Mode, ModeOverride, Settings};
 use crate::diagnose::{self, Report};
-use crate::lifecycle::{AutoStart, AutoStartSwitch};
+use crate::lifecycle::{AutoStart, AutoStartSwitch, StopOutcome, stop_with};
 use crate::service::{LocalDaemon, Shared};
 
 /// Routes each call to a repository directory's local daemon when one passes every check, and to
@@ -227,6 +227,25 @@ impl LocalDaemonLayer {
     /// reports each one: for a tool's `status` verb. See [`Report`].
     pub async fn diagnose(&self) -> Report {
         diagnose::run(&self.dir, &self.resolved_settings()).await
+    }
+
+    /// Stops this layer's daemon as [`stop`](crate::stop) does, with the files (pidfile
+    /// marker, socket and pidfile paths) and checks this layer is built with: for a tool's
+    /// `stop` verb, where the free [`stop`](crate::stop) reads the default files only.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use std::time::Duration;
+    /// use tower_local_daemon::{LocalDaemonLayer, StopOutcome};
+    ///
+    /// let dir = std::env::temp_dir().join("tower-local-daemon-doc-layer-stop");
+    /// let layer = LocalDaemonLayer::new(&dir).pidfile_marker("my-tool");
+    /// assert_eq!(layer.stop(Duration::from_secs(5)).await, StopOutcome::NotRunning);
+    /// # }
+    /// ```
+    pub async fn stop(&self, timeout: Duration) -> StopOutcome {
+        let paths = self.settings.paths(&self.dir);
+        stop_with(&self.dir, &paths, &self.settings, timeout).await
     }
 
     /// The settings after the environment's overrides.

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use support::*;
 use tower_local_daemon::{
-    AutoStart, DAEMON_LOG_FILE, FallbackReason, LocalDaemonStatus, Mode, Route, StopOutcome,
-    auto_start_status, probe, reset, stop,
+    AutoStart, DAEMON_LOG_FILE, FallbackReason, LocalDaemonStatus, Mode, PidfileError, Route,
+    StopOutcome, auto_start_status, probe, reset, stop,
 };
 
 /// Not a test: the entry point of this binary when it is re-executed.
@@ -194,15 +194,22 @@ async fn a_tool_with_its_own_pidfile_marker_restarts_its_upgraded_daemon_too() {
     let dir = TestDir::new("auto-upgrade-marker");
     let new_pid = upgrade(&dir, Some("other-tool")).await;
     // `stop` reads heddle's marker: the new daemon's pidfile is not one it stops.
-    assert!(matches!(
+    assert_eq!(
         stop(dir.path(), Duration::from_secs(1)).await,
-        StopOutcome::Refused { .. }
-    ));
-    let pid = nix::unistd::Pid::from_raw(new_pid as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    wait_until("the new daemon exits", || {
-        matches!(probe(dir.path()).status, LocalDaemonStatus::Absent { .. })
-    });
+        StopOutcome::Refused {
+            reason: FallbackReason::MalformedPidfile(PidfileError::InvalidMarker)
+        }
+    );
+    // The layer's `stop` reads the tool's own marker.
+    let layer = test_layer(dir.path())
+        .pidfile_marker("other-tool")
+        .identity(tower_local_daemon::IdentityPolicy::Executable(
+            dir.path().join("tool"),
+        ));
+    assert_eq!(
+        layer.stop(Duration::from_secs(10)).await,
+        StopOutcome::Stopped { pid: new_pid }
+    );
 }
 
 /// A daemon of a copy of this binary (`tool`, with the pidfile `marker` when given) is

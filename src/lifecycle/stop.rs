@@ -41,7 +41,8 @@ pub enum StopOutcome {
 }
 
 /// Stops `heddle_dir`'s daemon, and waits up to `timeout` for it to exit. It never starts
-/// anything.
+/// anything. It reads the default files (heddle's pidfile marker under `<dir>/sockets/`); a tool
+/// with its own marker or paths uses [`LocalDaemonLayer::stop`](crate::LocalDaemonLayer::stop).
 ///
 /// The daemon is signalled only once it is verified over a live connection: the socket's peer
 /// (`SO_PEERCRED`) is the pidfile's pid and our effective uid, and it answers
