@@ -229,13 +229,9 @@ fn run_tour(dir: &Path) -> ExitCode {
             .spawn()
             .expect("the daemon starts"),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !matches!(probe(dir).status, LocalDaemonStatus::Running { .. }) {
-        if Instant::now() > deadline {
-            eprintln!("the daemon did not start within 10 s");
-            return ExitCode::FAILURE;
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    if !serves_within(dir, Duration::from_secs(10)) {
+        eprintln!("the daemon did not start within 10 s");
+        return ExitCode::FAILURE;
     }
     println!("   (daemon pid {})", daemon.0.id());
     let on_daemon = demo_call(&exe, dir, &[]);
@@ -258,13 +254,9 @@ fn run_tour(dir: &Path) -> ExitCode {
     println!("4. With auto-start (`demo call --auto-start DIR`): the call starts the daemon and");
     println!("   runs in-process; the next command uses the daemon:");
     let started = demo_call(&exe, dir, &["--auto-start"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !matches!(probe(dir).status, LocalDaemonStatus::Running { .. }) {
-        if Instant::now() > deadline {
-            eprintln!("the started daemon did not serve within 10 s");
-            return ExitCode::FAILURE;
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    if !serves_within(dir, Duration::from_secs(10)) {
+        eprintln!("the started daemon did not serve within 10 s");
+        return ExitCode::FAILURE;
     }
     demo_call(&exe, dir, &["--auto-start"]);
     let _ = Command::new(&exe).arg("stop").arg(dir).output();
@@ -309,6 +301,18 @@ struct Timed {
 }
 
 /// Runs `demo call DIR` as its own process, as a CLI verb would run, and indents its output.
+/// Whether the probe finds `dir`'s daemon running within `limit`.
+fn serves_within(dir: &Path, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while !matches!(probe(dir).status, LocalDaemonStatus::Running { .. }) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
 fn demo_call(exe: &PathBuf, dir: &Path, flags: &[&str]) -> Timed {
     let start = Instant::now();
     let output = Command::new(exe)
