@@ -181,6 +181,23 @@ impl Pidfile {
 /// a symlink or blocking on a FIFO; returns them with the file's link count.
 #[cfg(feature = "client")]
 pub(crate) fn read_bounded(path: &Path) -> Result<(Vec<u8>, u64), ReadError> {
+    let (file, metadata) = open_regular(path)?;
+    // The reads stop at the size `stat` gave, past the bound at one byte more (too long): a
+    // `take` that reaches its limit answers without asking the file again. A file written while
+    // it is read is torn either way (it fails to parse, and the next probe reads it again).
+    let wanted = metadata.len().min(MAX_PIDFILE_LEN as u64 + 1);
+    let mut bytes = Vec::with_capacity(wanted as usize);
+    (&file)
+        .take(wanted)
+        .read_to_end(&mut bytes)
+        .map_err(|e| ReadError::Io(e.kind()))?;
+    Ok((bytes, metadata.nlink()))
+}
+
+/// Opens the regular file at `path` for reading, without following a symlink or blocking on a
+/// FIFO (the directory may be anyone's), with its metadata.
+#[cfg(feature = "client")]
+pub(crate) fn open_regular(path: &Path) -> Result<(std::fs::File, std::fs::Metadata), ReadError> {
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(NO_FOLLOW_NO_BLOCK)
@@ -197,16 +214,7 @@ pub(crate) fn read_bounded(path: &Path) -> Result<(Vec<u8>, u64), ReadError> {
     if !metadata.file_type().is_file() {
         return Err(ReadError::NotRegularFile);
     }
-    // The reads stop at the size `stat` gave, past the bound at one byte more (too long): a
-    // `take` that reaches its limit answers without asking the file again. A file written while
-    // it is read is torn either way (it fails to parse, and the next probe reads it again).
-    let wanted = metadata.len().min(MAX_PIDFILE_LEN as u64 + 1);
-    let mut bytes = Vec::with_capacity(wanted as usize);
-    (&file)
-        .take(wanted)
-        .read_to_end(&mut bytes)
-        .map_err(|e| ReadError::Io(e.kind()))?;
-    Ok((bytes, metadata.nlink()))
+    Ok((file, metadata))
 }
 
 /// Decimal digits with no sign and no leading zero (a lone `0` is allowed), fitting a `u64`.

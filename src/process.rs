@@ -65,7 +65,8 @@ mod imp {
     use std::path::Path;
     #[cfg(feature = "client")]
     use {
-        nix::errno::Errno, nix::sys::signal::kill, nix::unistd::Pid, std::os::unix::fs::MetadataExt,
+        nix::errno::Errno, nix::sys::signal::kill, nix::unistd::Pid,
+        std::os::unix::fs::MetadataExt, std::path::PathBuf,
     };
 
     /// `/proc/self/exe` names the file we run even after it was replaced or deleted on disk,
@@ -134,12 +135,7 @@ mod imp {
 
         /// Whether the executable was deleted or replaced on disk since the process started.
         pub(crate) fn executable_deleted(&self) -> bool {
-            std::fs::read_link(format!("/proc/{}/exe", self.pid)).is_ok_and(|target| {
-                target
-                    .as_os_str()
-                    .as_encoded_bytes()
-                    .ends_with(b" (deleted)")
-            })
+            executable_path(self.pid).is_some_and(|(_, deleted)| deleted)
         }
 
         /// When the process started.
@@ -173,6 +169,30 @@ mod imp {
                 }
                 kind => ProcessError::Unreadable(kind),
             }
+        }
+    }
+
+    /// The path a process was started from, as `/proc/<pid>/exe` names it, and whether that
+    /// file was deleted or replaced since (the kernel then appends ` (deleted)`, left out here).
+    #[cfg(feature = "client")]
+    pub(crate) fn executable_path(pid: u32) -> Option<(PathBuf, bool)> {
+        exe_link(&pid.to_string())
+    }
+
+    /// The path this process was started from, which holds the new build after an upgrade in
+    /// place (where `current_exe()` would end in ` (deleted)`).
+    #[cfg(feature = "client")]
+    pub(crate) fn own_executable_path() -> Option<PathBuf> {
+        exe_link("self").map(|(path, _)| path)
+    }
+
+    #[cfg(feature = "client")]
+    fn exe_link(process: &str) -> Option<(PathBuf, bool)> {
+        use std::os::unix::ffi::OsStrExt;
+        let link = std::fs::read_link(format!("/proc/{process}/exe")).ok()?;
+        match link.as_os_str().as_bytes().strip_suffix(b" (deleted)") {
+            Some(kept) => Some((PathBuf::from(std::ffi::OsStr::from_bytes(kept)), true)),
+            None => Some((link, false)),
         }
     }
 
@@ -288,6 +308,16 @@ mod imp {
         Err(ProcessError::Unsupported)
     }
 
+    #[cfg(feature = "client")]
+    pub(crate) fn executable_path(_pid: u32) -> Option<(std::path::PathBuf, bool)> {
+        None
+    }
+
+    #[cfg(feature = "client")]
+    pub(crate) fn own_executable_path() -> Option<std::path::PathBuf> {
+        None
+    }
+
     #[cfg(feature = "daemon")]
     pub(crate) fn own_start() -> Result<ProcessStart, ProcessError> {
         Err(ProcessError::Unsupported)
@@ -314,6 +344,16 @@ mod imp {
 }
 
 #[cfg(feature = "client")]
-pub(crate) use imp::check_alive;
+pub(crate) use imp::{check_alive, executable_path, own_executable_path};
+
+/// Whether `pid` is gone or a zombie.
+#[cfg(feature = "client")]
+pub(crate) fn exited(pid: u32) -> bool {
+    match check_alive(pid) {
+        Err(ProcessError::Gone) => true,
+        Err(_) => false,
+        Ok(info) => matches!(info.zombie(), Ok(true) | Err(ProcessError::Gone)),
+    }
+}
 #[cfg(feature = "daemon")]
 pub(crate) use imp::own_start;

@@ -96,18 +96,10 @@ impl AutoStart {
     }
 }
 
-/// `/proc/self/exe`'s target, without the ` (deleted)` that follows an upgrade in place: the
-/// path, which now holds the new build.
+/// The path this process was started from: after an upgrade in place, the new build.
 fn current_exe_path() -> PathBuf {
-    let Ok(path) = std::fs::read_link("/proc/self/exe") else {
-        return std::env::current_exe().unwrap_or_default();
-    };
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = path.as_os_str().as_bytes();
-    match bytes.strip_suffix(b" (deleted)") {
-        Some(kept) => PathBuf::from(std::ffi::OsStr::from_bytes(kept)),
-        None => path,
-    }
+    crate::process::own_executable_path()
+        .unwrap_or_else(|| std::env::current_exe().unwrap_or_default())
 }
 
 /// Whether auto-start is on, after the environment: resolved when a layer builds a service.
@@ -193,21 +185,10 @@ pub fn auto_start_status(heddle_dir: impl AsRef<Path>) -> AutoStartStatus {
 /// The last `lines` lines of a log, read from its end.
 pub(crate) fn log_tail(log: &Path, lines: usize) -> Vec<String> {
     use std::io::{Read, Seek, SeekFrom};
-    use std::os::unix::fs::OpenOptionsExt;
-    // Never through a symlink, never blocking on a FIFO: the directory may be anyone's.
-    let flags = nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK;
-    let opened = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(flags.bits())
-        .open(log);
-    let Ok(mut file) = opened else {
+    let Ok((mut file, metadata)) = crate::pidfile::open_regular(log) else {
         return Vec::new();
     };
-    if !file.metadata().is_ok_and(|m| m.is_file()) {
-        return Vec::new();
-    }
-    let len = file.metadata().map_or(0, |m| m.len());
-    let _ = file.seek(SeekFrom::Start(len.saturating_sub(8 * 1024)));
+    let _ = file.seek(SeekFrom::Start(metadata.len().saturating_sub(8 * 1024)));
     let mut bytes = Vec::new();
     let _ = file.read_to_end(&mut bytes);
     let text = String::from_utf8_lossy(&bytes);

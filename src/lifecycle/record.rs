@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::OFlag;
 
-use super::stop::exited;
+use crate::process::exited;
 use crate::pidfile::read_bounded;
 use crate::protocol::SPAWN_RECORD_FILE;
 

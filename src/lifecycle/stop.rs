@@ -12,7 +12,7 @@ use crate::config::Settings;
 use crate::connect::{ConnectionEnd, establish};
 use crate::paths::DaemonPaths;
 use crate::probe::{UdsTarget, check_sockets_dir, read_pidfile};
-use crate::process::{self, ProcessError};
+use crate::process::exited;
 use crate::reason::FallbackReason;
 
 /// What [`stop`] did.
@@ -121,15 +121,6 @@ async fn verify(
         .result?;
     connection.task.abort();
     Ok(Some(pid))
-}
-
-/// Whether `pid` is gone or a zombie.
-pub(crate) fn exited(pid: u32) -> bool {
-    match process::check_alive(pid) {
-        Err(ProcessError::Gone) => true,
-        Err(_) => false,
-        Ok(info) => matches!(info.zombie(), Ok(true) | Err(ProcessError::Gone)),
-    }
 }
 
 /// Whether someone holds a `flock` on the lock file. Nothing here touches the lock: a

@@ -13,6 +13,7 @@ use crate::lifecycle::{
 };
 use crate::paths::DaemonPaths;
 use crate::pidfile::Pidfile;
+use crate::process;
 use crate::probe::UdsTarget;
 use crate::reason::FallbackReason;
 
@@ -80,7 +81,9 @@ impl Entry {
     /// Why a daemon started here is not coming, if it exited already. One that exited because
     /// another daemon holds the lock lost a race (`AlreadyRunning`): that one is coming.
     pub(super) fn spawn_failure(&self) -> Option<String> {
-        let failure = self.lock().spawned.as_ref()?.0.failure()?;
+        // The log is read after the entry's lock is let go.
+        let child = self.lock().spawned.as_ref()?.0.clone();
+        let failure = child.failure()?;
         (!lock_held(&self.daemon_paths.lock)).then_some(failure)
     }
 }
@@ -90,13 +93,10 @@ impl Entry {
 /// is never restarted by this one.
 /// The pidfile is read as the probe reads it: bounded, and never blocking on a FIFO.
 fn runs_program(paths: &DaemonPaths, marker: &str, program: &std::path::Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
     let Ok(Pidfile { pid, .. }) = Pidfile::read(&paths.pidfile, marker) else {
         return false;
     };
-    let Ok(link) = std::fs::read_link(format!("/proc/{pid}/exe")) else {
-        return false;
-    };
-    let link = link.as_os_str().as_bytes();
-    link.strip_suffix(b" (deleted)").unwrap_or(link) == program.as_os_str().as_bytes()
+    // The kernel names the file the daemon was started from, symlinks resolved.
+    let program = std::fs::canonicalize(program).unwrap_or_else(|_| program.to_owned());
+    process::executable_path(pid).is_some_and(|(path, _)| path == program)
 }
