@@ -181,7 +181,10 @@ impl LocalDaemonLayer {
     /// variable); and off under `CI` (set to anything but empty, `0` or `false`) unless
     /// [forced](Self::force_auto_start). In mode `auto` the call that starts the daemon runs
     /// in-process, and the daemon is picked up as soon as it serves; in mode `require` the call
-    /// waits for it, up to its start timeout. See [`AutoStart`].
+    /// waits for it, up to its start timeout. A daemon whose executable was replaced on disk
+    /// (an upgrade of this installation) is stopped and started again; the call that finds it
+    /// waits for the old one to stop, up to the start timeout, then runs in-process. See
+    /// [`AutoStart`].
     pub fn auto_start(mut self, auto_start: AutoStart) -> Self {
         self.auto_start = Some(auto_start);
         self

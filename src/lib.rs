@@ -29,14 +29,15 @@
 //! 1. **probe** ([`probe`]): `<dir>/sockets` is a private directory of ours; the pidfile
 //!    `<dir>/sockets/grpc.pid` names a live process of our effective uid that runs our own
 //!    executable and took the lifetime lock; `<dir>/sockets/grpc.sock` is a socket we own.
-//!    Syscalls only, microseconds.
+//!    Syscalls only, microseconds (with [auto-start](LocalDaemonLayer::auto_start) on, a miss
+//!    also starts the daemon: a fork and exec).
 //! 2. **connect**: a connection to the socket whose kernel-reported peer credentials
 //!    (`SO_PEERCRED`) are our uid and the pidfile's pid.
-//! 3. **handshake**: a tonic `Channel` over that one connection answers
-//!    `grpc.health.v1.Health/Check` SERVING for each required service, and reports serving this
-//!    very directory, under the same deadline as the connect.
+//! 3. **handshake**: HTTP/2 over that one connection, where `grpc.health.v1.Health/Check`
+//!    answers SERVING for each required service and reports serving this very directory, under
+//!    the same deadline as the connect.
 //!
-//! Then every call goes over the cached channel. When a check fails, calls go to the wrapped
+//! Then every call goes over the cached connection. When a check fails, calls go to the wrapped
 //! in-process service. When the daemon's connection ends, calls go in-process at once; a
 //! negative decision is re-probed in the background after an interval, so a long-lived process
 //! picks up a daemon started later.
@@ -64,19 +65,21 @@
 //! |---|---|
 //! | `protocol` | what both sides agree on: file names, the pidfile marker, metadata keys |
 //! | `pidfile`, `lockfile`, `paths`, `process`, `peer` | the on-disk formats; where files are and file identities; what the kernel says about a pid; who we and a socket's peer are |
+//! | `sync` | a lock that outlives a panic, a list of waiting tasks, a future whose panic is its outcome |
 //! | `reason` | [`FallbackReason`]: every way a check can fail |
 //! | `config` | the options a layer is built with |
 //! | `probe` | the first check, syscalls only |
 //! | `connect` | the checked connect, the health handshake, the h2 client calls go over, the watched connection (keepalive; closed once its calls are done) |
-//! | `registry` | the process-wide entries: single flight, decisions, re-probes, stats |
-//! | `layer`, `service`, `future` | the tower face: [`LocalDaemonLayer`], [`LocalDaemon`], [`ResponseFuture`], [`Route`] |
-//! | `lazy`, `sync` | [`LazyFallback`]; the lock and waiter list it shares with the registry |
 //! | `diagnose` | the [`Report`] of every check, in the probe's and connect's order |
 //! | `lifecycle` | auto-start ([`AutoStart`]): one spawner, detached, backing off; [`stop`]: a daemon verified over a live connection, signalled, waited for |
+//! | `registry` | the process-wide entries: single flight, decisions, re-probes, stats, starting a daemon on a miss and restarting an upgraded one |
+//! | `layer`, `service`, `future` | the tower face: [`LocalDaemonLayer`], [`LocalDaemon`], [`ResponseFuture`], [`Route`] |
+//! | `lazy` | [`LazyFallback`]: the in-process service, built on the first call that needs it |
 //! | `daemon/` | the serving side: errors, the sockets directory's files, the lock, the listener, stopping |
 //!
-//! Imports run down this table; the daemon side uses only `protocol`, the formats, `paths`,
-//! `process` (its own start) and `peer`.
+//! Imports run down this table, but for one knot: `config` holds the [`AutoStart`] option, which
+//! `lifecycle` defines beside the spawner that runs it. The daemon side uses only `protocol`, the
+//! formats, `paths`, `process` (its own start) and `peer`.
 //!
 //! ```text
 //! FooClient::call
@@ -85,7 +88,7 @@
 //!             probe    directory -> pidfile -> process -> socket        syscalls
 //!             connect  socket -> peer credentials                        one connect
 //!             handshake HTTP/2 + Health/Check (+ version, + directory)   one round trip
-//!           -> Daemon | InProcess(reason) | Refused(reason)
+//!           -> Daemon | InProcess | Refused(reason)
 //!        -> poll_ready of the chosen route only
 //!   -> LocalDaemon::call  daemon: the caller's task queues the head (and a whole body)
 //!                        on the h2 connection; in-process: the inner service's call
@@ -96,7 +99,10 @@
 //!
 //! Linux is what CI proves. The process checks read `/proc`, and the daemon reaches its
 //! sockets directory through `/proc/self/fd`; on other Unix platforms the process checks report
-//! [`FallbackReason::Unsupported`] and calls run in-process. Nothing is verified there.
+//! [`FallbackReason::Unsupported`] and calls run in-process. Auto-start and [`stop`] read
+//! `/proc/locks` and `/proc/<pid>` too: elsewhere auto-start finds the lock held and starts
+//! nothing, and `stop` cannot see the daemon exit and reports `TimedOut`. Nothing is verified
+//! there.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 

@@ -120,10 +120,15 @@ impl SocketsDir {
 
     /// The identity of `name`, if it exists.
     pub(super) fn identity(&self, name: &str) -> Option<FileIdentity> {
-        self.stat(name).ok().flatten().map(|stat| FileIdentity {
+        self.try_identity(name).ok().flatten()
+    }
+
+    /// [`identity`](Self::identity), telling a failed `stat` from a missing file.
+    pub(super) fn try_identity(&self, name: &str) -> io::Result<Option<FileIdentity>> {
+        Ok(self.stat(name)?.map(|stat| FileIdentity {
             dev: stat.st_dev,
             ino: stat.st_ino,
-        })
+        }))
     }
 
     /// Whether `stat` is a socket's.

@@ -23,13 +23,14 @@
 //! | `<dir>/sockets/grpc.sock` | the listening socket, mode `0600` from the moment it exists | after the lock |
 //! | `<dir>/sockets/grpc.pid` | the [`Pidfile`](crate::Pidfile), written atomically | once serving |
 //!
-//! The start, in order: take the lock (or fail with [`DaemonError::AlreadyRunning`] naming the
-//! holder), remove leftovers of a crashed daemon (never a socket someone still answers on),
-//! bind and listen, register `grpc.health.v1` with `""` and every hosted service as
-//! NOT_SERVING, start serving, mark them SERVING, then write the pidfile. A client that sees
-//! the pidfile can connect.
+//! The start, in order: close the descriptors auto-start names in [`INHERITED_FDS_ENV`], take
+//! the lock (or fail with [`DaemonError::AlreadyRunning`] naming the holder), remove leftovers
+//! of a crashed daemon (never a socket someone still answers on), bind and listen, register
+//! `grpc.health.v1` with `""` and every hosted service as NOT_SERVING, start serving, mark them
+//! SERVING, then write the pidfile. A client that sees the pidfile can connect.
 //!
-//! The stop, on SIGTERM, SIGINT, the shutdown future or the idle timeout: health goes
+//! The stop, on SIGTERM, SIGINT, the shutdown future, the idle timeout, or its socket gone
+//! (removed, or replaced by another daemon's): health goes
 //! NOT_SERVING (Watch subscribers see it), the listener closes, in-flight calls get the grace
 //! period, remaining connections are aborted, then the pidfile, socket and lock file are
 //! removed while the lock is still held. A daemon killed with SIGKILL leaves files that the
@@ -213,8 +214,9 @@ impl Daemon {
         self
     }
 
-    /// Stops the daemon cleanly after this long with no call in flight and none received.
-    /// Off by default.
+    /// Stops the daemon cleanly after this long with no call in flight and none received. Off
+    /// by default, except in a daemon that auto-start started (its environment has
+    /// [`AUTO_STARTED_ENV`]): 4 hours, unless set here.
     pub fn idle_timeout(mut self, idle: Duration) -> Self {
         self.idle_timeout = Some(idle);
         self

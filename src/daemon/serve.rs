@@ -119,7 +119,12 @@ impl BoundDaemon {
         tracing::info!(socket = %socket.display(), pid = pidfile.pid, "local daemon serving");
 
         // Wait for a reason to stop, unless the server ends by itself.
-        let socket_gone = || sockets.identity(SOCKET_FILE) != files.socket;
+        // Gone: no file by that name, or another one; a `stat` that fails (EIO) proves neither.
+        let socket_gone = || {
+            sockets
+                .try_identity(SOCKET_FILE)
+                .is_ok_and(|id| id != files.socket)
+        };
         let stop = stop_reason(
             shutdown,
             signals,

@@ -69,9 +69,10 @@ impl Entry {
         }
         let mut probed = None;
         if matches!(state.verdict, Verdict::Unprobed) && self.settings.mode == Mode::Auto {
-            // The probe is cheap syscalls: run it here, so that the common "no daemon" case
-            // decides without a task or a wake-up; outside the lock, so that a slow filesystem
-            // holds up this call only, while the other first calls wait for it.
+            // The probe is cheap syscalls (and, with auto-start on, a miss starts the daemon:
+            // a fork and exec): run it here, so that the common "no daemon" case decides
+            // without a task or a wake-up; outside the lock, so that a slow filesystem holds up
+            // this call only, while the other first calls wait for it.
             if let Some(waiters) = &mut state.probing {
                 waiters.register(cx);
                 return Poll::Pending;
