@@ -97,6 +97,14 @@ impl DaemonClient {
     /// Sends `request`, completed as tonic's `Channel` completes it. A request the connection
     /// does not take comes back whole: it never left this process.
     pub(crate) fn send(&mut self, mut request: http::Request<Body>) -> Result<DaemonFuture, Unsent> {
+        let Some(claim) = self.in_flight.enter() else {
+            // The registry closed this connection: it drains, and takes no new call.
+            return Err(Unsent {
+                request: Box::new(request),
+                error: None,
+                connection_closed: true,
+            });
+        };
         complete_origin(&mut request);
         let headers = request.headers_mut();
         if !headers.contains_key(USER_AGENT) {
@@ -110,14 +118,6 @@ impl DaemonClient {
         *head.headers_mut() = request.headers().clone();
         strip_connection_headers(head.headers_mut());
         let end_of_stream = request.body().is_end_stream();
-        let Some(claim) = self.in_flight.enter() else {
-            // The registry closed this connection: it drains, and takes no new call.
-            return Err(Unsent {
-                request: Box::new(request),
-                error: None,
-                connection_closed: true,
-            });
-        };
         let (response, stream) = match self.sender.send_request(head, end_of_stream) {
             Ok(sent) => sent,
             Err(error) => {

@@ -1,7 +1,6 @@
 //! The daemon's answer as the caller sees it: its body ([`DaemonBody`]), and the status codes
 //! of what went wrong on the way.
 
-use std::error::Error;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -15,20 +14,15 @@ use crate::reason::error_chain;
 
 /// An error on the daemon route, as the caller sees it: a stream the daemon reset gets the
 /// code of its reason; anything else that broke the connection mid-call is `UNAVAILABLE`.
-pub(crate) fn daemon_status(error: &(dyn Error + 'static)) -> Status {
-    let mut link = Some(error);
-    while let Some(error) = link {
-        if let Some(h2) = error.downcast_ref::<h2::Error>()
-            && h2.is_reset()
-            && h2.is_remote()
-            && let Some(reason) = h2.reason()
-        {
-            return Status::new(
-                code_of_reset(reason),
-                format!("the local daemon reset the stream: {reason}"),
-            );
-        }
-        link = error.source();
+pub(crate) fn daemon_status(error: &h2::Error) -> Status {
+    if error.is_reset()
+        && error.is_remote()
+        && let Some(reason) = error.reason()
+    {
+        return Status::new(
+            code_of_reset(reason),
+            format!("the local daemon reset the stream: {reason}"),
+        );
     }
     Status::unavailable(format!(
         "local daemon connection failed; the call may have run on the daemon: {}",
