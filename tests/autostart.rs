@@ -56,7 +56,6 @@ async fn sixteen_commands_at_once_start_exactly_one_daemon() {
     wait_until("the started daemon serves", || {
         matches!(probe(dir.path()).status, LocalDaemonStatus::Running { .. })
     });
-    assert_eq!(daemon_starts(&dir), 1, "spawns, not survivors");
     assert_eq!(auto_start_status(dir.path()).spawns, 1);
     // Later calls all use the one daemon.
     let svc = layered(test_layer(dir.path()));
@@ -69,6 +68,8 @@ async fn sixteen_commands_at_once_start_exactly_one_daemon() {
         stop(dir.path(), Duration::from_secs(10)).await,
         StopOutcome::Stopped { .. }
     ));
+    // Counted last: a daemon that lost the race writes its start line a little later.
+    assert_eq!(daemon_starts(&dir), 1, "spawns, not survivors");
 }
 
 #[tokio::test]

@@ -402,7 +402,7 @@ async fn in_flight_call_finishes_within_the_grace_period() {
 async fn a_call_in_flight_finishes_while_the_calls_after_the_daemons_goaway_run_in_process() {
     let dir = TestDir::new("grace-later-calls");
     let daemon = InProcessDaemon::start(dir.path(), Duration::from_secs(20)).await;
-    let call = slow_call_in_flight(dir.path(), &daemon, 500).await;
+    let call = slow_call_in_flight(dir.path(), &daemon, 3_000).await;
 
     daemon.stop.send(()).unwrap();
     // The same entry and connection as the slow call: once the daemon's GOAWAY arrives, a call
@@ -419,6 +419,12 @@ async fn a_call_in_flight_finishes_while_the_calls_after_the_daemons_goaway_run_
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(in_process, "no call after the GOAWAY ran in-process");
+    // The case is the one named only while the slow call is still on the connection.
+    assert_eq!(
+        daemon.counters.in_flight(),
+        1,
+        "the slow call ended too soon"
+    );
     let reply = call.await.unwrap().unwrap();
     assert_eq!(reply.get_ref().served_by, "daemon");
     daemon.serving.await.unwrap().unwrap();

@@ -500,6 +500,11 @@ async fn an_idle_connection_closes_when_its_route_is_reset_not_at_its_next_ping(
         daemon_sockets(&daemon) == before
     })
     .await;
-    // Its next call finds the route reset, and checks again.
-    echo(&mut client, 1).await.unwrap();
+    // Its next call finds the route reset, checks again, and goes over a new connection.
+    let reply = echo(&mut client, 1).await.unwrap();
+    assert_eq!(reply.get_ref().served_by, "daemon");
+    wait_until_async("the daemon holds the new connection", || async {
+        daemon_sockets(&daemon) == before + 1
+    })
+    .await;
 }

@@ -22,11 +22,16 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 #[tokio::test]
 async fn a_running_daemon_is_verified_stopped_and_waited_for() {
     let dir = TestDir::new("stop-running");
-    let daemon = DaemonProcess::start(dir.path());
+    let mut daemon = DaemonProcess::start(dir.path());
     let pid = daemon.pid();
     assert_eq!(
         stop(dir.path(), TIMEOUT).await,
         StopOutcome::Stopped { pid }
+    );
+    // Waited for: the daemon has exited (a zombie until reaped here) by the time stop returns.
+    assert!(
+        daemon.child.try_wait().unwrap().is_some(),
+        "stop returned first"
     );
     let (code, stderr) = daemon.wait_exit();
     assert_eq!(code, Some(0), "{stderr}");

@@ -199,7 +199,6 @@ fn a_lazy_fallback_build_cut_short_by_its_runtime_is_built_again_on_the_next() {
     assert_eq!(builds.load(Ordering::Relaxed), 2);
 }
 
-/// Open descriptors of this process.
 #[test]
 fn released_entries_close_their_connections_and_end_their_tasks() {
     let dir = TestDir::new("rt-release");
