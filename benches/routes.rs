@@ -645,15 +645,26 @@ fn whole_process(c: &mut Criterion, fixture: &Fixture) {
             })
         });
     }
-    // The first command after the daemon stopped, with auto-start: the call starts `demo serve`
-    // and runs in-process. Between samples, untimed, the started daemon is stopped again.
+    // The first command where no daemon ever ran, with auto-start: the call starts `demo serve`
+    // and runs in-process. Between samples, untimed, the daemon the last one started must serve
+    // (so each sample did start one), is stopped, and its sockets directory goes with its spawn
+    // record: each sample is a first miss, never one the backoff holds.
     let restarted = fixture.dir.parent().unwrap().join("demo-auto-start");
     std::fs::create_dir_all(&restarted).unwrap();
+    let sockets = restarted.join(tower_local_daemon::SOCKETS_DIR);
+    let stop_started = || {
+        if sockets.exists() {
+            // Another executable than this bench: its pidfile says it serves.
+            let pidfile = sockets.join(tower_local_daemon::PIDFILE_FILE);
+            wait_for("the auto-started daemon", || pidfile.exists());
+            let stopped = Command::new(&demo).arg("stop").arg(&restarted).output();
+            assert!(stopped.unwrap().status.success());
+            std::fs::remove_dir_all(&sockets).unwrap();
+        }
+    };
     group.bench_function("in-process, cheap fallback, auto-start", |b| {
         b.iter_batched(
-            || {
-                let _ = Command::new(&demo).arg("stop").arg(&restarted).output();
-            },
+            &stop_started,
             |()| {
                 let output = Command::new(&demo)
                     .args(["call", "--auto-start"])
@@ -663,11 +674,13 @@ fn whole_process(c: &mut Criterion, fixture: &Fixture) {
                     .output()
                     .unwrap();
                 assert!(output.status.success());
+                let stdout = String::from_utf8_lossy(&output.stdout);
+                assert!(stdout.contains("route:   in-process"), "{stdout}");
             },
             criterion::BatchSize::PerIteration,
         )
     });
-    let _ = Command::new(&demo).arg("stop").arg(&restarted).output();
+    stop_started();
     group.finish();
     let _ = std::io::stdout().flush();
 }
