@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::path::Path;
 use std::time::Duration;
 
 use prost::Message;
@@ -40,16 +41,23 @@ async fn on_daemon(name: &str) -> (TestDir, DaemonProcess, Layered) {
     (dir, daemon, svc)
 }
 
-/// A client-streaming call of `messages` to the daemon's sink, through the layer; returns the
-/// byte count the daemon read and the route.
-async fn sink<S>(svc: Layered, messages: S) -> (usize, Option<Route>)
+/// A client-streaming call of `messages` to the daemon's sink, through the layer, which writes
+/// its progress to `outcome` when given; returns the byte count the daemon read and the route.
+async fn sink<S>(svc: Layered, messages: S, outcome: Option<&Path>) -> (usize, Option<Route>)
 where
     S: tokio_stream::Stream<Item = EchoRequest> + Send + 'static,
 {
     let mut grpc = Grpc::new(svc);
     grpc.ready().await.unwrap();
     let codec = tonic_prost::ProstCodec::<EchoRequest, EchoReply>::default();
-    let call = grpc.client_streaming(tonic::Request::new(messages), support::sink::path(), codec);
+    let mut request = tonic::Request::new(messages);
+    if let Some(outcome) = outcome {
+        request.metadata_mut().insert(
+            support::sink::OUTCOME_FILE_HEADER,
+            outcome.to_str().unwrap().parse().unwrap(),
+        );
+    }
+    let call = grpc.client_streaming(request, support::sink::path(), codec);
     let response = tokio::time::timeout(Duration::from_secs(20), call)
         .await
         .expect("a streaming call hung for 20 s")
@@ -58,13 +66,22 @@ where
     (response.get_ref().message.parse().unwrap(), route)
 }
 
+/// The bytes the daemon's sink has read so far, from its last `read N` line.
+fn bytes_read(outcome: &Path) -> usize {
+    let text = std::fs::read_to_string(outcome).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| line.strip_prefix("read "))
+        .next_back()
+        .map_or(0, |n| n.parse().unwrap())
+}
+
 async fn body_larger_than_every_window_arrives_whole() {
     let (_dir, daemon, svc) = on_daemon("b-large").await;
     // 12 MiB: more than every window the daemon gives the upload (its stream's and its
     // connection's, 1 MiB each as tonic's server sets them).
     let messages: Vec<_> = (0..192).map(|_| message(64 * 1024)).collect();
     let expected: usize = messages.iter().map(framed_len).sum();
-    let (read, route) = sink(svc, tokio_stream::iter(messages)).await;
+    let (read, route) = sink(svc, tokio_stream::iter(messages), None).await;
     assert_eq!(read, expected);
     assert_eq!(route, Some(Route::Daemon { pid: daemon.pid() }));
 }
@@ -81,18 +98,28 @@ async fn a_body_larger_than_every_window_arrives_whole_from_a_multi_thread_runti
 
 #[tokio::test]
 async fn a_body_the_caller_is_still_producing_arrives_as_it_comes() {
-    let (_dir, daemon, svc) = on_daemon("b-slow").await;
+    let (dir, daemon, svc) = on_daemon("b-slow").await;
+    let outcome = dir.path().join("sink-outcome");
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let sizes = [10, 0, 70_000, 3, 1_000_000, 5];
     let expected: usize = sizes.iter().map(|&size| framed_len(&message(size))).sum();
+    let progress = outcome.clone();
     tokio::spawn(async move {
+        let mut sent = 0;
         for size in sizes {
-            // The body is pending between messages: what came before it must not wait.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            tx.send(message(size)).await.unwrap();
+            let message = message(size);
+            sent += framed_len(&message);
+            tx.send(message).await.unwrap();
+            // The body is pending until the daemon has read what was sent: a route that held
+            // it back would never get there (and the call would end short or hang).
+            wait_until_async("the daemon reads each message as it is sent", || async {
+                bytes_read(&progress) == sent
+            })
+            .await;
         }
     });
-    let (read, route) = sink(svc, tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let (read, route) = sink(svc, stream, Some(&outcome)).await;
     assert_eq!(read, expected);
     assert_eq!(route, Some(Route::Daemon { pid: daemon.pid() }));
 }
@@ -113,16 +140,16 @@ async fn a_body_still_streaming_when_the_caller_gives_up_is_reset_at_the_daemon(
     let mut grpc = Grpc::new(svc);
     grpc.ready().await.unwrap();
     let codec = tonic_prost::ProstCodec::<EchoRequest, EchoReply>::default();
-    let call = grpc.client_streaming(request, support::sink::path(), codec);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(200), call)
-            .await
-            .is_err(),
-        "the call ended though its body never did"
-    );
+    let mut call = Box::pin(grpc.client_streaming(request, support::sink::path(), codec));
+    let read = || std::fs::read_to_string(&outcome).unwrap_or_default();
+    tokio::select! {
+        _ = &mut call => panic!("the call ended though its body never did"),
+        () = wait_until_async("the daemon's handler runs", || async { read().starts_with("started\n") }) => {}
+    }
+    drop(call);
     // The daemon's handler sees the stream reset, though the body's sender is still alive.
     wait_until_async("the daemon sees the abandoned body reset", || async {
-        std::fs::read_to_string(&outcome).is_ok_and(|text| text == "reset\n")
+        read().starts_with("started\n") && read().ends_with("reset\n")
     })
     .await;
     drop(tx);
@@ -157,7 +184,7 @@ async fn connection_headers_are_left_out_as_http2_requires() {
 #[tokio::test]
 async fn an_empty_body_arrives_as_one() {
     let (_dir, daemon, svc) = on_daemon("b-empty").await;
-    let (read, route) = sink(svc, tokio_stream::iter(Vec::new())).await;
+    let (read, route) = sink(svc, tokio_stream::iter(Vec::new()), None).await;
     assert_eq!(read, 0);
     assert_eq!(route, Some(Route::Daemon { pid: daemon.pid() }));
 }

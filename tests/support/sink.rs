@@ -1,9 +1,9 @@
 //! A daemon-side service that reads a request's whole body and answers with how many bytes it
 //! read, in an `EchoReply` whose message is the count: for the tests of request bodies that
 //! stream (client-streaming calls) over the daemon route. A request naming a file in its
-//! [`OUTCOME_FILE_HEADER`] gets a line appended there when its call ends: `complete N`, or
-//! `reset` when the client reset the stream first (the body fails, or the server drops the
-//! handler).
+//! [`OUTCOME_FILE_HEADER`] gets lines appended there: `started` when its handler runs, `read N`
+//! as the bytes read so far grow, and one when its call ends: `complete N`, or `reset` when the
+//! client reset the stream first (the body fails, or the server drops the handler).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -52,6 +52,7 @@ impl tower::Service<http::Request<Body>> for BodySink {
                 .and_then(|v| v.to_str().ok())
                 .map(std::path::PathBuf::from),
         );
+        outcome.note("started");
         Box::pin(async move {
             let mut body = request.into_body();
             let mut read = 0usize;
@@ -59,7 +60,10 @@ impl tower::Service<http::Request<Body>> for BodySink {
                 std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
             {
                 match frame.map(Frame::into_data) {
-                    Ok(data) => read += data.map_or(0, |d| d.len()),
+                    Ok(data) => {
+                        read += data.map_or(0, |d| d.len());
+                        outcome.note(&format!("read {read}"));
+                    }
                     // Reset: the outcome says so as it drops.
                     Err(_) => return Ok(http::Response::new(Body::empty())),
                 }
@@ -89,9 +93,10 @@ impl tower::Service<http::Request<Body>> for BodySink {
 struct Outcome(Option<std::path::PathBuf>);
 
 impl Outcome {
-    fn write(&mut self, line: &str) {
+    /// Appends `line`, and the call goes on.
+    fn note(&self, line: &str) {
         use std::io::Write;
-        if let Some(file) = self.0.take() {
+        if let Some(file) = &self.0 {
             let mut file = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -99,6 +104,12 @@ impl Outcome {
                 .unwrap();
             writeln!(file, "{line}").unwrap();
         }
+    }
+
+    /// Appends how the call ended: nothing more is written.
+    fn write(&mut self, line: &str) {
+        self.note(line);
+        self.0 = None;
     }
 }
 
