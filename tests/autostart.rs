@@ -75,13 +75,13 @@ async fn sixteen_commands_at_once_start_exactly_one_daemon() {
 #[tokio::test]
 async fn a_command_whose_output_is_captured_ends_while_its_daemon_lives_on() {
     let dir = TestDir::new("auto-capture");
-    // As `$(cmd)` does: the capture ends when every writer of the pipe is gone.
-    let child = spawn(&mut call_process(dir.path()));
+    // As `$(cmd 2>&1)` does: the capture ends when every writer of the pipes is gone.
+    let child = spawn(call_process(dir.path()).stderr(Stdio::piped()));
     let (done, finished) = std::sync::mpsc::channel();
     std::thread::spawn(move || done.send(child.wait_with_output()).unwrap());
     let output = finished
         .recv_timeout(Duration::from_secs(20))
-        .expect("the capture never ended: the daemon holds the command's stdout")
+        .expect("the capture never ended: the daemon holds the command's stdout or stderr")
         .unwrap();
     assert!(output.status.success());
     wait_until("the started daemon serves", || {
