@@ -259,7 +259,14 @@ fn run_tour(dir: &Path) -> ExitCode {
         return ExitCode::FAILURE;
     }
     demo_call(&exe, dir, &["--auto-start"]);
-    let _ = Command::new(&exe).arg("stop").arg(dir).output();
+    let stopped = Command::new(&exe).arg("stop").arg(dir).output();
+    if !stopped.is_ok_and(|output| output.status.success()) {
+        eprintln!(
+            "the started daemon could not be stopped: `demo stop {}`",
+            dir.display()
+        );
+        return ExitCode::FAILURE;
+    }
 
     println!("The payoff, one command (a whole process) on each route:");
     println!(
