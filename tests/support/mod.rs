@@ -78,20 +78,23 @@ pub fn reexec(program: &Path, role: Role) -> Command {
     use std::os::unix::process::CommandExt;
     let mut command = Command::new(program);
     // libtest needs a UTF-8 `argv[0]`; the kernel names the process after the file anyway.
-    command.arg0("tld-test-binary").args([
-        "--exact",
-        DAEMON_ENTRY,
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ]);
-    role.set(&mut command);
+    command.arg0("tld-test-binary").args(ENTRY_ARGS);
+    command.env(ROLE_ENV, role.env_value());
     command
 }
 
+/// The arguments that make this test binary run its entry point alone.
+const ENTRY_ARGS: [&str; 5] = [
+    "--exact",
+    DAEMON_ENTRY,
+    "--ignored",
+    "--nocapture",
+    "--test-threads=1",
+];
+
 impl Role {
-    /// Sets the role on a command that runs this test binary.
-    fn set(&self, command: &mut Command) {
+    /// The value of [`ROLE_ENV`] that gives a re-executed test binary this role.
+    fn env_value(&self) -> String {
         let (name, path) = match self {
             Self::Daemon(path) => ("daemon", path),
             Self::Probe(path) => ("probe", path),
@@ -99,7 +102,7 @@ impl Role {
             Self::Listen(path) => ("listen", path),
             Self::Call(path) => ("call", path),
         };
-        command.env(ROLE_ENV, format!("{name} {}", path.display()));
+        format!("{name} {}", path.display())
     }
 
     fn from_env() -> Option<Self> {
@@ -147,18 +150,9 @@ pub const CALL_AUTO_START_ENV: &str = "TLD_TEST_AUTO_START";
 
 /// Starts this test binary as `dir`'s daemon, as a tool's `agent serve` verb would be started.
 pub fn test_auto_start(dir: &Path) -> tower_local_daemon::AutoStart {
-    let mut role = Command::new("unused");
-    Role::Daemon(dir.to_owned()).set(&mut role);
-    let (key, value) = role.get_envs().next().unwrap();
     tower_local_daemon::AutoStart::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            DAEMON_ENTRY,
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(key, value.unwrap())
+        .args(ENTRY_ARGS)
+        .env(ROLE_ENV, Role::Daemon(dir.to_owned()).env_value())
 }
 
 fn call_once(dir: &Path) -> ! {
