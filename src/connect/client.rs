@@ -38,14 +38,20 @@ pub(crate) struct DaemonClient {
     in_flight: Arc<InFlight>,
 }
 
-/// A request that did not leave this process, and whether that is because the connection is
-/// closed (or going away) rather than the request's own shape.
+/// A request that did not leave this process, and why.
 #[derive(Debug)]
 pub(crate) struct Unsent {
     pub(crate) request: Box<http::Request<Body>>,
-    /// What h2 said, if it was asked.
-    pub(crate) error: Option<h2::Error>,
-    pub(crate) connection_closed: bool,
+    pub(crate) why: NotSent,
+}
+
+/// Why a request did not leave.
+#[derive(Debug)]
+pub(crate) enum NotSent {
+    /// The connection is closed, or going away: the route is over.
+    Closed,
+    /// h2 refused this request (its shape), and says why; the connection goes on.
+    Refused(h2::Error),
 }
 
 /// Why a sent request got no response from the daemon.
@@ -60,15 +66,12 @@ pub(crate) enum SendError {
 impl Unsent {
     /// The status of this request where it may not run elsewhere.
     pub(crate) fn status(&self) -> Status {
-        match self.connection_closed {
-            true => Status::unavailable(
+        match &self.why {
+            NotSent::Closed => Status::unavailable(
                 "the local daemon connection closed before the request was sent; it did not run",
             ),
-            false => Status::internal(format!(
-                "the request could not be sent to the local daemon ({}); it did not run",
-                self.error
-                    .as_ref()
-                    .map_or_else(|| "refused".to_owned(), ToString::to_string)
+            NotSent::Refused(error) => Status::internal(format!(
+                "the request could not be sent to the local daemon ({error}); it did not run"
             )),
         }
     }
@@ -101,8 +104,7 @@ impl DaemonClient {
             // The registry closed this connection: it drains, and takes no new call.
             return Err(Unsent {
                 request: Box::new(request),
-                error: None,
-                connection_closed: true,
+                why: NotSent::Closed,
             });
         };
         complete_origin(&mut request);
@@ -122,13 +124,15 @@ impl DaemonClient {
             Ok(sent) => sent,
             Err(error) => {
                 let mut cx = Context::from_waker(std::task::Waker::noop());
-                let connection_closed =
-                    matches!(self.sender.poll_ready(&mut cx), Poll::Ready(Err(_)));
-                tracing::debug!(%error, connection_closed, "the local daemon connection took no request");
+                let closed = matches!(self.sender.poll_ready(&mut cx), Poll::Ready(Err(_)));
+                tracing::debug!(%error, closed, "the local daemon connection took no request");
+                let why = match closed {
+                    true => NotSent::Closed,
+                    false => NotSent::Refused(error),
+                };
                 return Err(Unsent {
                     request: Box::new(request),
-                    error: Some(error),
-                    connection_closed,
+                    why,
                 });
             }
         };

@@ -18,7 +18,7 @@ mod upload;
 mod upstream;
 
 pub(crate) use self::checked::connect_checked;
-pub(crate) use self::client::{DaemonClient, DaemonFuture, Unsent};
+pub(crate) use self::client::{DaemonClient, DaemonFuture, NotSent, Unsent};
 pub(crate) use self::end::{ConnectionEnd, ConnectionTask, EndCause};
 pub(crate) use self::handshake::{DaemonConnection, establish, handshake, within};
 pub use self::upstream::{

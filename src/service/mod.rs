@@ -13,7 +13,7 @@ use tower::{BoxError, Service};
 pub(crate) use self::route::Shared;
 use self::route::{Cached, poll_route};
 use crate::config::Mode;
-use crate::connect::EndCause;
+use crate::connect::{EndCause, NotSent};
 use crate::future::ResponseFuture;
 use crate::registry::{DaemonRoute, Decision, RouteStats};
 
@@ -219,7 +219,7 @@ where
     };
     // It did not leave. A connection that took no request closed, or the daemon is going away;
     // a request refused for its own shape says nothing of the connection.
-    if unsent.connection_closed
+    if matches!(unsent.why, NotSent::Closed)
         && let Some(entry) = entry
     {
         entry.connection_ended(daemon.id, daemon.runtime, EndCause::Daemon);
