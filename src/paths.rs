@@ -190,6 +190,22 @@ impl SocketAddrPath {
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
+
+    /// A non-blocking connect to the socket: a Unix socket's `connect` completes in the call
+    /// (the kernel queues the connection on the listener's backlog) or fails at once, with
+    /// `EAGAIN` when that backlog is full.
+    pub(crate) fn connect_now(&self) -> io::Result<std::os::fd::OwnedFd> {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+        use std::os::fd::AsRawFd;
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )?;
+        connect(fd.as_raw_fd(), &UnixAddr::new(self.path())?)?;
+        Ok(fd)
+    }
 }
 
 fn too_long(socket: &Path) -> io::Error {

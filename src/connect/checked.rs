@@ -2,8 +2,6 @@
 //! pidfile's pid.
 
 use std::io;
-use std::os::fd::AsRawFd;
-use std::path::Path;
 
 use tokio::net::UnixStream;
 
@@ -15,7 +13,12 @@ use crate::reason::FallbackReason;
 /// Connects to the target's socket and checks the kernel-reported peer credentials.
 pub(crate) async fn connect_checked(target: &UdsTarget) -> Result<UnixStream, FallbackReason> {
     let addr = SocketAddrPath::new(&target.socket_path).map_err(connect_reason)?;
-    let stream = connect_now(addr.path()).map_err(connect_reason)?;
+    // Without waiting for the runtime's I/O driver: tokio's `UnixStream::connect` would wait
+    // one turn of it to learn that the socket is writable.
+    let stream = addr
+        .connect_now()
+        .and_then(|fd| UnixStream::from_std(std::os::unix::net::UnixStream::from(fd)))
+        .map_err(connect_reason)?;
     let peer = PeerCredentials::of(&stream).map_err(connect_reason)?;
     if !peer.is_own_uid() {
         return Err(FallbackReason::PeerUidMismatch {
@@ -30,22 +33,6 @@ pub(crate) async fn connect_checked(target: &UdsTarget) -> Result<UnixStream, Fa
         });
     }
     Ok(stream)
-}
-
-/// Connects without waiting for the runtime's I/O driver: a Unix socket's `connect` completes
-/// in the call (the kernel queues the connection on the listener's backlog) or fails at once,
-/// with `EAGAIN` when that backlog is full. tokio's `UnixStream::connect` would then wait one
-/// turn of the driver to learn that the socket is writable.
-fn connect_now(path: &Path) -> io::Result<UnixStream> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )?;
-    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
-    UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
 }
 
 fn connect_reason(e: io::Error) -> FallbackReason {

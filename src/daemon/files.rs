@@ -202,25 +202,14 @@ impl SocketsDir {
 /// Whether someone listens on the socket: a non-blocking connect, so that a hung daemon with a
 /// full backlog cannot block the start (it counts as listening).
 fn socket_answers(path: &Path) -> bool {
-    use nix::errno::Errno;
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
-    use std::os::fd::AsRawFd;
     let Ok(addr) = SocketAddrPath::new(path) else {
         return false;
     };
-    let Ok(fd) = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    ) else {
-        return false;
-    };
-    let Ok(addr) = UnixAddr::new(addr.path()) else {
-        return false;
-    };
-    matches!(
-        connect(fd.as_raw_fd(), &addr),
-        Ok(()) | Err(Errno::EAGAIN | Errno::EINPROGRESS)
-    )
+    match addr.connect_now() {
+        Ok(_) => true,
+        Err(e) => matches!(
+            nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+            nix::errno::Errno::EAGAIN | nix::errno::Errno::EINPROGRESS
+        ),
+    }
 }
