@@ -99,7 +99,10 @@ impl DaemonClient {
 
     /// Sends `request`, completed as tonic's `Channel` completes it. A request the connection
     /// does not take comes back whole: it never left this process.
-    pub(crate) fn send(&mut self, mut request: http::Request<Body>) -> Result<DaemonFuture, Unsent> {
+    pub(crate) fn send(
+        &mut self,
+        mut request: http::Request<Body>,
+    ) -> Result<DaemonFuture, Unsent> {
         let Some(claim) = self.in_flight.enter() else {
             // The registry closed this connection: it drains, and takes no new call.
             return Err(Unsent {

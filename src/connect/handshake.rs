@@ -17,6 +17,7 @@ use tower::BoxError;
 use super::checked::connect_checked;
 use super::client::DaemonClient;
 use super::end::{ConnectionEnd, ConnectionTask, InFlight, Keepalive, Watched};
+use super::io::ReadToTheEnd;
 use crate::config::Settings;
 use crate::paths::FileIdentity;
 use crate::probe::UdsTarget;
@@ -124,7 +125,7 @@ pub(crate) async fn handshake(
         .max_frame_size(MAX_FRAME)
         // h2 writes its preface without a flush: buffered, it joins the first frames (our
         // SETTINGS and the health check) in one write, and the daemon wakes once for them.
-        .handshake::<_, Bytes>(tokio::io::BufWriter::new(stream))
+        .handshake::<_, Bytes>(tokio::io::BufWriter::new(ReadToTheEnd::new(stream)))
         .await
         .map_err(|e| FallbackReason::HandshakeFailed {
             message: error_chain(&e),

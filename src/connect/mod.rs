@@ -4,7 +4,8 @@
 //! ([`handshake`]), the h2 client that sends the layer's calls over it ([`client`]), their
 //! request bodies on the way ([`upload`]) and their answers ([`response`]), and the
 //! connection's task: its keepalive, the signal of its end, and its close once the calls in
-//! flight on it are done ([`end`]). [`upstream`] keeps heddle's one-call functions.
+//! flight on it are done ([`end`]); the socket under it reads to the end of what the daemon
+//! sent, also after a write found it gone ([`io`]). [`upstream`] keeps heddle's one-call functions.
 //!
 //! A connection never redials: once it ends, a new one must pass every check again, which the
 //! registry's re-probe does.
@@ -13,6 +14,7 @@ mod checked;
 mod client;
 mod end;
 mod handshake;
+mod io;
 mod response;
 mod upload;
 mod upstream;

@@ -13,8 +13,8 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::checked::connect_checked;
-use super::handshake::within;
 use super::handshake::check_health;
+use super::handshake::within;
 use crate::config::Settings;
 use crate::paths::DaemonPaths;
 use crate::probe::{UdsTarget, probe_paths};
