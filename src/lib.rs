@@ -114,26 +114,31 @@ mod pidfile;
 mod process;
 mod protocol;
 
-/// The client's items: built with the `client` feature.
-macro_rules! client {
-    ($($item:item)*) => { $( #[cfg(feature = "client")] $item )* };
-}
-
-// The client.
-client! {
-    mod config;
-    mod connect;
-    mod diagnose;
-    mod future;
-    mod layer;
-    mod lazy;
-    mod lifecycle;
-    mod probe;
-    mod reason;
-    mod registry;
-    mod service;
-    mod sync;
-}
+// The client: built with the `client` feature.
+#[cfg(feature = "client")]
+mod config;
+#[cfg(feature = "client")]
+mod connect;
+#[cfg(feature = "client")]
+mod diagnose;
+#[cfg(feature = "client")]
+mod future;
+#[cfg(feature = "client")]
+mod layer;
+#[cfg(feature = "client")]
+mod lazy;
+#[cfg(feature = "client")]
+mod lifecycle;
+#[cfg(feature = "client")]
+mod probe;
+#[cfg(feature = "client")]
+mod reason;
+#[cfg(feature = "client")]
+mod registry;
+#[cfg(feature = "client")]
+mod service;
+#[cfg(feature = "client")]
+mod sync;
 
 // The daemon.
 #[cfg(feature = "daemon")]
@@ -150,22 +155,30 @@ pub use protocol::{
 #[cfg(feature = "daemon")]
 pub use daemon::Daemon;
 
-client! {
-    pub use config::{DEFAULT_MODE_ENV, IdentityPolicy, InvalidMode, Mode};
-    pub use connect::{
-        LocalDaemonChannel, connect_local_daemon_channel, detect_local_daemon_with_connect_probe,
-        try_connect_local_daemon_channel, try_detect_local_daemon_with_connect_probe,
-    };
-    pub use diagnose::{Check, CheckOutcome, Report, diagnose};
-    pub use future::{ResponseFuture, Route};
-    pub use layer::LocalDaemonLayer;
-    pub use lazy::{LazyFallback, LazyFuture};
-    pub use lifecycle::{AutoStart, AutoStartStatus, StopOutcome, auto_start_status, stop};
-    pub use probe::{
-        DETECT_CACHE_TTL, LocalDaemonProbe, LocalDaemonStatus, UdsTarget, detect_local_daemon,
-        probe,
-    };
-    pub use reason::FallbackReason;
-    pub use registry::{RouteStats, reset};
-    pub use service::LocalDaemon;
-}
+#[cfg(feature = "client")]
+pub use config::{DEFAULT_MODE_ENV, IdentityPolicy, InvalidMode, Mode};
+#[cfg(feature = "client")]
+pub use connect::{
+    LocalDaemonChannel, connect_local_daemon_channel, detect_local_daemon_with_connect_probe,
+    try_connect_local_daemon_channel, try_detect_local_daemon_with_connect_probe,
+};
+#[cfg(feature = "client")]
+pub use diagnose::{Check, CheckOutcome, Report, diagnose};
+#[cfg(feature = "client")]
+pub use future::{ResponseFuture, Route};
+#[cfg(feature = "client")]
+pub use layer::LocalDaemonLayer;
+#[cfg(feature = "client")]
+pub use lazy::{LazyFallback, LazyFuture};
+#[cfg(feature = "client")]
+pub use lifecycle::{AutoStart, AutoStartStatus, StopOutcome, auto_start_status, stop};
+#[cfg(feature = "client")]
+pub use probe::{
+    DETECT_CACHE_TTL, LocalDaemonProbe, LocalDaemonStatus, UdsTarget, detect_local_daemon, probe,
+};
+#[cfg(feature = "client")]
+pub use reason::FallbackReason;
+#[cfg(feature = "client")]
+pub use registry::{RouteStats, reset};
+#[cfg(feature = "client")]
+pub use service::LocalDaemon;

@@ -9,5 +9,5 @@ mod stop;
 pub(crate) use self::auto_start::AutoStartSwitch;
 pub use self::auto_start::{AutoStart, AutoStartStatus, auto_start_status};
 pub(crate) use self::spawn::{SpawnOutcome, SpawnedChild, maybe_spawn, record_served};
-pub(crate) use self::stop::{lock_held, stop_with};
 pub use self::stop::{StopOutcome, stop};
+pub(crate) use self::stop::{lock_held, stop_with};

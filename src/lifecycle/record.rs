@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::OFlag;
 
-use crate::process::exited;
 use crate::pidfile::read_bounded;
+use crate::process::exited;
 use crate::protocol::SPAWN_RECORD_FILE;
 
 /// The longest backoff between two starts whose daemons never served.

@@ -13,8 +13,8 @@ use crate::lifecycle::{
 };
 use crate::paths::DaemonPaths;
 use crate::pidfile::Pidfile;
-use crate::process;
 use crate::probe::UdsTarget;
+use crate::process;
 use crate::reason::FallbackReason;
 
 impl Entry {

@@ -7,8 +7,8 @@ use std::sync::atomic::Ordering;
 use tokio::runtime::Handle;
 use tokio::time::Instant;
 
-use super::detect::{Checked, Outcome};
 use super::decision::DaemonRoute;
+use super::detect::{Checked, Outcome};
 use super::entry::Entry;
 use super::ids::ConnectionId;
 use super::state::{Slot, State, Verdict};

@@ -114,50 +114,50 @@ impl Entry {
             }
         }
         if let Verdict::Negative { reason, since } = &state.verdict {
-                let decision = self.negative(reason.clone());
-                let since = *since;
-                if let Some(reprobe) = &mut state.reprobe {
-                    // A re-probe that has run longer than the deadline is not being driven: its
-                    // runtime only runs tasks while a call of it waits (a one-thread runtime
-                    // whose calls never yield, or one that idles). A call of that runtime then
-                    // waits for it, which lets it run; another runtime starts its own.
-                    let stalled = reprobe.started.elapsed() > self.settings.deadline;
-                    let here = runtime.as_ref().is_some_and(|h| h.id() == reprobe.runtime);
-                    if stalled && here {
-                        reprobe.waiters.register(cx);
-                        return Poll::Pending;
-                    }
-                    if !stalled || runtime.is_none() {
-                        return Poll::Ready((self.generation(), decision));
-                    }
-                    // Given up for one on this runtime: its waiting calls go on in-process.
-                    if let Some(stalled) = state.reprobe.take() {
-                        stalled.waiters.wake_all();
-                    }
+            let decision = self.negative(reason.clone());
+            let since = *since;
+            if let Some(reprobe) = &mut state.reprobe {
+                // A re-probe that has run longer than the deadline is not being driven: its
+                // runtime only runs tasks while a call of it waits (a one-thread runtime
+                // whose calls never yield, or one that idles). A call of that runtime then
+                // waits for it, which lets it run; another runtime starts its own.
+                let stalled = reprobe.started.elapsed() > self.settings.deadline;
+                let here = runtime.as_ref().is_some_and(|h| h.id() == reprobe.runtime);
+                if stalled && here {
+                    reprobe.waiters.register(cx);
+                    return Poll::Pending;
                 }
-                if since.elapsed() < self.reprobe_interval(&state) {
-                    self.arm_timer(&mut state, runtime.as_ref());
+                if !stalled || runtime.is_none() {
                     return Poll::Ready((self.generation(), decision));
                 }
-                self.reprobe_due.store(false, Ordering::Relaxed);
-                if self.settings.mode == Mode::Auto {
-                    // In the background: this call and the next ones go on in-process.
-                    let generation = self.generation();
-                    if let Some(handle) = runtime.filter(time_driver_available) {
-                        let id = self.ids.reprobe();
-                        state.reprobe = Some(Reprobe {
-                            id,
-                            runtime: handle.id(),
-                            started: Instant::now(),
-                            waiters: Waiters::default(),
-                        });
-                        // Not under the lock: a closing runtime drops the task, and its guard
-                        // takes the lock.
-                        drop(state);
-                        self.spawn_run(&handle, Run::Reprobe(id), None);
-                    }
-                    return Poll::Ready((generation, decision));
+                // Given up for one on this runtime: its waiting calls go on in-process.
+                if let Some(stalled) = state.reprobe.take() {
+                    stalled.waiters.wake_all();
                 }
+            }
+            if since.elapsed() < self.reprobe_interval(&state) {
+                self.arm_timer(&mut state, runtime.as_ref());
+                return Poll::Ready((self.generation(), decision));
+            }
+            self.reprobe_due.store(false, Ordering::Relaxed);
+            if self.settings.mode == Mode::Auto {
+                // In the background: this call and the next ones go on in-process.
+                let generation = self.generation();
+                if let Some(handle) = runtime.filter(time_driver_available) {
+                    let id = self.ids.reprobe();
+                    state.reprobe = Some(Reprobe {
+                        id,
+                        runtime: handle.id(),
+                        started: Instant::now(),
+                        waiters: Waiters::default(),
+                    });
+                    // Not under the lock: a closing runtime drops the task, and its guard
+                    // takes the lock.
+                    drop(state);
+                    self.spawn_run(&handle, Run::Reprobe(id), None);
+                }
+                return Poll::Ready((generation, decision));
+            }
         }
         // This runtime's calls wait for its checks, which run on a task of the runtime.
         let Some(handle) = runtime.clone().filter(time_driver_available) else {

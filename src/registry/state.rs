@@ -4,8 +4,8 @@
 use tokio::time::Instant;
 
 use super::decision::DaemonRoute;
-use crate::connect::ConnectionTask;
 use super::ids::{DetectionId, ReprobeId};
+use crate::connect::ConnectionTask;
 use crate::lifecycle::SpawnedChild;
 use crate::probe::UdsTarget;
 use crate::reason::FallbackReason;
