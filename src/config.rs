@@ -1,11 +1,13 @@
-//! The options a layer is built with: which daemon is acceptable and how the route behaves.
+//! The options a layer is built with: which daemon is acceptable, how the route behaves, the
+//! daemon command auto-start runs ([`AutoStart`], plain data that keys a registry entry like
+//! the rest), and the environment variables that override the mode and auto-start.
 
+use std::ffi::OsString;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::lifecycle::AutoStart;
 use crate::paths::DaemonPaths;
 use crate::protocol::PIDFILE_MARKER;
 
@@ -184,5 +186,155 @@ impl Settings {
     pub(crate) fn paths(&self, dir: &Path) -> DaemonPaths {
         DaemonPaths::new(dir)
             .with_overrides(self.socket_path.as_deref(), self.pidfile_path.as_deref())
+    }
+}
+
+/// The command that starts a directory's daemon when a call finds none, like
+/// [`std::process::Command`]: an absolute program, its arguments, its environment and its
+/// working directory (`/` by default).
+///
+/// The program comes from the code that builds the layer, never from files in the repository:
+/// entering a repository never runs its code.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_local_daemon::{AutoStart, LocalDaemonLayer};
+///
+/// let layer = LocalDaemonLayer::new("/repo/.heddle").auto_start(
+///     AutoStart::current_exe(["agent", "serve"]).start_timeout(Duration::from_secs(10)),
+/// );
+/// # let _ = layer;
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AutoStart {
+    pub(crate) program: PathBuf,
+    pub(crate) args: Vec<OsString>,
+    pub(crate) env: Vec<(OsString, OsString)>,
+    pub(crate) current_dir: PathBuf,
+    pub(crate) start_timeout: Duration,
+    /// Variables of the command's environment the daemon does not get: the mode's and
+    /// auto-start's own switches. Filled in when a layer builds a service.
+    pub(crate) env_remove: Vec<String>,
+}
+
+impl AutoStart {
+    /// Starts `program`, which must be an absolute path.
+    pub fn new(program: impl Into<PathBuf>) -> Self {
+        Self {
+            program: program.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            current_dir: PathBuf::from("/"),
+            start_timeout: Duration::from_secs(10),
+            env_remove: Vec::new(),
+        }
+    }
+
+    /// Starts this executable with `args`, as `/proc/self/exe` names it now: after an upgrade
+    /// in place, the new build.
+    pub fn current_exe<I, S>(args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        Self::new(current_exe_path()).args(args)
+    }
+
+    /// Adds an argument.
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Adds arguments.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an environment variable for the daemon, beside the command's own environment.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// The daemon's working directory (default `/`, so that it holds no directory busy).
+    pub fn current_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.current_dir = dir.into();
+        self
+    }
+
+    /// How long a started daemon has to serve (default 10 s). In mode `require` it bounds the
+    /// wait of the call that started it; in mode `auto`, calls go in-process meanwhile.
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = timeout;
+        self
+    }
+}
+
+/// The path this process was started from: after an upgrade in place, the new build.
+fn current_exe_path() -> PathBuf {
+    crate::process::own_executable_path()
+        .unwrap_or_else(|| std::env::current_exe().unwrap_or_default())
+}
+
+/// Whether auto-start is on, after the environment: resolved when a layer builds a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AutoStartSwitch {
+    /// The variable that turns auto-start off (`0`, `off`, `false`, `no`), or its injected value.
+    pub(crate) env: ModeOverride,
+    /// Whether to start a daemon also under `CI`.
+    pub(crate) forced: bool,
+}
+
+impl AutoStartSwitch {
+    /// The default variable that turns auto-start off.
+    pub(crate) const DEFAULT_ENV: &'static str = "HEDDLE_LOCAL_DAEMON_AUTO_START";
+
+    pub(crate) fn new() -> Self {
+        Self {
+            env: ModeOverride::Var(Self::DEFAULT_ENV.to_owned()),
+            forced: false,
+        }
+    }
+
+    /// Whether auto-start stays on: not turned off by its variable, and not under `CI` (a
+    /// value other than empty, `0` or `false`) unless forced. Ephemeral CI machines gain
+    /// nothing from a daemon.
+    pub(crate) fn enabled(&self) -> bool {
+        enabled(
+            self.env.value().as_deref(),
+            std::env::var("CI").ok().as_deref(),
+            self.forced,
+        )
+    }
+}
+
+fn enabled(switch: Option<&str>, ci: Option<&str>, forced: bool) -> bool {
+    let off = |v: &str| matches!(v.trim(), "0" | "off" | "false" | "no");
+    if switch.is_some_and(off) {
+        return false;
+    }
+    let under_ci = ci.is_some_and(|v| !matches!(v.trim(), "" | "0" | "false"));
+    forced || !under_ci
+}
+
+#[cfg(test)]
+mod tests {
+    use super::enabled;
+
+    #[test]
+    fn auto_start_is_off_when_switched_off_and_under_ci_unless_forced() {
+        assert!(enabled(None, None, false));
+        assert!(enabled(Some("1"), Some(""), false));
+        assert!(enabled(None, Some("false"), false));
+        assert!(!enabled(Some("0"), None, false));
+        assert!(!enabled(Some("off"), None, true));
+        assert!(!enabled(None, Some("true"), false));
+        assert!(enabled(None, Some("true"), true));
     }
 }

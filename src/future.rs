@@ -13,7 +13,7 @@ use tonic::body::Body;
 use tower::util::Oneshot;
 use tower::{BoxError, Service};
 
-use crate::connect::{DaemonFuture, Unsent};
+use crate::http2::{DaemonFuture, Unsent};
 use crate::reason::FallbackReason;
 
 /// Which route served a response: found in the response's extensions when the layer was

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use tower::Layer;
 
+use crate::config::{AutoStart, AutoStartSwitch};
 use crate::config::{DEFAULT_MODE_ENV, IdentityPolicy, Mode, ModeOverride, Settings};
 use crate::diagnose::{self, Report};
-use crate::lifecycle::{AutoStart, AutoStartSwitch, StopOutcome, stop_with};
+use crate::lifecycle::{StopOutcome, stop_with};
 use crate::service::{LocalDaemon, Shared};
 
 /// Routes each call to a repository directory's local daemon when one passes every check, and to

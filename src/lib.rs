@@ -124,6 +124,8 @@ mod diagnose;
 #[cfg(feature = "client")]
 mod future;
 #[cfg(feature = "client")]
+mod http2;
+#[cfg(feature = "client")]
 mod layer;
 #[cfg(feature = "client")]
 mod lazy;
@@ -156,7 +158,7 @@ pub use protocol::{
 pub use daemon::Daemon;
 
 #[cfg(feature = "client")]
-pub use config::{DEFAULT_MODE_ENV, IdentityPolicy, InvalidMode, Mode};
+pub use config::{AutoStart, DEFAULT_MODE_ENV, IdentityPolicy, InvalidMode, Mode};
 #[cfg(feature = "client")]
 pub use connect::{
     LocalDaemonChannel, connect_local_daemon_channel, detect_local_daemon_with_connect_probe,
@@ -171,7 +173,7 @@ pub use layer::LocalDaemonLayer;
 #[cfg(feature = "client")]
 pub use lazy::{LazyFallback, LazyFuture};
 #[cfg(feature = "client")]
-pub use lifecycle::{AutoStart, AutoStartStatus, StopOutcome, auto_start_status, stop};
+pub use lifecycle::{AutoStartStatus, StopOutcome, auto_start_status, stop};
 #[cfg(feature = "client")]
 pub use probe::{
     DETECT_CACHE_TTL, LocalDaemonProbe, LocalDaemonStatus, UdsTarget, detect_local_daemon, probe,

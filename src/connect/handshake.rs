@@ -3,8 +3,7 @@
 
 use std::future::Future;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::net::UnixStream;
@@ -15,23 +14,12 @@ use tonic_health::pb::health_client::HealthClient;
 use tower::BoxError;
 
 use super::checked::connect_checked;
-use super::client::DaemonClient;
-use super::end::{ConnectionEnd, ConnectionTask, InFlight, Keepalive, Watched};
-use super::io::ReadToTheEnd;
 use crate::config::Settings;
+use crate::http2::{ConnectionEnd, ConnectionTask, DaemonClient, open};
 use crate::paths::FileIdentity;
 use crate::probe::UdsTarget;
 use crate::protocol::{DIRECTORY_METADATA_KEY, VERSION_METADATA_KEY};
 use crate::reason::{FallbackReason, error_chain};
-
-/// The HTTP/2 settings hyper's client gives tonic's `Channel`: windows, send buffer, the
-/// response header list's bound, and the streams sent before the daemon's own limit is known.
-const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
-const SEND_BUFFER: usize = 1024 * 1024;
-const MAX_HEADER_LIST: u32 = 16 * 1024;
-const INITIAL_MAX_SEND_STREAMS: usize = 100;
-const MAX_FRAME: u32 = 16 * 1024;
 
 /// A daemon connection that passed every check.
 #[derive(Debug)]
@@ -42,20 +30,8 @@ pub(crate) struct DaemonConnection {
     pub(crate) version: Option<String>,
     /// The task that drives the connection.
     pub(crate) task: ConnectionTask,
-}
-
-/// Where the time of [`establish`] went.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct HandshakeTimings {
-    pub(crate) connect: Duration,
-    pub(crate) handshake: Duration,
-}
-
-/// The outcome of [`establish`], with its timings even when it failed.
-#[derive(Debug)]
-pub(crate) struct Established {
-    pub(crate) result: Result<DaemonConnection, FallbackReason>,
-    pub(crate) timings: HandshakeTimings,
+    /// Fires once when the connection ends.
+    pub(crate) end: ConnectionEnd,
 }
 
 /// Connect, peer check, HTTP/2 and the health handshake under the one deadline of `settings`;
@@ -65,7 +41,7 @@ pub(crate) async fn establish(
     dir: &Path,
     settings: &Settings,
     on_end: ConnectionEnd,
-) -> Established {
+) -> Result<DaemonConnection, FallbackReason> {
     let start = Instant::now();
     let deadline = tokio::time::Instant::now().checked_add(settings.deadline);
     let connected = within(deadline, connect_checked(&target)).await;
@@ -74,23 +50,28 @@ pub(crate) async fn establish(
     // that hold it stay small: every poll frame above a large future copies it, and a one-shot
     // process faults in each page of stack those frames reach, a few microseconds each in a VM.
     let result = match connected {
-        Ok(stream) => within(deadline, Box::pin(handshake(stream, dir, settings, on_end)))
-            .await
-            .map(|(client, version, task)| DaemonConnection {
-                target,
-                client,
-                version,
-                task,
-            }),
+        Ok(stream) => {
+            let end = on_end.clone();
+            within(deadline, Box::pin(handshake(stream, dir, settings, on_end)))
+                .await
+                .map(|(client, version, task)| DaemonConnection {
+                    target,
+                    client,
+                    version,
+                    task,
+                    end,
+                })
+        }
         Err(reason) => Err(reason),
     };
-    Established {
-        result,
-        timings: HandshakeTimings {
-            connect: connected_at - start,
-            handshake: connected_at.elapsed(),
-        },
-    }
+    tracing::debug!(
+        dir = %dir.display(),
+        outcome = ?result.as_ref().map(|c| (c.target.pid, &c.version)),
+        connect_us = (connected_at - start).as_micros() as u64,
+        handshake_us = connected_at.elapsed().as_micros() as u64,
+        "local daemon connection checks"
+    );
+    result
 }
 
 /// `future`, failing with [`FallbackReason::DeadlineExceeded`] at `deadline` (none: never).
@@ -115,32 +96,15 @@ pub(crate) async fn handshake(
     settings: &Settings,
     on_end: ConnectionEnd,
 ) -> Result<(DaemonClient, Option<String>, ConnectionTask), FallbackReason> {
-    let (sender, mut connection) = h2::client::Builder::new()
-        .enable_push(false)
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_send_buffer_size(SEND_BUFFER)
-        .max_header_list_size(MAX_HEADER_LIST)
-        .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
-        .max_frame_size(MAX_FRAME)
-        // h2 writes its preface without a flush: buffered, it joins the first frames (our
-        // SETTINGS and the health check) in one write, and the daemon wakes once for them.
-        .handshake::<_, Bytes>(tokio::io::BufWriter::new(ReadToTheEnd::new(stream)))
-        .await
-        .map_err(|e| FallbackReason::HandshakeFailed {
-            message: error_chain(&e),
-        })?;
-    let keepalive = connection.ping_pong().map(|ping_pong| {
-        Keepalive::new(
-            ping_pong,
-            settings.keepalive_interval,
-            settings.keepalive_timeout,
-        )
-    });
-    let in_flight = Arc::new(InFlight::default());
-    let watched = Watched::new(connection, keepalive, in_flight.clone(), on_end);
-    let task = ConnectionTask::new(tokio::spawn(watched).abort_handle(), in_flight.clone());
-    let client = DaemonClient::new(sender, in_flight);
+    let (client, task) = open(
+        stream,
+        (settings.keepalive_interval, settings.keepalive_timeout),
+        on_end,
+    )
+    .await
+    .map_err(|e| FallbackReason::HandshakeFailed {
+        message: error_chain(&e),
+    })?;
     match check_health(client.clone(), dir, settings).await {
         Ok(version) => Ok((client, version, task)),
         Err(reason) => {

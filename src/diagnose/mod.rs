@@ -6,7 +6,8 @@ mod report;
 use std::path::Path;
 
 use crate::config::{IdentityPolicy, Mode, Settings};
-use crate::connect::{ConnectionEnd, connect_checked, handshake, within};
+use crate::connect::{connect_checked, handshake, within};
+use crate::http2::ConnectionEnd;
 use crate::paths::{DaemonPaths, FileIdentity};
 use crate::probe::{Passed, probe_observed};
 use crate::reason::FallbackReason;

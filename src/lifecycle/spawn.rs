@@ -17,9 +17,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg, OFlag};
 
-use super::auto_start::{AutoStart, log_tail};
 use super::record::SpawnRecord;
+use super::status::log_tail;
 use super::stop::lock_held;
+use crate::config::AutoStart;
 use crate::paths::DaemonPaths;
 use crate::peer::own_uid;
 use crate::probe::check_sockets_dir;

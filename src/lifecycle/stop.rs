@@ -9,7 +9,8 @@ use nix::unistd::Pid;
 use tokio::time::Instant;
 
 use crate::config::Settings;
-use crate::connect::{ConnectionEnd, establish};
+use crate::connect::establish;
+use crate::http2::ConnectionEnd;
 use crate::paths::DaemonPaths;
 use crate::probe::{UdsTarget, check_sockets_dir, read_pidfile};
 use crate::process::exited;
@@ -116,9 +117,7 @@ async fn verify(
         return Ok(None);
     }
     let target = UdsTarget::new(&paths.socket, pid);
-    let connection = establish(target, dir, &settings, ConnectionEnd::ignored())
-        .await
-        .result?;
+    let connection = establish(target, dir, &settings, ConnectionEnd::ignored()).await?;
     connection.task.abort();
     Ok(Some(pid))
 }

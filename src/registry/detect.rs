@@ -1,90 +1,52 @@
-//! Running the checks: on a task of the calling runtime, so that a call that gives up does not
-//! stop the work the other calls wait for; a guard that ends every run, however its task ends;
-//! and the timer that makes a negative decision due for a re-probe.
+//! A run of the checks, outside the entry's lock: on a task of the calling runtime, so that a
+//! call that gives up does not stop the work the other calls wait for, with a guard that
+//! reports how the run ended however its task ends. The probe (which, with auto-start on,
+//! starts a daemon on a miss), the connect and handshake, the restart of an upgraded daemon,
+//! and, in mode `require`, the attempts until the deadline.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio::time::Instant;
 
-use super::entry::Entry;
+use super::entry::{Entry, Outcome, RunEnd};
 use super::ids::{ConnectionId, Run};
-use super::state::{Slot, State};
-use crate::config::Mode;
-use crate::connect::{ConnectionEnd, DaemonConnection, establish, within};
+use crate::config::{AutoStart, Mode};
+use crate::connect::{establish, within};
+use crate::http2::ConnectionEnd;
+use crate::lifecycle::{SpawnOutcome, StopOutcome, lock_held, maybe_spawn, stop_with};
+use crate::paths::DaemonPaths;
+use crate::pidfile::Pidfile;
 use crate::probe::{UdsTarget, probe_paths};
+use crate::process;
 use crate::reason::FallbackReason;
-use crate::sync::{CatchUnwind, lock};
+use crate::sync::CatchUnwind;
 
-/// A connection that passed every check, with its id and its end signal.
-#[derive(Debug)]
-pub(super) struct Checked {
-    pub(super) connection: DaemonConnection,
-    pub(super) id: ConnectionId,
-    pub(super) end: ConnectionEnd,
-}
-
-/// What a run of the checks ends with.
-pub(super) type Outcome = Result<Checked, FallbackReason>;
-
-/// How a run ended.
-#[derive(Debug)]
-pub(super) enum RunEnd {
-    Finished(Outcome),
-    /// Its task was dropped unfinished: its runtime shut down. Not the daemon's fault.
-    Interrupted,
-    /// Its task panicked.
-    Panicked,
-}
-
-/// Ends a run when its task ends, however it ends.
-pub(super) struct FinishRun {
-    pub(super) entry: Weak<Entry>,
-    pub(super) run: Run,
-    pub(super) runtime: tokio::runtime::Id,
-    /// The checks' outcome, or `Err` when they panicked; `None` while they run.
-    pub(super) outcome: Option<Result<Outcome, ()>>,
+/// Reports a run's end to its entry when the run's task ends, however it ends: finished,
+/// panicked, or dropped unfinished with its runtime ([`RunEnd::Interrupted`], until the task
+/// says otherwise).
+struct FinishRun {
+    entry: Weak<Entry>,
+    run: Run,
+    runtime: tokio::runtime::Id,
+    end: RunEnd,
 }
 
 impl Drop for FinishRun {
     fn drop(&mut self) {
-        // Dropped without an outcome: the task's runtime shut down (perhaps while a panic
-        // unwound elsewhere). The checks' own panics are caught in the task.
-        let end = match self.outcome.take() {
-            Some(Ok(outcome)) => RunEnd::Finished(outcome),
-            Some(Err(())) => RunEnd::Panicked,
-            None => RunEnd::Interrupted,
-        };
+        let end = std::mem::replace(&mut self.end, RunEnd::Interrupted);
         if let Some(entry) = self.entry.upgrade() {
             entry.run_ended(self.run, self.runtime, end);
         }
     }
 }
 
-/// Whether the current runtime (`handle`'s) has a time driver: the checks' deadline needs one.
-/// Tokio has no way to ask, and creating a timer without it panics, so the answer is learnt
-/// once per runtime by catching that panic (tokio prints its message once). Under
-/// `panic = "abort"` that panic ends the process, as any timer of the runtime would.
-pub(super) fn time_driver_available(handle: &Handle) -> bool {
-    static KNOWN: Mutex<Vec<(tokio::runtime::Id, bool)>> = Mutex::new(Vec::new());
-    let id = handle.id();
-    if let Some((_, known)) = lock(&KNOWN).iter().find(|(runtime, _)| *runtime == id) {
-        return *known;
-    }
-    let available = std::panic::catch_unwind(|| drop(tokio::time::sleep(Duration::ZERO))).is_ok();
-    let mut known = lock(&KNOWN);
-    if known.len() >= 64 {
-        known.clear();
-    }
-    known.push((id, available));
-    available
-}
-
 impl Entry {
-    /// Runs the checks on a task of `handle`'s runtime, so that a call that gives up does not
-    /// stop the work the others wait for; its guard reports how the run ended.
+    /// Runs the checks on a task of `handle`'s runtime; its guard reports how the run ended.
+    /// Never called under the entry's lock: a closing runtime drops the task at once, and the
+    /// guard takes the lock.
     pub(super) fn spawn_run(
         self: &Arc<Self>,
         handle: &Handle,
@@ -95,16 +57,20 @@ impl Entry {
             entry: Arc::downgrade(self),
             run,
             runtime: handle.id(),
-            outcome: None,
+            end: RunEnd::Interrupted,
         };
         let entry = self.clone();
         handle.spawn(async move {
             let checks = entry.detect(probed, finish.runtime);
-            finish.outcome = Some(CatchUnwind::new(checks).await);
+            finish.end = match CatchUnwind::new(checks).await {
+                Ok(outcome) => RunEnd::Finished(outcome),
+                Err(()) => RunEnd::Panicked,
+            };
             drop(finish);
         });
     }
 
+    /// The probe alone.
     pub(super) fn probe(&self) -> Result<UdsTarget, FallbackReason> {
         self.counters.probes.fetch_add(1, Ordering::Relaxed);
         let probed = probe_paths(&self.paths, &self.settings);
@@ -113,10 +79,37 @@ impl Entry {
         })
     }
 
+    /// The probe; when it finds no daemon and auto-start is on, a daemon is started (by the
+    /// lifetime lock's rule, see `lifecycle`), and the calls go on by the probe's reason. Takes
+    /// the entry's lock to note a started daemon: never called under it.
+    pub(super) fn probe_or_start(&self) -> Result<UdsTarget, FallbackReason> {
+        let reason = match self.probe() {
+            Ok(target) => return Ok(target),
+            Err(reason) => reason,
+        };
+        let Some(auto) = &self.settings.auto_start else {
+            return Err(reason);
+        };
+        // An upgraded daemon is restarted by a run of the checks, which can wait for it to stop.
+        if reason == FallbackReason::ExecutableReplaced {
+            return Err(reason);
+        }
+        match maybe_spawn(&self.daemon_paths, auto) {
+            SpawnOutcome::Spawned(child) => self.lock().spawned = Some((child, Instant::now())),
+            SpawnOutcome::Failed(message) => {
+                return Err(FallbackReason::AutoStartFailed { message });
+            }
+            SpawnOutcome::NotNow(why) | SpawnOutcome::Refused(why) => {
+                tracing::debug!(dir = %self.dir.display(), why, "no daemon started");
+            }
+        }
+        Err(reason)
+    }
+
     /// The checks for one runtime: probe (unless the caller just did), connect, peer check,
     /// HTTP/2, health. Each runtime probes again: a daemon may have restarted since another
-    /// runtime's checks, and the probe costs microseconds. In require mode they try again until the deadline, which bounds the
-    /// whole wait; the outcome is the last attempt's.
+    /// runtime's checks, and the probe costs microseconds. In mode `require` they try again
+    /// until the deadline, which bounds the whole wait; the outcome is the last attempt's.
     async fn detect(
         self: Arc<Self>,
         mut target: Option<UdsTarget>,
@@ -131,8 +124,7 @@ impl Entry {
         loop {
             let attempt = self.attempt(target.take(), runtime);
             // An attempt that hangs past the deadline ends there.
-            let result = within(deadline, attempt).await;
-            let reason = match result {
+            let reason = match within(deadline, attempt).await {
                 Ok(checked) => return Ok(checked),
                 Err(reason) => reason,
             };
@@ -155,7 +147,6 @@ impl Entry {
         target: Option<UdsTarget>,
         runtime: tokio::runtime::Id,
     ) -> Outcome {
-        let probe_start = Instant::now();
         let target = match (target, &self.settings.auto_start) {
             (Some(target), _) => target,
             (None, Some(auto)) => match self.probe_or_start() {
@@ -169,25 +160,13 @@ impl Entry {
             },
             (None, None) => self.probe()?,
         };
-        let probe_time = probe_start.elapsed();
         let id = self.ids.connection();
         let end = self.connection_end(id, runtime);
-        let established = establish(target, &self.dir, &self.settings, end.clone()).await;
-        tracing::debug!(
-            dir = %self.dir.display(),
-            outcome = ?established.result.as_ref().map(|c| (c.target.pid, &c.version)),
-            probe_us = probe_time.as_micros() as u64,
-            connect_us = established.timings.connect.as_micros() as u64,
-            handshake_us = established.timings.handshake.as_micros() as u64,
-            "local daemon detection"
-        );
-        established.result.map(|connection| Checked {
-            connection,
-            id,
-            end,
-        })
+        let connection = establish(target, &self.dir, &self.settings, end).await?;
+        Ok((id, connection))
     }
 
+    /// The signal the connection `id` of `runtime` gives its entry when it ends.
     fn connection_end(
         self: &Arc<Self>,
         id: ConnectionId,
@@ -201,89 +180,40 @@ impl Entry {
         })
     }
 
-    /// Sets the due flag once the interval has passed, by a timer on the calling runtime: each
-    /// runtime that routes by the negative verdict arms one, so an idle runtime cannot hold
-    /// back the others. The timer's guard also sets the flag if its runtime goes away first;
-    /// the slow path then compares the time itself. Without a runtime with timers the flag is
-    /// set at once, and the slow path does all the waiting.
-    pub(super) fn arm_timer(self: &Arc<Self>, state: &mut State, runtime: Option<&Handle>) {
-        let Some(handle) = runtime else {
-            self.reprobe_due.store(true, Ordering::Relaxed);
-            return;
-        };
-        if state.timers.contains(&handle.id()) {
+    /// A daemon whose executable was replaced on disk (an upgrade) is stopped the way
+    /// [`stop`](crate::stop) does it, and a new one started. Only on that reason: two different
+    /// installed versions must not stop each other's daemons in turn.
+    async fn restart(&self, auto: &AutoStart) {
+        if !runs_program(&self.paths, &self.settings.marker, &auto.program) {
+            tracing::debug!(dir = %self.dir.display(), "the daemon runs another installation");
             return;
         }
-        state.timers.push(handle.id());
-        if !time_driver_available(handle) {
-            self.reprobe_due.store(true, Ordering::Relaxed);
-            return;
+        let stopped = stop_with(&self.dir, &self.paths, &self.settings, auto.start_timeout).await;
+        tracing::info!(dir = %self.dir.display(), ?stopped, "restarting an upgraded local daemon");
+        if let StopOutcome::Stopped { .. } = stopped {
+            let _ = self.probe_or_start();
         }
-        struct SetOnDrop(Weak<Entry>);
-        impl Drop for SetOnDrop {
-            fn drop(&mut self) {
-                if let Some(entry) = self.0.upgrade() {
-                    entry.reprobe_due.store(true, Ordering::Relaxed);
-                }
-            }
-        }
-        let guard = SetOnDrop(Arc::downgrade(self));
-        let interval = self.reprobe_interval(state);
-        handle.spawn(async move {
-            tokio::time::sleep(interval).await;
-            drop(guard);
-        });
     }
 
-    /// A run of the checks ended.
-    pub(super) fn run_ended(self: &Arc<Self>, run: Run, runtime: tokio::runtime::Id, end: RunEnd) {
-        let mut state = self.lock();
-        let current = match run {
-            Run::Waited(id) => {
-                matches!(state.slot(runtime), Some(Slot::Connecting { id: i, .. }) if *i == id)
-            }
-            Run::Reprobe(id) => state.reprobe.as_ref().is_some_and(|r| r.id == id),
-        };
-        if !current {
-            // Superseded (a reset, a newer run): its connection is not wanted.
-            if let RunEnd::Finished(Ok(checked)) = end {
-                checked.connection.task.abort();
-            }
-            return;
-        }
-        let waiters = match (run, state.take_slot(runtime)) {
-            (Run::Reprobe(_), slot) => {
-                if let Some(slot) = slot {
-                    slot.close();
-                }
-                state.reprobe.take().map(|r| r.waiters)
-            }
-            (Run::Waited(_), Some(Slot::Connecting { waiters, .. })) => Some(waiters),
-            (Run::Waited(_), other) => {
-                if let Some(slot) = other {
-                    slot.close();
-                }
-                None
-            }
-        };
-        match end {
-            RunEnd::Finished(outcome) => self.install(&mut state, runtime, outcome),
-            // The runtime went away: not the daemon's doing. The next call tries again.
-            RunEnd::Interrupted => {
-                self.reprobe_due.store(true, Ordering::Relaxed);
-                self.bump();
-            }
-            RunEnd::Panicked => {
-                let reason = FallbackReason::RuntimeUnusable {
-                    message: "the checks' task panicked".into(),
-                };
-                let handle = Handle::try_current().ok();
-                self.set_negative(&mut state, reason, handle.as_ref());
-            }
-        }
-        drop(state);
-        if let Some(waiters) = waiters {
-            waiters.wake_all();
-        }
+    /// Why a daemon started here is not coming, if it exited already. One that exited because
+    /// another daemon holds the lock lost a race (`AlreadyRunning`): that one is coming.
+    fn spawn_failure(&self) -> Option<String> {
+        // The log is read after the entry's lock is let go.
+        let child = self.lock().spawned.as_ref()?.0.clone();
+        let failure = child.failure()?;
+        (!lock_held(&self.daemon_paths.lock)).then_some(failure)
     }
+}
+
+/// Whether the pidfile's process runs (an older build at) `program`'s path: `/proc/<pid>/exe`
+/// names the path, with ` (deleted)` once the file was replaced. Another installation's daemon
+/// is never restarted by this one.
+/// The pidfile is read as the probe reads it: bounded, and never blocking on a FIFO.
+fn runs_program(paths: &DaemonPaths, marker: &str, program: &std::path::Path) -> bool {
+    let Ok(Pidfile { pid, .. }) = Pidfile::read(&paths.pidfile, marker) else {
+        return false;
+    };
+    // The kernel names the file the daemon was started from, symlinks resolved.
+    let program = std::fs::canonicalize(program).unwrap_or_else(|_| program.to_owned());
+    process::executable_path(pid).is_some_and(|(path, _)| path == program)
 }

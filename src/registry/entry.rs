@@ -1,31 +1,46 @@
-//! One directory's route: an entry's state machine.
+//! One directory's route: an entry's state machine, whole.
 //!
 //! An entry holds a *verdict* for the whole process (not probed yet; a daemon target; or no
 //! usable daemon since a moment) and, for each tokio runtime that calls, that runtime's own
-//! connection to the daemon. A connection and its keepalive timers belong to the drivers of
-//! the runtime that made them, so a call never waits on a connection that only another
-//! runtime would drive; the probe's result is shared, and each runtime's checks run once for
-//! all its concurrent calls. Every change bumps the generation, the one thing a warm call reads.
+//! [`Slot`]: its checks in flight, or its connection to the daemon. A connection and its
+//! keepalive timers belong to the drivers of the runtime that made them, so a call never waits
+//! on a connection that only another runtime would drive; the probe's result is shared, and
+//! each runtime's checks run once for all its concurrent calls. Every change bumps the
+//! generation, the one thing a warm call reads.
 //!
-//! A connection that *finishes* (the daemon sent GOAWAY or closed it, it broke, or keepalive
-//! gave up on it) ends the daemon route for everyone at once. One dropped unfinished, because
-//! its runtime shut down, ends only that runtime's connection: the next runtime connects again.
+//! The states change only here, under the entry's lock, on these events:
+//! - a call asks for a decision ([`Entry::poll_decision`]): it gets this runtime's connection,
+//!   runs the inline probe, routes by the negative verdict (and starts its re-probe when due),
+//!   or starts this runtime's checks;
+//! - a run of the checks ends ([`Entry::run_ended`]): its connection is installed, or the
+//!   verdict turns negative;
+//! - a connection ends ([`Entry::connection_ended`]): one that *finishes* (the daemon sent
+//!   GOAWAY or closed it, it broke, or keepalive gave up on it) ends the daemon route for
+//!   everyone at once; one dropped unfinished, because its runtime shut down, ends only that
+//!   runtime's slot, and the next runtime connects again;
+//! - a reset, or the release of the entry.
 //!
-//! Here: the entry's data, its generation and counters, reset and close. The decision a call
-//! gets (the slow path of every call) is in `decision`; the types of the state in `state`; the
-//! transitions (an outcome installed, a negative verdict, a connection's end) in `decide`;
-//! running the checks and re-probing in `detect`; starting a daemon on a miss in `auto_start`.
+//! The checks themselves run outside the lock, in `detect`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-use super::ids::Ids;
-use super::state::{State, Verdict};
+use tokio::runtime::Handle;
+use tokio::time::Instant;
+
+use super::ids::{ConnectionId, DetectionId, Ids, ReprobeId, Run};
 use super::stats::{Counters, RouteStats};
-use crate::config::Settings;
+use crate::config::{Mode, Settings};
+use crate::connect::DaemonConnection;
+use crate::http2::{ConnectionTask, DaemonClient, EndCause};
+use crate::lifecycle::{SpawnedChild, record_served};
 use crate::paths::DaemonPaths;
-use crate::sync::lock;
+use crate::probe::UdsTarget;
+use crate::reason::FallbackReason;
+use crate::sync::{Waiters, lock};
 
 /// One directory's route, shared process-wide.
 #[derive(Debug)]
@@ -40,7 +55,7 @@ pub(crate) struct Entry {
     generation: AtomicU64,
     /// Set once a negative verdict may be old enough to be checked again; the slow path
     /// compares the time itself.
-    pub(super) reprobe_due: AtomicBool,
+    reprobe_due: AtomicBool,
     /// How many services use the entry; at zero it is released after the linger.
     pub(super) users: AtomicUsize,
     /// How many leases were ever taken: tells a release that the entry was taken again.
@@ -48,6 +63,146 @@ pub(crate) struct Entry {
     pub(super) ids: Ids,
     state: Mutex<State>,
     pub(super) counters: Counters,
+}
+
+/// The decision a call of a given runtime gets: the one vocabulary of a route.
+#[derive(Debug, Clone)]
+pub(crate) enum Decision {
+    /// Calls go to the daemon over this runtime's checked connection.
+    Daemon(DaemonRoute),
+    /// Calls go to the in-process service (the entry's stats say why).
+    InProcess,
+    /// Mode `require` without a usable daemon: calls fail with `UNAVAILABLE` naming the reason.
+    Refused(FallbackReason),
+}
+
+/// A checked daemon connection, as the services of one runtime use it.
+#[derive(Debug, Clone)]
+pub(crate) struct DaemonRoute {
+    pub(crate) client: DaemonClient,
+    pub(crate) pid: u32,
+    pub(crate) id: ConnectionId,
+    /// The runtime whose drivers run the connection: only its calls use it.
+    pub(crate) runtime: tokio::runtime::Id,
+}
+
+/// What a run of the checks found: a connection that passed every check, or why none did.
+pub(super) type Outcome = Result<(ConnectionId, DaemonConnection), FallbackReason>;
+
+/// How a run of the checks ended.
+#[derive(Debug)]
+pub(super) enum RunEnd {
+    Finished(Outcome),
+    /// Its task was dropped unfinished: its runtime shut down. Not the daemon's fault.
+    Interrupted,
+    /// Its task panicked.
+    Panicked,
+}
+
+/// What the whole process knows of the daemon.
+#[derive(Debug)]
+enum Verdict {
+    Unprobed,
+    /// The probe found this daemon; each runtime connects to it on its first call.
+    Target(UdsTarget),
+    /// No usable daemon, for this reason, since `since`.
+    Negative {
+        reason: FallbackReason,
+        since: Instant,
+    },
+}
+
+/// One runtime's connection.
+#[derive(Debug)]
+enum Slot {
+    /// The checks run on a task of the runtime; its calls wait for them.
+    Connecting { id: DetectionId, waiters: Waiters },
+    Connected {
+        route: DaemonRoute,
+        /// The task that drives the connection and its keepalive; closed, it goes once the
+        /// calls in flight on it are done (a response its caller keeps open keeps it).
+        task: ConnectionTask,
+    },
+}
+
+impl Slot {
+    /// Lets go of the slot: a connection closes, the calls waiting for checks are woken.
+    fn close(self) {
+        match self {
+            Slot::Connecting { waiters, .. } => waiters.wake_all(),
+            Slot::Connected { task, .. } => task.close(),
+        }
+    }
+}
+
+/// A re-probe on a task of the runtime that made the call that found it due.
+#[derive(Debug)]
+struct Reprobe {
+    id: ReprobeId,
+    runtime: tokio::runtime::Id,
+    started: Instant,
+    /// Calls of that runtime that wait for it: see [`Entry::negative_route`].
+    waiters: Waiters,
+}
+
+#[derive(Debug)]
+pub(super) struct State {
+    verdict: Verdict,
+    /// A background re-probe in flight.
+    reprobe: Option<Reprobe>,
+    /// The runtimes with a timer armed for the negative verdict's re-probe.
+    timers: Vec<tokio::runtime::Id>,
+    /// The first calls that wait while another call of the process probes, outside the lock.
+    probing: Option<Waiters>,
+    /// A daemon this process started on a miss, and when: until it serves (or the start
+    /// timeout passes), re-probes come more often.
+    pub(super) spawned: Option<(SpawnedChild, Instant)>,
+    runtimes: Vec<(tokio::runtime::Id, Slot)>,
+}
+
+impl State {
+    fn slot(&mut self, runtime: tokio::runtime::Id) -> Option<&mut Slot> {
+        self.runtimes
+            .iter_mut()
+            .find(|(id, _)| *id == runtime)
+            .map(|(_, slot)| slot)
+    }
+
+    fn take_slot(&mut self, runtime: tokio::runtime::Id) -> Option<Slot> {
+        let index = self.runtimes.iter().position(|(id, _)| *id == runtime)?;
+        Some(self.runtimes.swap_remove(index).1)
+    }
+
+    fn close_all(&mut self) {
+        for (_, slot) in self.runtimes.drain(..) {
+            slot.close();
+        }
+        if let Some(reprobe) = self.reprobe.take() {
+            reprobe.waiters.wake_all();
+        }
+    }
+}
+
+/// A decision made, or a call left waiting for one.
+type Decided = Poll<(u64, Decision)>;
+
+/// What the inline probe leaves a call with.
+enum Probed<'a> {
+    Decided(Decided),
+    /// Go on, under the same lock, with the target the probe found (none: not probed here, or
+    /// an upgraded daemon that the checks' task restarts).
+    Next(MutexGuard<'a, State>, Option<UdsTarget>),
+    /// The verdict or this runtime's slot changed while the probe ran: decide again.
+    Changed,
+}
+
+/// What a negative verdict leaves a call with.
+enum Negative {
+    /// The verdict is not negative, or mode `require` is due for checks a call waits for.
+    No,
+    Decided(Decided),
+    /// Routed by the verdict, with a re-probe to start on this runtime.
+    Reprobe(Handle, ReprobeId, Decided),
 }
 
 impl Entry {
@@ -98,7 +253,7 @@ impl Entry {
         lock(&self.state)
     }
 
-    pub(super) fn bump(&self) {
+    fn bump(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
@@ -128,4 +283,497 @@ impl Entry {
         };
         self.counters.snapshot(route)
     }
+
+    /// A negative decision for `reason`: in-process, or refused in mode `require`. The one place
+    /// that says what the mode means for a route.
+    fn negative(&self, reason: FallbackReason) -> Decision {
+        match self.settings.mode {
+            Mode::Require => Decision::Refused(reason),
+            Mode::Auto | Mode::Off => Decision::InProcess,
+        }
+    }
+
+    /// The decision now, for a runtime without a connection of its own.
+    fn current(&self, state: &State) -> Decision {
+        match &state.verdict {
+            Verdict::Negative { reason, .. } => self.negative(reason.clone()),
+            _ => self.negative(FallbackReason::ConnectionLost),
+        }
+    }
+
+    /// `decision` with the generation it holds for, read under the lock (once the lock is let
+    /// go, an ending run can bump it, and a newer generation would keep a stale decision).
+    fn decided(&self, _state: &State, decision: Decision) -> Decided {
+        Poll::Ready((self.generation(), decision))
+    }
+
+    // ---- A call asks for a decision ----
+
+    /// The decision for a call of the current runtime, and its generation, starting the checks
+    /// where none is usable yet. The slow path of every call: the warm path compares
+    /// generations and never gets here.
+    pub(crate) fn poll_decision(self: &Arc<Self>, cx: &mut Context<'_>) -> Decided {
+        let runtime = Handle::try_current().ok();
+        let runtime = runtime.as_ref();
+        let (mut state, probed) = loop {
+            let mut state = self.lock();
+            if let Some(decided) = self.own_connection(&mut state, runtime, cx) {
+                return decided;
+            }
+            match self.inline_probe(state, runtime, cx) {
+                Probed::Decided(decided) => return decided,
+                Probed::Next(state, probed) => break (state, probed),
+                Probed::Changed => {}
+            }
+        };
+        match self.negative_route(&mut state, runtime, cx) {
+            Negative::No => {}
+            Negative::Decided(decided) => return decided,
+            Negative::Reprobe(handle, id, decided) => {
+                // Not under the lock: a closing runtime drops the task, whose guard takes it.
+                drop(state);
+                self.spawn_run(&handle, Run::Reprobe(id), None);
+                return decided;
+            }
+        }
+        self.start_detection(state, runtime, probed, cx)
+    }
+
+    /// Step 1: this runtime's connection, or its checks in flight (the call waits for them).
+    fn own_connection(
+        &self,
+        state: &mut State,
+        runtime: Option<&Handle>,
+        cx: &mut Context<'_>,
+    ) -> Option<Decided> {
+        match state.slot(runtime?.id())? {
+            Slot::Connected { route, .. } => {
+                let decision = Decision::Daemon(route.clone());
+                Some(self.decided(state, decision))
+            }
+            Slot::Connecting { waiters, .. } => {
+                waiters.register(cx);
+                Some(Poll::Pending)
+            }
+        }
+    }
+
+    /// Step 2: the first probe of the process, on the calling thread. It is cheap syscalls (and,
+    /// with auto-start on, a miss starts the daemon: a fork and exec), so the common "no daemon"
+    /// case decides without a task or a wake-up; outside the lock, so that a slow filesystem
+    /// holds up this call only, while the other first calls wait for it.
+    fn inline_probe<'a>(
+        self: &'a Arc<Self>,
+        mut state: MutexGuard<'a, State>,
+        runtime: Option<&Handle>,
+        cx: &mut Context<'_>,
+    ) -> Probed<'a> {
+        if !matches!(state.verdict, Verdict::Unprobed) || self.settings.mode != Mode::Auto {
+            return Probed::Next(state, None);
+        }
+        if let Some(waiters) = &mut state.probing {
+            waiters.register(cx);
+            return Probed::Decided(Poll::Pending);
+        }
+        state.probing = Some(Waiters::default());
+        drop(state);
+        let result = {
+            // Should the probe panic, the first calls waiting for it are not left waiting.
+            let _unprobing = Unprobing(self);
+            self.probe_or_start()
+        };
+        let mut state = self.lock();
+        // Woken when this call's decision is made, whichever way: the guard is held till then.
+        let _probing = state.probing.take();
+        let changed = !matches!(state.verdict, Verdict::Unprobed)
+            || runtime.is_some_and(|h| state.slot(h.id()).is_some());
+        if changed {
+            return Probed::Changed;
+        }
+        match result {
+            Ok(target) => Probed::Next(state, Some(target)),
+            // An upgraded daemon with auto-start on: the checks' task restarts it, and this
+            // call waits for the old one to stop (then runs in-process).
+            Err(FallbackReason::ExecutableReplaced) if self.settings.auto_start.is_some() => {
+                Probed::Next(state, None)
+            }
+            Err(reason) => {
+                self.set_negative(&mut state, reason, runtime);
+                let decision = self.current(&state);
+                Probed::Decided(self.decided(&state, decision))
+            }
+        }
+    }
+
+    /// Step 3: a negative verdict routes the call, and when its interval has passed, starts a
+    /// re-probe in the background (mode `auto`) or lets the call wait for new checks (mode
+    /// `require`, which has no other route).
+    fn negative_route(
+        self: &Arc<Self>,
+        state: &mut State,
+        runtime: Option<&Handle>,
+        cx: &mut Context<'_>,
+    ) -> Negative {
+        let Verdict::Negative { reason, since } = &state.verdict else {
+            return Negative::No;
+        };
+        let decision = self.negative(reason.clone());
+        let since = *since;
+        if let Some(reprobe) = &mut state.reprobe {
+            // A re-probe that has run longer than the deadline is not being driven: its
+            // runtime only runs tasks while a call of it waits (a one-thread runtime whose
+            // calls never yield, or one that idles). A call of that runtime then waits for it,
+            // which lets it run; another runtime starts its own.
+            let stalled = reprobe.started.elapsed() > self.settings.deadline;
+            let here = runtime.is_some_and(|h| h.id() == reprobe.runtime);
+            if stalled && here {
+                reprobe.waiters.register(cx);
+                return Negative::Decided(Poll::Pending);
+            }
+            if !stalled || runtime.is_none() {
+                return Negative::Decided(self.decided(state, decision));
+            }
+            // Given up for one on this runtime: its waiting calls go on in-process.
+            if let Some(stalled) = state.reprobe.take() {
+                stalled.waiters.wake_all();
+            }
+        }
+        if since.elapsed() < self.reprobe_interval(state) {
+            self.arm_timer(state, runtime);
+            return Negative::Decided(self.decided(state, decision));
+        }
+        self.reprobe_due.store(false, Ordering::Relaxed);
+        if self.settings.mode != Mode::Auto {
+            return Negative::No;
+        }
+        // In the background: this call and the next ones go on by the verdict.
+        let decided = self.decided(state, decision);
+        let Some(handle) = runtime.filter(|h| time_driver_available(h)) else {
+            return Negative::Decided(decided);
+        };
+        let id = self.ids.reprobe();
+        state.reprobe = Some(Reprobe {
+            id,
+            runtime: handle.id(),
+            started: Instant::now(),
+            waiters: Waiters::default(),
+        });
+        Negative::Reprobe(handle.clone(), id, decided)
+    }
+
+    /// Step 4: this runtime's checks, on a task of the runtime; its calls wait for them.
+    fn start_detection(
+        self: &Arc<Self>,
+        mut state: MutexGuard<'_, State>,
+        runtime: Option<&Handle>,
+        probed: Option<UdsTarget>,
+        cx: &mut Context<'_>,
+    ) -> Decided {
+        let Some(handle) = runtime.filter(|h| time_driver_available(h)) else {
+            return self.unusable_runtime(&mut state, runtime);
+        };
+        let id = self.ids.detection();
+        state.runtimes.push((
+            handle.id(),
+            Slot::Connecting {
+                id,
+                waiters: Waiters::of(cx),
+            },
+        ));
+        drop(state);
+        self.spawn_run(handle, Run::Waited(id), probed);
+        Poll::Pending
+    }
+
+    /// No runtime, or one without a time driver, cannot run the checks: this caller's problem,
+    /// so another runtime's healthy connection stays.
+    fn unusable_runtime(self: &Arc<Self>, state: &mut State, runtime: Option<&Handle>) -> Decided {
+        let message = match runtime {
+            None => "no Tokio runtime is running",
+            Some(_) => {
+                "the runtime has no time driver (enable it with `enable_all` or `enable_time`)"
+            }
+        };
+        let reason = FallbackReason::RuntimeUnusable {
+            message: message.into(),
+        };
+        let connected = state
+            .runtimes
+            .iter()
+            .any(|(_, slot)| matches!(slot, Slot::Connected { .. }));
+        if !connected {
+            self.set_negative(state, reason.clone(), runtime);
+        }
+        let decision = match connected {
+            true => self.negative(reason),
+            false => self.current(state),
+        };
+        self.decided(state, decision)
+    }
+
+    // ---- A run of the checks ends ----
+
+    /// A run of the checks ended: its outcome is installed, unless a newer run or a reset
+    /// superseded it.
+    pub(super) fn run_ended(self: &Arc<Self>, run: Run, runtime: tokio::runtime::Id, end: RunEnd) {
+        let mut state = self.lock();
+        let current = match run {
+            Run::Waited(id) => {
+                matches!(state.slot(runtime), Some(Slot::Connecting { id: i, .. }) if *i == id)
+            }
+            Run::Reprobe(id) => state.reprobe.as_ref().is_some_and(|r| r.id == id),
+        };
+        if !current {
+            // Superseded (a reset, a newer run): its connection is not wanted.
+            if let RunEnd::Finished(Ok((_, connection))) = end {
+                connection.task.abort();
+            }
+            return;
+        }
+        let waiters = match (run, state.take_slot(runtime)) {
+            (Run::Reprobe(_), slot) => {
+                if let Some(slot) = slot {
+                    slot.close();
+                }
+                state.reprobe.take().map(|r| r.waiters)
+            }
+            (Run::Waited(_), Some(Slot::Connecting { waiters, .. })) => Some(waiters),
+            (Run::Waited(_), other) => {
+                if let Some(slot) = other {
+                    slot.close();
+                }
+                None
+            }
+        };
+        match end {
+            RunEnd::Finished(outcome) => self.install(&mut state, runtime, outcome),
+            // The runtime went away: not the daemon's doing. The next call tries again.
+            RunEnd::Interrupted => {
+                self.reprobe_due.store(true, Ordering::Relaxed);
+                self.bump();
+            }
+            RunEnd::Panicked => {
+                let reason = FallbackReason::RuntimeUnusable {
+                    message: "the checks' task panicked".into(),
+                };
+                let handle = Handle::try_current().ok();
+                self.set_negative(&mut state, reason, handle.as_ref());
+            }
+        }
+        drop(state);
+        if let Some(waiters) = waiters {
+            waiters.wake_all();
+        }
+    }
+
+    /// Installs the outcome of a runtime's checks (its slot already taken out).
+    fn install(self: &Arc<Self>, state: &mut State, runtime: tokio::runtime::Id, outcome: Outcome) {
+        let (id, connection) = match outcome {
+            // A connection that ended before this moment found nothing to end, and its signal
+            // fires only once: it is checked here, under the lock `connection_ended` takes.
+            Ok((_, connection)) if connection.end.has_fired() => {
+                connection.task.abort();
+                let handle = Handle::try_current().ok();
+                return self.set_negative(state, FallbackReason::ConnectionLost, handle.as_ref());
+            }
+            Ok(checked) => checked,
+            Err(reason) => {
+                let handle = Handle::try_current().ok();
+                return self.set_negative(state, reason, handle.as_ref());
+            }
+        };
+        self.counters.channels_built.fetch_add(1, Ordering::Relaxed);
+        let route = DaemonRoute {
+            client: connection.client,
+            pid: connection.target.pid,
+            id,
+            runtime,
+        };
+        self.trace_decision("daemon", None);
+        let newly_served = !matches!(state.verdict, Verdict::Target(_));
+        if self.settings.auto_start.is_some() && newly_served {
+            state.spawned = None;
+            // Only for a daemon that may have been started on a miss, once per verdict (not
+            // per runtime); a file write, so not under this lock: on a task of its own.
+            let paths = self.daemon_paths.clone();
+            if let Ok(handle) = Handle::try_current() {
+                handle.spawn_blocking(move || record_served(&paths));
+            }
+        }
+        state.verdict = Verdict::Target(connection.target);
+        state.runtimes.push((
+            runtime,
+            Slot::Connected {
+                route,
+                task: connection.task,
+            },
+        ));
+        self.bump();
+    }
+
+    /// No usable daemon, for every runtime: connections close, and a re-probe is scheduled.
+    fn set_negative(
+        self: &Arc<Self>,
+        state: &mut State,
+        reason: FallbackReason,
+        runtime: Option<&Handle>,
+    ) {
+        self.counters.count_fallback(&reason);
+        let route = match self.settings.mode {
+            Mode::Require => "refused",
+            _ => "in-process",
+        };
+        self.trace_decision(route, Some(&reason));
+        state.close_all();
+        state.verdict = Verdict::Negative {
+            reason,
+            since: Instant::now(),
+        };
+        state.timers.clear();
+        self.reprobe_due.store(false, Ordering::Relaxed);
+        self.arm_timer(state, runtime);
+        self.bump();
+    }
+
+    /// Each decision in a span of its own, whose fields name the route and the reason's stable
+    /// code, for logs and for subscribers that count.
+    fn trace_decision(&self, route: &'static str, reason: Option<&FallbackReason>) {
+        let span = tracing::info_span!(
+            "local_daemon_decision",
+            dir = %self.dir.display(),
+            route,
+            reason = reason.map(FallbackReason::code),
+        );
+        span.in_scope(|| match reason {
+            Some(reason) => tracing::debug!(%reason, "calls run {route}"),
+            None => tracing::debug!("calls go to the daemon"),
+        });
+    }
+
+    // ---- A connection ends ----
+
+    /// The daemon connection `id` of `runtime` ended.
+    pub(crate) fn connection_ended(
+        self: &Arc<Self>,
+        id: ConnectionId,
+        runtime: tokio::runtime::Id,
+        cause: EndCause,
+    ) {
+        let mut state = self.lock();
+        let ours = matches!(
+            state.slot(runtime),
+            Some(Slot::Connected { route, .. }) if route.id == id
+        );
+        if !ours {
+            return;
+        }
+        match cause {
+            EndCause::Daemon | EndCause::Unresponsive => {
+                tracing::info!(
+                    dir = %self.dir.display(),
+                    ?cause,
+                    "local daemon connection ended; calls run in-process"
+                );
+                let handle = Handle::try_current().ok();
+                self.set_negative(&mut state, FallbackReason::ConnectionLost, handle.as_ref());
+            }
+            EndCause::RuntimeEnded => {
+                tracing::debug!(
+                    dir = %self.dir.display(),
+                    "the runtime of a local daemon connection ended; the next runtime connects again"
+                );
+                state.take_slot(runtime);
+                self.bump();
+            }
+        }
+    }
+
+    // ---- Re-probe timing ----
+
+    /// How long a negative decision stands: shorter while a daemon started here is coming.
+    fn reprobe_interval(&self, state: &State) -> Duration {
+        let coming = |(child, at): &(SpawnedChild, Instant)| {
+            child.exit.get().is_none()
+                && self
+                    .settings
+                    .auto_start
+                    .as_ref()
+                    .is_some_and(|auto| at.elapsed() < auto.start_timeout)
+        };
+        match state.spawned.as_ref().is_some_and(coming) {
+            true => self
+                .settings
+                .reprobe_interval
+                .min(Duration::from_millis(50)),
+            false => self.settings.reprobe_interval,
+        }
+    }
+
+    /// Sets the due flag once the interval has passed, by a timer on the calling runtime: each
+    /// runtime that routes by the negative verdict arms one, so an idle runtime cannot hold
+    /// back the others. The timer's guard also sets the flag if its runtime goes away first;
+    /// the slow path then compares the time itself. Without a runtime with timers the flag is
+    /// set at once, and the slow path does all the waiting.
+    fn arm_timer(self: &Arc<Self>, state: &mut State, runtime: Option<&Handle>) {
+        let Some(handle) = runtime else {
+            self.reprobe_due.store(true, Ordering::Relaxed);
+            return;
+        };
+        if state.timers.contains(&handle.id()) {
+            return;
+        }
+        state.timers.push(handle.id());
+        if !time_driver_available(handle) {
+            self.reprobe_due.store(true, Ordering::Relaxed);
+            return;
+        }
+        let guard = SetDueOnDrop(Arc::downgrade(self));
+        let interval = self.reprobe_interval(state);
+        handle.spawn(async move {
+            tokio::time::sleep(interval).await;
+            drop(guard);
+        });
+    }
+}
+
+/// Clears the probing flag if the inline probe panics, so the first calls waiting for it are
+/// not left waiting (they are woken when their waiters drop).
+struct Unprobing<'a>(&'a Entry);
+
+impl Drop for Unprobing<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            drop(self.0.lock().probing.take());
+        }
+    }
+}
+
+/// Sets an entry's due flag when dropped: when its timer fires, or its runtime goes away.
+struct SetDueOnDrop(Weak<Entry>);
+
+impl Drop for SetDueOnDrop {
+    fn drop(&mut self) {
+        if let Some(entry) = self.0.upgrade() {
+            entry.reprobe_due.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Whether the current runtime (`handle`'s) has a time driver: the checks' deadline needs one.
+/// Tokio has no way to ask, and creating a timer without it panics, so the answer is learnt
+/// once per runtime by catching that panic (tokio prints its message once). Under
+/// `panic = "abort"` that panic ends the process, as any timer of the runtime would.
+fn time_driver_available(handle: &Handle) -> bool {
+    static KNOWN: Mutex<Vec<(tokio::runtime::Id, bool)>> = Mutex::new(Vec::new());
+    let id = handle.id();
+    if let Some((_, known)) = lock(&KNOWN).iter().find(|(runtime, _)| *runtime == id) {
+        return *known;
+    }
+    let available = std::panic::catch_unwind(|| drop(tokio::time::sleep(Duration::ZERO))).is_ok();
+    let mut known = lock(&KNOWN);
+    if known.len() >= 64 {
+        known.clear();
+    }
+    known.push((id, available));
+    available
 }

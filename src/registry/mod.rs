@@ -1,5 +1,6 @@
 //! The process-wide routes: one [`Entry`] per directory and settings, shared by every service
-//! that wears a layer with those settings.
+//! that wears a layer with those settings. The entry's state machine is whole in `entry`; a
+//! run of its checks is in `detect`.
 //!
 //! An entry runs the checks once for all concurrent first calls of a runtime, caches the
 //! decision, positive or negative, and changes it only when something happens: a daemon
@@ -8,13 +9,9 @@
 //! builds a service per verb keeps its warm connection) and is then released: its connections
 //! close and it leaves the map.
 
-mod auto_start;
-mod decide;
-mod decision;
 mod detect;
 mod entry;
 mod ids;
-mod state;
 mod stats;
 
 use std::collections::HashMap;
@@ -22,8 +19,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-pub(crate) use self::decision::{DaemonRoute, Decision};
-pub(crate) use self::entry::Entry;
+pub(crate) use self::entry::{DaemonRoute, Decision, Entry};
 pub use self::stats::RouteStats;
 use crate::config::Settings;
 use crate::paths::DirIdentity;

@@ -206,7 +206,7 @@ impl tracing::Subscriber for PanicInTheChecks {
     fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
     fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
     fn event(&self, event: &tracing::Event<'_>) {
-        if event.metadata().target().ends_with("registry::detect") {
+        if event.metadata().target().ends_with("connect::handshake") {
             panic!("a check panicked");
         }
     }

@@ -13,8 +13,8 @@ use tower::{BoxError, Service};
 pub(crate) use self::route::Shared;
 use self::route::{Cached, poll_route};
 use crate::config::Mode;
-use crate::connect::{EndCause, NotSent};
 use crate::future::ResponseFuture;
+use crate::http2::{EndCause, NotSent};
 use crate::registry::{DaemonRoute, Decision, RouteStats};
 
 /// Routes each call to the local daemon or to the in-process service `S`.

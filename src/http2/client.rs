@@ -19,12 +19,11 @@ use http::header::USER_AGENT;
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Uri};
 use http_body::Body as _;
-use tokio::task::AbortHandle;
 use tonic::body::Body;
 use tonic::{Status, TimeoutExpired};
 use tower::BoxError;
 
-use super::end::{CallClaim, InFlight};
+use super::call::{CallEnd, InFlight};
 use super::response::{DaemonBody, daemon_status};
 use super::upload::Upload;
 
@@ -147,10 +146,7 @@ impl DaemonClient {
         Ok(DaemonFuture {
             response,
             deadline,
-            end: Some(CallEnd {
-                _claim: claim,
-                upload,
-            }),
+            end: Some(CallEnd::new(claim, upload)),
         })
     }
 }
@@ -250,22 +246,6 @@ impl Future for DaemonFuture {
                 .poll(cx)
                 .map(|()| Err(SendError::TimedOut)),
             None => Poll::Pending,
-        }
-    }
-}
-
-/// What the end of a call's response does, whenever it comes (the whole body read, the caller
-/// gone, the deadline passed): it releases the call's claim on the connection, and ends its
-/// upload should the request body still be streaming.
-pub(super) struct CallEnd {
-    _claim: CallClaim,
-    upload: Option<AbortHandle>,
-}
-
-impl Drop for CallEnd {
-    fn drop(&mut self) {
-        if let Some(upload) = &self.upload {
-            upload.abort();
         }
     }
 }

@@ -9,7 +9,7 @@ use h2::RecvStream;
 use http_body::Frame;
 use tonic::{Code, Status};
 
-use super::client::CallEnd;
+use super::call::CallEnd;
 use crate::reason::error_chain;
 
 /// An error on the daemon route, as the caller sees it: a stream the daemon reset gets the

@@ -1,18 +1,65 @@
-//! The end of a daemon connection, and who ended it: the daemon (or a broken or hung
+//! HTTP/2 opened over a daemon socket ([`open`]); the end of the connection, and who ended it: the daemon (or a broken or hung
 //! connection), or the runtime that drove it; and the registry's handle that closes it once the
 //! calls in flight on it have finished.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use bytes::Bytes;
 use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::AbortHandle;
 
-use crate::sync::lock;
+use super::call::InFlight;
+use super::client::DaemonClient;
+use super::io::ReadToTheEnd;
+use super::keepalive::Keepalive;
+
+/// The HTTP/2 settings hyper's client gives tonic's `Channel`: windows, send buffer, the
+/// response header list's bound, and the streams sent before the daemon's own limit is known.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+const SEND_BUFFER: usize = 1024 * 1024;
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+const INITIAL_MAX_SEND_STREAMS: usize = 100;
+const MAX_FRAME: u32 = 16 * 1024;
+
+/// HTTP/2 over `io`, with the settings above and a keepalive ping every `keepalive_interval`
+/// that must be answered within `keepalive_timeout`: the connection's task is spawned on the
+/// current runtime. Returns the client that sends calls over it, and the registry's handle on
+/// the task. `on_end` fires once when the connection ends.
+pub(crate) async fn open<T>(
+    io: T,
+    (keepalive_interval, keepalive_timeout): (Duration, Duration),
+    on_end: ConnectionEnd,
+) -> Result<(DaemonClient, ConnectionTask), h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, mut connection) = h2::client::Builder::new()
+        .enable_push(false)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_send_buffer_size(SEND_BUFFER)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
+        .max_frame_size(MAX_FRAME)
+        // h2 writes its preface without a flush: buffered, it joins the first frames (our
+        // SETTINGS and the first request) in one write, and the daemon wakes once for them.
+        .handshake::<_, Bytes>(tokio::io::BufWriter::new(ReadToTheEnd::new(io)))
+        .await?;
+    let keepalive = connection
+        .ping_pong()
+        .map(|ping_pong| Keepalive::new(ping_pong, keepalive_interval, keepalive_timeout));
+    let in_flight = Arc::new(InFlight::default());
+    let watched = Watched::new(connection, keepalive, in_flight.clone(), on_end);
+    let task = ConnectionTask::new(tokio::spawn(watched).abort_handle(), in_flight.clone());
+    Ok((DaemonClient::new(sender, in_flight), task))
+}
 
 /// How a daemon connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,61 +119,6 @@ impl ConnectionEnd {
     }
 }
 
-/// The calls in flight on one connection, and whether the registry asked it to close.
-#[derive(Debug, Default)]
-pub(crate) struct InFlight {
-    calls: AtomicUsize,
-    closing: AtomicBool,
-    /// The connection's task, while it waits for the last call of a close.
-    waker: Mutex<Option<Waker>>,
-}
-
-impl InFlight {
-    /// A call's claim on the connection, held until its response is done with; `None` once
-    /// the connection is closing, when the call must not be sent. Taken before the request is
-    /// queued: either the call sees the close, or the connection sees the call and waits for it
-    /// (`SeqCst` on both sides, here and in [`poll_drained`](Self::poll_drained)).
-    pub(crate) fn enter(self: &Arc<Self>) -> Option<CallClaim> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        let claim = CallClaim(self.clone());
-        (!self.closing.load(Ordering::SeqCst)).then_some(claim)
-    }
-
-    /// Wakes the connection's task, whose waker stays for the next time.
-    fn wake(&self) {
-        if let Some(waker) = lock(&self.waker).as_ref() {
-            waker.wake_by_ref();
-        }
-    }
-
-    /// `Ready` once a close was asked for and no call is left. The task's waker is kept before
-    /// the flags are read, so that a close or the last call's end always finds it; `kept` is the
-    /// task's own note of the waker it left, so that the lock is taken only when it changes.
-    fn poll_drained(&self, cx: &mut Context<'_>, kept: &mut Option<Waker>) -> Poll<()> {
-        if !kept.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            *lock(&self.waker) = Some(cx.waker().clone());
-            *kept = Some(cx.waker().clone());
-        }
-        if self.closing.load(Ordering::SeqCst) && self.calls.load(Ordering::SeqCst) == 0 {
-            return Poll::Ready(());
-        }
-        Poll::Pending
-    }
-}
-
-/// A call's claim on its connection: a connection asked to close waits for it.
-#[derive(Debug)]
-pub(crate) struct CallClaim(Arc<InFlight>);
-
-impl Drop for CallClaim {
-    fn drop(&mut self) {
-        if self.0.calls.fetch_sub(1, Ordering::SeqCst) == 1 && self.0.closing.load(Ordering::SeqCst)
-        {
-            self.0.wake();
-        }
-    }
-}
-
 /// The registry's handle on a connection's task.
 #[derive(Debug)]
 pub(crate) struct ConnectionTask {
@@ -135,7 +127,7 @@ pub(crate) struct ConnectionTask {
 }
 
 impl ConnectionTask {
-    pub(crate) fn new(abort: AbortHandle, in_flight: Arc<InFlight>) -> Self {
+    fn new(abort: AbortHandle, in_flight: Arc<InFlight>) -> Self {
         Self { abort, in_flight }
     }
 
@@ -161,7 +153,7 @@ pin_project! {
     /// ([`EndCause::Unresponsive`]; the connection is then dropped, which closes the socket), or
     /// when it is dropped unfinished ([`EndCause::RuntimeEnded`]). Asked to close, it ends
     /// quietly when its last call in flight is done.
-    pub(crate) struct Watched<F> {
+    struct Watched<F> {
         #[pin]
         connection: F,
         keepalive: Option<Keepalive>,
@@ -179,7 +171,7 @@ pin_project! {
 }
 
 impl<F> Watched<F> {
-    pub(crate) fn new(
+    fn new(
         connection: F,
         keepalive: Option<Keepalive>,
         in_flight: Arc<InFlight>,
@@ -222,56 +214,5 @@ impl<F: Future<Output = Result<(), h2::Error>>> Future for Watched<F> {
         };
         this.end.fire(cause);
         Poll::Ready(())
-    }
-}
-
-/// HTTP/2 keepalive: a ping every `interval`, also while idle; a ping unanswered for `timeout`
-/// means the daemon is gone (or stopped, or its runtime hung).
-pub(crate) struct Keepalive {
-    ping_pong: h2::PingPong,
-    interval: Duration,
-    timeout: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
-    awaiting_pong: bool,
-}
-
-impl Keepalive {
-    pub(crate) fn new(ping_pong: h2::PingPong, interval: Duration, timeout: Duration) -> Self {
-        Self {
-            ping_pong,
-            interval,
-            timeout,
-            timer: Box::pin(tokio::time::sleep(interval)),
-            awaiting_pong: false,
-        }
-    }
-
-    /// `Ready` when a ping went unanswered for the timeout. A ping the connection can no longer
-    /// send leaves the verdict to the connection's own end.
-    fn poll_unanswered(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        loop {
-            if self.awaiting_pong {
-                match self.ping_pong.poll_pong(cx) {
-                    Poll::Ready(Ok(_)) => {
-                        self.awaiting_pong = false;
-                        self.rearm(self.interval);
-                        continue;
-                    }
-                    Poll::Ready(Err(_)) => return Poll::Pending,
-                    Poll::Pending => {}
-                }
-                return self.timer.as_mut().poll(cx);
-            }
-            std::task::ready!(self.timer.as_mut().poll(cx));
-            if self.ping_pong.send_ping(h2::Ping::opaque()).is_err() {
-                return Poll::Pending;
-            }
-            self.awaiting_pong = true;
-            self.rearm(self.timeout);
-        }
-    }
-
-    fn rearm(&mut self, after: Duration) {
-        self.timer.set(tokio::time::sleep(after));
     }
 }

@@ -1,0 +1,65 @@
+//! What auto-start has done for a directory, for a tool's `status` verb: the spawn record and
+//! the daemons' log.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use super::record::SpawnRecord;
+use crate::paths::DaemonPaths;
+use crate::protocol::DAEMON_LOG_FILE;
+
+/// What the last start on a miss left behind, for a tool's `status` verb.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AutoStartStatus {
+    /// When a daemon was last started on a miss, if ever.
+    pub last_spawn: Option<SystemTime>,
+    /// How many starts in a row have not been seen serving: the backoff grows with them.
+    pub failures: u32,
+    /// How many daemons were ever started on a miss for this directory.
+    pub spawns: u64,
+    /// The earliest moment of the next start, while backing off.
+    pub backoff_until: Option<SystemTime>,
+    /// The daemons' log: their standard output and error.
+    pub log: PathBuf,
+    /// The log's last lines (at most ten).
+    pub log_tail: Vec<String>,
+}
+
+/// What auto-start has done for `heddle_dir`; it reads files and changes nothing.
+///
+/// ```
+/// let status = tower_local_daemon::auto_start_status("/no/such/repo/.heddle");
+/// assert_eq!(status.spawns, 0);
+/// assert!(status.log.ends_with("sockets/daemon.log"));
+/// ```
+pub fn auto_start_status(heddle_dir: impl AsRef<Path>) -> AutoStartStatus {
+    let paths = DaemonPaths::new(heddle_dir);
+    let record = SpawnRecord::read(&paths.sockets_dir).unwrap_or_default();
+    let log = paths.sockets_dir.join(DAEMON_LOG_FILE);
+    AutoStartStatus {
+        last_spawn: record.last_spawn(),
+        failures: record.failures,
+        spawns: record.spawns,
+        backoff_until: record.backoff_until(),
+        log_tail: log_tail(&log, 10),
+        log,
+    }
+}
+
+/// The last `lines` lines of a log, read from its end.
+pub(super) fn log_tail(log: &Path, lines: usize) -> Vec<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok((mut file, metadata)) = crate::pidfile::open_regular(log) else {
+        return Vec::new();
+    };
+    let _ = file.seek(SeekFrom::Start(metadata.len().saturating_sub(8 * 1024)));
+    let mut bytes = Vec::new();
+    let _ = file.read_to_end(&mut bytes);
+    let text = String::from_utf8_lossy(&bytes);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..]
+        .iter()
+        .map(|l| (*l).to_owned())
+        .collect()
+}
