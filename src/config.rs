@@ -98,14 +98,14 @@ pub const DEFAULT_MODE_ENV: &str = "HEDDLE_LOCAL_DAEMON";
 
 /// Where an environment override (the mode's, auto-start's switch) comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum ModeOverride {
+pub(crate) enum EnvOverride {
     /// Read this environment variable when the layer builds a service.
     Var(String),
     /// A value given as if it were the variable's (tests inject it this way).
     Value(Option<String>),
 }
 
-impl ModeOverride {
+impl EnvOverride {
     /// The variable's value, or the injected one.
     pub(crate) fn value(&self) -> Option<String> {
         match self {
@@ -286,7 +286,7 @@ fn current_exe_path() -> PathBuf {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct AutoStartSwitch {
     /// The variable that turns auto-start off (`0`, `off`, `false`, `no`), or its injected value.
-    pub(crate) env: ModeOverride,
+    pub(crate) env: EnvOverride,
     /// Whether to start a daemon also under `CI`.
     pub(crate) forced: bool,
 }
@@ -297,7 +297,7 @@ impl AutoStartSwitch {
 
     pub(crate) fn new() -> Self {
         Self {
-            env: ModeOverride::Var(Self::DEFAULT_ENV.to_owned()),
+            env: EnvOverride::Var(Self::DEFAULT_ENV.to_owned()),
             forced: false,
         }
     }

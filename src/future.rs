@@ -123,7 +123,7 @@ impl<S: Service<Request>> ResponseFuture<S> {
         Self::failed(unsent.status())
     }
 
-    pub(crate) fn refused(reason: &FallbackReason) -> Self {
+    pub(crate) fn unavailable(reason: &FallbackReason) -> Self {
         Self::failed(Status::unavailable(format!(
             "local daemon required (mode require) but not usable: {reason}; {}",
             reason.remedy()

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tower::Layer;
 
 use crate::config::{AutoStart, AutoStartSwitch};
-use crate::config::{DEFAULT_MODE_ENV, IdentityPolicy, Mode, ModeOverride, Settings};
+use crate::config::{DEFAULT_MODE_ENV, EnvOverride, IdentityPolicy, Mode, Settings};
 use crate::diagnose::{self, Report};
 use crate::lifecycle::{StopOutcome, stop_with};
 use crate::service::{LocalDaemon, Shared};
@@ -42,7 +42,7 @@ use crate::service::{LocalDaemon, Shared};
 pub struct LocalDaemonLayer {
     dir: PathBuf,
     settings: Settings,
-    mode_override: ModeOverride,
+    mode_override: EnvOverride,
     mark_route: bool,
     auto_start: Option<AutoStart>,
     auto_start_switch: AutoStartSwitch,
@@ -59,7 +59,7 @@ impl LocalDaemonLayer {
         Self {
             dir: heddle_dir.as_ref().to_owned(),
             settings: Settings::default(),
-            mode_override: ModeOverride::Var(DEFAULT_MODE_ENV.to_owned()),
+            mode_override: EnvOverride::Var(DEFAULT_MODE_ENV.to_owned()),
             mark_route: false,
             auto_start: None,
             auto_start_switch: AutoStartSwitch::new(),
@@ -150,14 +150,14 @@ impl LocalDaemonLayer {
     /// [`DEFAULT_MODE_ENV`](crate::DEFAULT_MODE_ENV). The environment beats
     /// [`mode`](Self::mode); an invalid value is logged and ignored.
     pub fn mode_env_var(mut self, name: impl Into<String>) -> Self {
-        self.mode_override = ModeOverride::Var(name.into());
+        self.mode_override = EnvOverride::Var(name.into());
         self
     }
 
     /// Takes this value as the environment override's, without reading the environment: for
     /// tests, which should not mutate a process environment that other threads read.
     pub fn mode_env_value(mut self, value: Option<&str>) -> Self {
-        self.mode_override = ModeOverride::Value(value.map(str::to_owned));
+        self.mode_override = EnvOverride::Value(value.map(str::to_owned));
         self
     }
 
@@ -193,13 +193,13 @@ impl LocalDaemonLayer {
 
     /// Reads the variable that turns auto-start off from `name` instead.
     pub fn auto_start_env_var(mut self, name: impl Into<String>) -> Self {
-        self.auto_start_switch.env = ModeOverride::Var(name.into());
+        self.auto_start_switch.env = EnvOverride::Var(name.into());
         self
     }
 
     /// Takes this value as the auto-start variable's, without reading the environment (tests).
     pub fn auto_start_env_value(mut self, value: Option<&str>) -> Self {
-        self.auto_start_switch.env = ModeOverride::Value(value.map(str::to_owned));
+        self.auto_start_switch.env = EnvOverride::Value(value.map(str::to_owned));
         self
     }
 

@@ -1,4 +1,5 @@
-//! The lifetime lock file's record: the one place that knows its format.
+//! The lifetime lock file: the one place that knows its record's format, and how a client sees
+//! whether someone holds it ([`lock_held`], from `/proc/locks`, never by taking it).
 //!
 //! A daemon built with this crate `flock`s `<dir>/sockets/grpc.lock` for its lifetime and writes
 //! into it who holds it:
@@ -99,5 +100,47 @@ mod tests {
             assert_eq!(LockRecord::parse(bytes), None, "{bytes:?}");
         }
         assert_eq!(LockRecord::holder_pid(b"42\n"), Some(42));
+    }
+}
+
+/// Whether someone holds a `flock` on the lock file. Nothing here touches the lock: a
+/// try-lock would race a starting daemon's own.
+#[cfg(feature = "client")]
+pub(crate) fn lock_held(lock: &Path) -> bool {
+    LockedFile::of(lock).is_some_and(|lock| lock.held())
+}
+
+/// A lock file, by device and inode.
+#[cfg(feature = "client")]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LockedFile {
+    major: u64,
+    minor: u64,
+    ino: u64,
+}
+
+#[cfg(feature = "client")]
+impl LockedFile {
+    pub(crate) fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let metadata = std::fs::symlink_metadata(path).ok()?;
+        Some(Self {
+            major: nix::sys::stat::major(metadata.dev()),
+            minor: nix::sys::stat::minor(metadata.dev()),
+            ino: metadata.ino(),
+        })
+    }
+
+    /// `/proc/locks` names each lock's `major:minor:inode` (the device in hex). Unreadable, the
+    /// lock counts as held: nothing is started, and `stop` waits.
+    pub(crate) fn held(&self) -> bool {
+        let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
+            return true;
+        };
+        let file = format!("{:02x}:{:02x}:{}", self.major, self.minor, self.ino);
+        locks.lines().any(|line| {
+            let mut fields = line.split_whitespace();
+            fields.nth(1) == Some("FLOCK") && fields.nth(3) == Some(file.as_str())
+        })
     }
 }

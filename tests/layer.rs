@@ -39,7 +39,7 @@ async fn running_daemon_serves_calls_and_in_process_does_not() {
     }
     let stats = svc.stats().unwrap();
     assert_eq!((stats.daemon_calls, stats.in_process_calls), (3, 0));
-    assert_eq!((stats.probes, stats.channels_built), (1, 1));
+    assert_eq!((stats.probes, stats.connections_built), (1, 1));
 }
 
 #[tokio::test]
@@ -92,7 +92,7 @@ async fn hundred_concurrent_first_calls_share_one_probe_and_one_channel() {
         assert_eq!(response.get_ref().pid, daemon.pid());
     }
     let stats = svc.stats().unwrap();
-    assert_eq!((stats.probes, stats.channels_built), (1, 1));
+    assert_eq!((stats.probes, stats.connections_built), (1, 1));
     assert_eq!(stats.daemon_calls, 100);
 }
 
@@ -175,7 +175,7 @@ async fn restarted_daemon_is_picked_up_after_the_reprobe_interval() {
         async move { echo(&mut client, id).await.unwrap().get_ref().pid == second_pid }
     })
     .await;
-    assert_eq!(svc.stats().unwrap().channels_built, 2);
+    assert_eq!(svc.stats().unwrap().connections_built, 2);
 }
 
 #[tokio::test]

@@ -245,7 +245,11 @@ fn a_service_rebuilt_per_verb_on_one_runtime_keeps_its_warm_connection() {
             Some(Route::Daemon { .. })
         ));
         let stats = svc.stats().unwrap();
-        assert_eq!((stats.probes, stats.channels_built), (1, 1), "verb {verb}");
+        assert_eq!(
+            (stats.probes, stats.connections_built),
+            (1, 1),
+            "verb {verb}"
+        );
     }
 }
 

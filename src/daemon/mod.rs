@@ -73,7 +73,7 @@ mod files;
 mod listener;
 mod lock;
 mod serve;
-mod stop;
+mod shutdown;
 mod tracked;
 
 use std::convert::Infallible;

@@ -18,7 +18,7 @@ use super::error::DaemonError;
 use super::files::SocketsDir;
 use super::listener::PeerCheckedIncoming;
 use super::lock::LifetimeLock;
-use super::stop::{SignalListeners, drain, stop_reason};
+use super::shutdown::{SignalListeners, drain, stop_reason};
 use super::tracked::Tracked;
 use crate::paths::{DaemonPaths, FileIdentity};
 use crate::pidfile::Pidfile;

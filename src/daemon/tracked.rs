@@ -41,7 +41,7 @@ where
         self.counters.calls.fetch_add(1, Ordering::Relaxed);
         TrackedFuture {
             inner: self.inner.call(request),
-            call: Some(InFlight::new(self.counters.clone())),
+            call: Some(CountedCall::new(self.counters.clone())),
             version: self.version.clone(),
             directory: Some(self.directory.clone()),
         }
@@ -50,16 +50,16 @@ where
 
 /// Counts a call as in flight until its response body is done or dropped.
 #[derive(Debug)]
-struct InFlight(Arc<DaemonCounters>);
+struct CountedCall(Arc<DaemonCounters>);
 
-impl InFlight {
+impl CountedCall {
     fn new(counters: Arc<DaemonCounters>) -> Self {
         counters.in_flight.fetch_add(1, Ordering::Relaxed);
         Self(counters)
     }
 }
 
-impl Drop for InFlight {
+impl Drop for CountedCall {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
@@ -69,7 +69,7 @@ pin_project! {
     pub(super) struct TrackedFuture<F> {
         #[pin]
         inner: F,
-        call: Option<InFlight>,
+        call: Option<CountedCall>,
         version: Option<HeaderValue>,
         directory: Option<HeaderValue>,
     }
@@ -104,7 +104,7 @@ pin_project! {
     pub(super) struct TrackedBody<B> {
         #[pin]
         inner: B,
-        _call: Option<InFlight>,
+        _call: Option<CountedCall>,
     }
 }
 

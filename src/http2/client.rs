@@ -49,8 +49,8 @@ pub(crate) struct Unsent {
 pub(crate) enum NotSent {
     /// The connection is closed, or going away: the route is over.
     Closed,
-    /// h2 refused this request (its shape), and says why; the connection goes on.
-    Refused(h2::Error),
+    /// h2 found this request invalid (its shape), and says why; the connection goes on.
+    Invalid(h2::Error),
 }
 
 /// Why a sent request got no response from the daemon.
@@ -69,7 +69,7 @@ impl Unsent {
             NotSent::Closed => Status::unavailable(
                 "the local daemon connection closed before the request was sent; it did not run",
             ),
-            NotSent::Refused(error) => Status::internal(format!(
+            NotSent::Invalid(error) => Status::internal(format!(
                 "the request could not be sent to the local daemon ({error}); it did not run"
             )),
         }
@@ -130,7 +130,7 @@ impl DaemonClient {
                 tracing::debug!(%error, closed, "the local daemon connection took no request");
                 let why = match closed {
                     true => NotSent::Closed,
-                    false => NotSent::Refused(error),
+                    false => NotSent::Invalid(error),
                 };
                 return Err(Unsent {
                     request: Box::new(request),

@@ -9,5 +9,5 @@ mod stop;
 
 pub(crate) use self::spawn::{SpawnOutcome, SpawnedChild, maybe_spawn, record_served};
 pub use self::status::{AutoStartStatus, auto_start_status};
+pub(crate) use self::stop::stop_with;
 pub use self::stop::{StopOutcome, stop};
-pub(crate) use self::stop::{lock_held, stop_with};

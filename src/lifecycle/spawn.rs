@@ -19,8 +19,8 @@ use nix::fcntl::{Flock, FlockArg, OFlag};
 
 use super::record::SpawnRecord;
 use super::status::log_tail;
-use super::stop::lock_held;
 use crate::config::AutoStart;
+use crate::lockfile::lock_held;
 use crate::paths::DaemonPaths;
 use crate::peer::own_uid;
 use crate::probe::check_sockets_dir;
@@ -38,7 +38,7 @@ pub(crate) enum SpawnOutcome {
     /// process is deciding, or the backoff holds. The reason is for logs.
     NotNow(&'static str),
     /// Starting is not allowed here (the directory is not ours, or not private).
-    Refused(&'static str),
+    CannotStart(&'static str),
     /// The command could not be started.
     Failed(String),
 }
@@ -70,28 +70,30 @@ impl SpawnedChild {
 /// would lock the user out of their own daemon.
 pub(crate) fn maybe_spawn(paths: &DaemonPaths, auto: &AutoStart) -> SpawnOutcome {
     let Some(dir) = paths.sockets_dir.parent() else {
-        return SpawnOutcome::Refused("the sockets directory has no parent");
+        return SpawnOutcome::CannotStart("the sockets directory has no parent");
     };
     match std::fs::metadata(dir) {
         Ok(m) if m.uid() == own_uid() => {}
-        Ok(_) => return SpawnOutcome::Refused("the directory belongs to another user"),
-        Err(_) => return SpawnOutcome::Refused("the directory does not exist"),
+        Ok(_) => return SpawnOutcome::CannotStart("the directory belongs to another user"),
+        Err(_) => return SpawnOutcome::CannotStart("the directory does not exist"),
     }
     match nix::unistd::mkdir(
         &paths.sockets_dir,
         nix::sys::stat::Mode::from_bits_truncate(0o700),
     ) {
         Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
-        Err(_) => return SpawnOutcome::Refused("the sockets directory cannot be made"),
+        Err(_) => return SpawnOutcome::CannotStart("the sockets directory cannot be made"),
     }
     if check_sockets_dir(&paths.sockets_dir).is_err() {
-        return SpawnOutcome::Refused("the sockets directory is not a private directory of ours");
+        return SpawnOutcome::CannotStart(
+            "the sockets directory is not a private directory of ours",
+        );
     }
     if lock_held(&paths.lock) {
         return SpawnOutcome::NotNow("a daemon holds the lifetime lock");
     }
     let Ok(lock) = open_private(&paths.sockets_dir.join(SPAWN_LOCK_FILE), false) else {
-        return SpawnOutcome::Refused("the spawn lock cannot be opened");
+        return SpawnOutcome::CannotStart("the spawn lock cannot be opened");
     };
     let Ok(_lock) = Flock::lock(lock, FlockArg::LockExclusiveNonblock) else {
         return SpawnOutcome::NotNow("another process is starting the daemon");

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use crate::config::Settings;
 use crate::connect::establish;
 use crate::http2::ConnectionEnd;
+use crate::lockfile::LockedFile;
 use crate::paths::DaemonPaths;
 use crate::probe::{UdsTarget, check_sockets_dir, read_pidfile};
 use crate::process::exited;
@@ -120,43 +121,4 @@ async fn verify(
     let connection = establish(target, dir, &settings, ConnectionEnd::ignored()).await?;
     connection.task.abort();
     Ok(Some(pid))
-}
-
-/// Whether someone holds a `flock` on the lock file. Nothing here touches the lock: a
-/// try-lock would race a starting daemon's own.
-pub(crate) fn lock_held(lock: &Path) -> bool {
-    LockedFile::of(lock).is_some_and(|lock| lock.held())
-}
-
-/// A lock file, by device and inode.
-#[derive(Debug, Clone, Copy)]
-struct LockedFile {
-    major: u64,
-    minor: u64,
-    ino: u64,
-}
-
-impl LockedFile {
-    fn of(path: &Path) -> Option<Self> {
-        use std::os::unix::fs::MetadataExt;
-        let metadata = std::fs::symlink_metadata(path).ok()?;
-        Some(Self {
-            major: nix::sys::stat::major(metadata.dev()),
-            minor: nix::sys::stat::minor(metadata.dev()),
-            ino: metadata.ino(),
-        })
-    }
-
-    /// `/proc/locks` names each lock's `major:minor:inode` (the device in hex). Unreadable, the
-    /// lock counts as held: nothing is started, and `stop` waits.
-    fn held(&self) -> bool {
-        let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
-            return true;
-        };
-        let file = format!("{:02x}:{:02x}:{}", self.major, self.minor, self.ino);
-        locks.lines().any(|line| {
-            let mut fields = line.split_whitespace();
-            fields.nth(1) == Some("FLOCK") && fields.nth(3) == Some(file.as_str())
-        })
-    }
 }

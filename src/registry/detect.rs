@@ -16,7 +16,8 @@ use super::ids::{ConnectionId, Run};
 use crate::config::{AutoStart, Mode};
 use crate::connect::{establish, within};
 use crate::http2::ConnectionEnd;
-use crate::lifecycle::{SpawnOutcome, StopOutcome, lock_held, maybe_spawn, stop_with};
+use crate::lifecycle::{SpawnOutcome, StopOutcome, maybe_spawn, stop_with};
+use crate::lockfile::lock_held;
 use crate::paths::DaemonPaths;
 use crate::pidfile::Pidfile;
 use crate::probe::{UdsTarget, probe_paths};
@@ -99,7 +100,7 @@ impl Entry {
             SpawnOutcome::Failed(message) => {
                 return Err(FallbackReason::AutoStartFailed { message });
             }
-            SpawnOutcome::NotNow(why) | SpawnOutcome::Refused(why) => {
+            SpawnOutcome::NotNow(why) | SpawnOutcome::CannotStart(why) => {
                 tracing::debug!(dir = %self.dir.display(), why, "no daemon started");
             }
         }

@@ -73,7 +73,7 @@ pub(crate) enum Decision {
     /// Calls go to the in-process service (the entry's stats say why).
     InProcess,
     /// Mode `require` without a usable daemon: calls fail with `UNAVAILABLE` naming the reason.
-    Refused(FallbackReason),
+    Unavailable(FallbackReason),
 }
 
 /// A checked daemon connection, as the services of one runtime use it.
@@ -288,7 +288,7 @@ impl Entry {
     /// that says what the mode means for a route.
     fn negative(&self, reason: FallbackReason) -> Decision {
         match self.settings.mode {
-            Mode::Require => Decision::Refused(reason),
+            Mode::Require => Decision::Unavailable(reason),
             Mode::Auto | Mode::Off => Decision::InProcess,
         }
     }
@@ -582,7 +582,9 @@ impl Entry {
                 return self.set_negative(state, reason, handle.as_ref());
             }
         };
-        self.counters.channels_built.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .connections_built
+            .fetch_add(1, Ordering::Relaxed);
         let route = DaemonRoute {
             client: connection.client,
             pid: connection.target.pid,

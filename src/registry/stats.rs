@@ -17,6 +17,10 @@ pub struct RouteStats {
     /// further runtime).
     pub probes: u64,
     /// How many connections passed every check.
+    pub connections_built: u64,
+    /// The same count as [`connections_built`](Self::connections_built), by its old name: it
+    /// counts connections, not channels.
+    #[deprecated(since = "0.1.1", note = "use `connections_built`")]
     pub channels_built: u64,
     /// Calls sent to the daemon.
     pub daemon_calls: u64,
@@ -83,7 +87,7 @@ fn shard() -> usize {
 #[derive(Debug, Default)]
 pub(super) struct Counters {
     pub(super) probes: AtomicU64,
-    pub(super) channels_built: AtomicU64,
+    pub(super) connections_built: AtomicU64,
     pub(super) daemon_calls: ShardedCounter,
     pub(super) in_process_calls: ShardedCounter,
     fallbacks: Mutex<Vec<(FallbackReason, u64)>>,
@@ -100,16 +104,19 @@ impl Counters {
 
     pub(super) fn clear(&self) {
         self.probes.store(0, Ordering::Relaxed);
-        self.channels_built.store(0, Ordering::Relaxed);
+        self.connections_built.store(0, Ordering::Relaxed);
         self.daemon_calls.clear();
         self.in_process_calls.clear();
         lock(&self.fallbacks).clear();
     }
 
     pub(super) fn snapshot(&self, route: Option<Result<UdsTarget, FallbackReason>>) -> RouteStats {
+        let connections_built = self.connections_built.load(Ordering::Relaxed);
+        #[allow(deprecated)] // the old name is kept in step with the new
         RouteStats {
             probes: self.probes.load(Ordering::Relaxed),
-            channels_built: self.channels_built.load(Ordering::Relaxed),
+            connections_built,
+            channels_built: connections_built,
             daemon_calls: self.daemon_calls.sum(),
             in_process_calls: self.in_process_calls.sum(),
             fallbacks: lock(&self.fallbacks).clone(),

@@ -184,7 +184,7 @@ async fn require_mode_refuses_and_auto_runs_in_process_for_the_same_reason() {
             }
         };
         match decision {
-            Decision::Refused(FallbackReason::NoPidfile) => assert!(refused),
+            Decision::Unavailable(FallbackReason::NoPidfile) => assert!(refused),
             Decision::InProcess => assert!(!refused),
             other => panic!("{other:?}"),
         }

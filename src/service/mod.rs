@@ -161,7 +161,7 @@ where
                     poll => poll.map(|_| Ok(())),
                 },
                 Decision::InProcess => self.inner.poll_ready(cx).map_err(Into::into),
-                Decision::Refused(_) => Poll::Ready(Ok(())),
+                Decision::Unavailable(_) => Poll::Ready(Ok(())),
             };
             cached.ready = matches!(readiness, Poll::Ready(Ok(())));
             return readiness;
@@ -191,7 +191,7 @@ where
                 }
             }
             Decision::Daemon(daemon) => call_daemon(daemon, &self.shared, &self.inner, request),
-            Decision::Refused(reason) => ResponseFuture::refused(reason),
+            Decision::Unavailable(reason) => ResponseFuture::unavailable(reason),
         }
     }
 }

@@ -118,7 +118,7 @@ impl Cached {
                 (current.is_some() && current == self.task)
                     || same_runtime(&mut self.task, current, daemon.runtime)
             }
-            Decision::InProcess | Decision::Refused(_) => {
+            Decision::InProcess | Decision::Unavailable(_) => {
                 self.unchecked += 1;
                 !entry.reprobe_due() && self.unchecked < CLOCK_CHECK_EVERY
             }
