@@ -6,6 +6,7 @@ use std::ffi::OsString;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::paths::DaemonPaths;
@@ -321,6 +322,27 @@ fn enabled(switch: Option<&str>, ci: Option<&str>, forced: bool) -> bool {
     }
     let under_ci = ci.is_some_and(|v| !matches!(v.trim(), "" | "0" | "false"));
     forced || !under_ci
+}
+
+/// Which gRPC methods (by path, such as `/grpc.health.v1.Health/Check`) are safe to run twice,
+/// in any order, even at once: a layer option of the service, not of the registry entry.
+#[derive(Clone)]
+pub(crate) struct Idempotent(Arc<dyn Fn(&str) -> bool + Send + Sync>);
+
+impl Idempotent {
+    pub(crate) fn new(accepts: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        Self(Arc::new(accepts))
+    }
+
+    pub(crate) fn accepts(&self, path: &str) -> bool {
+        (self.0)(path)
+    }
+}
+
+impl fmt::Debug for Idempotent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Idempotent(..)")
+    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -13,8 +14,9 @@ use tonic::body::Body;
 use tower::util::Oneshot;
 use tower::{BoxError, Service};
 
-use crate::http2::{DaemonFuture, Unsent};
+use crate::http2::{DaemonFuture, Fate, KeptRequest, SendError, Unsent, timeout_status};
 use crate::reason::FallbackReason;
+use crate::service::Shared;
 
 /// Which route served a response: found in the response's extensions when the layer was
 /// built with [`mark_route`](crate::LocalDaemonLayer::mark_route).
@@ -40,6 +42,13 @@ pub enum Route {
     },
     /// The in-process service served the call.
     InProcess,
+    /// The connection to the daemon with this pid broke before the daemon answered, and the
+    /// call, whose method is [idempotent](crate::LocalDaemonLayer::idempotent), ran again
+    /// in-process. It may also have run on the daemon.
+    Rerun {
+        /// The daemon's pid.
+        pid: u32,
+    },
 }
 
 type Request = http::Request<Body>;
@@ -54,8 +63,11 @@ pin_project! {
     /// | the daemon answered with a status | that status, unchanged |
     /// | the caller's own deadline (`grpc-timeout`) expired | `CANCELLED` "Timeout expired", as over a bare `Channel` |
     /// | the daemon reset the stream (HTTP/2 `RST_STREAM`) | the code gRPC maps its reason to: `REFUSED_STREAM` is `UNAVAILABLE`, `CANCEL` is `CANCELLED`, `ENHANCE_YOUR_CALM` is `RESOURCE_EXHAUSTED`, `INADEQUATE_SECURITY` is `PERMISSION_DENIED`, the others `INTERNAL` |
-    /// | the connection ended or broke mid-call (EOF, reset, the daemon killed) | `UNAVAILABLE`: the call may have run on the daemon |
-    /// | the connection closed before the request was handed to it | the call runs in-process (in mode `require`: `UNAVAILABLE`, "it did not run") |
+    /// | the connection ended or broke mid-call (EOF, reset, the daemon killed, keepalive given up) | `UNAVAILABLE`: the call may have run on the daemon; a call of an [idempotent](crate::LocalDaemonLayer::idempotent) method whose request body was whole runs again in-process, if the break came before the response head |
+    /// | the daemon never processed the call: the connection closed before the request was handed to it, the stream was above the last stream id of the daemon's GOAWAY, or reset with `REFUSED_STREAM` | the call runs in-process, whatever its method (in mode `require`, or with a request body still streaming when sent: `UNAVAILABLE`, "it did not run") |
+    ///
+    /// A call that runs again in-process after it was sent is bounded by what remains of its
+    /// own deadline (`grpc-timeout`): past it, it fails with `CANCELLED` "Timeout expired".
     ///
     /// A call whose request body is still streaming when its response (or the response's body)
     /// is dropped is over: its stream is reset with `CANCEL`, and the rest of the body is not
@@ -74,6 +86,8 @@ pin_project! {
             future: DaemonFuture,
             pid: u32,
             mark: bool,
+            // With a kept request: what runs it in-process should the daemon not answer it.
+            again: Option<Box<Again<S>>>,
         },
         // Unmarked, the common case, with no field beside the future: the future then keeps
         // the size of the one it wraps (its niche holds the tag), and moving it costs no more.
@@ -81,16 +95,38 @@ pin_project! {
         // Marked (`mark_route`, a diagnostic): boxed, so that the mark costs an allocation
         // rather than every unmarked call a larger future.
         InProcessMarked { future: Pin<Box<S::Future>> },
-        // Rare, and large (a whole request): boxed, so that the common routes stay small.
-        Rerouted { oneshot: Pin<Box<Oneshot<S, Request>>>, mark: bool },
+        // Rare, and large (a whole request): boxed, so that the common routes stay small. The
+        // mark is the route to note, if any; a request that was sent keeps its deadline.
+        Rerouted {
+            oneshot: Pin<Box<Oneshot<S, Request>>>,
+            mark: Option<Route>,
+            deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+        },
         Failed { status: Option<Box<Status>> },
     }
 }
 
+/// What runs a kept request in-process: a clone of the in-process service, and the options
+/// that say when (the mode, the idempotent methods) and where to count it.
+pub(crate) struct Again<S> {
+    pub(crate) service: S,
+    pub(crate) shared: Arc<Shared>,
+}
+
 impl<S: Service<Request>> ResponseFuture<S> {
-    pub(crate) fn daemon(future: DaemonFuture, pid: u32, mark: bool) -> Self {
+    pub(crate) fn daemon(
+        future: DaemonFuture,
+        pid: u32,
+        mark: bool,
+        again: Option<Box<Again<S>>>,
+    ) -> Self {
         Self {
-            kind: Kind::Daemon { future, pid, mark },
+            kind: Kind::Daemon {
+                future,
+                pid,
+                mark,
+                again,
+            },
         }
     }
 
@@ -108,11 +144,13 @@ impl<S: Service<Request>> ResponseFuture<S> {
         }
     }
 
+    /// A request that never left this process, run in-process.
     pub(crate) fn rerouted(service: S, request: Request, mark: bool) -> Self {
         Self {
             kind: Kind::Rerouted {
                 oneshot: Box::pin(Oneshot::new(service, request)),
-                mark,
+                mark: mark.then_some(Route::InProcess),
+                deadline: None,
             },
         }
     }
@@ -160,7 +198,7 @@ impl<S: Service<Request>> fmt::Debug for ResponseFuture<S> {
 fn poll_in_process<F, B, E>(
     future: Pin<&mut F>,
     cx: &mut Context<'_>,
-    mark: bool,
+    mark: Option<Route>,
 ) -> Poll<Result<http::Response<Body>, BoxError>>
 where
     F: Future<Output = Result<http::Response<B>, E>>,
@@ -179,14 +217,14 @@ where
 }
 
 /// The in-process response, with the tonic body and, when asked, the route's mark.
-fn in_process<B>(response: http::Response<B>, mark: bool) -> http::Response<Body>
+fn in_process<B>(response: http::Response<B>, mark: Option<Route>) -> http::Response<Body>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     let mut response = response.map(into_body);
-    if mark {
-        response.extensions_mut().insert(Route::InProcess);
+    if let Some(route) = mark {
+        response.extensions_mut().insert(route);
     }
     response
 }
@@ -214,31 +252,102 @@ where
 {
     type Output = Result<http::Response<Body>, BoxError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::InProcess { future } => poll_in_process(future, cx, false),
-            KindProj::Daemon { future, pid, mark } => {
-                let result = std::task::ready!(future.poll(cx));
-                Poll::Ready(match result {
-                    Ok(mut response) => {
-                        if *mark {
-                            response
-                                .extensions_mut()
-                                .insert(Route::Daemon { pid: *pid });
-                        }
-                        Ok(response)
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut kind = self.as_mut().project().kind;
+        let rerun = match kind.as_mut().project() {
+            KindProj::InProcess { future } => return poll_in_process(future, cx, None),
+            KindProj::Daemon {
+                future,
+                pid,
+                mark,
+                again,
+            } => match std::task::ready!(future.poll(cx)) {
+                Ok(mut response) => {
+                    if *mark {
+                        response
+                            .extensions_mut()
+                            .insert(Route::Daemon { pid: *pid });
                     }
-                    Err(e) => Err(e.into_status().into()),
-                })
+                    return Poll::Ready(Ok(response));
+                }
+                Err(error) => match run_again(error, *pid, *mark, again.take()) {
+                    Ok(rerun) => rerun,
+                    Err(status) => return Poll::Ready(Err(status.into())),
+                },
+            },
+            KindProj::InProcessMarked { future } => {
+                return poll_in_process(future.as_mut(), cx, Some(Route::InProcess));
             }
-            KindProj::InProcessMarked { future } => poll_in_process(future.as_mut(), cx, true),
-            KindProj::Rerouted { oneshot, mark } => poll_in_process(oneshot.as_mut(), cx, *mark),
+            KindProj::Rerouted {
+                oneshot,
+                mark,
+                deadline,
+            } => {
+                if let Some(deadline) = deadline
+                    && deadline.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Err(timeout_status().into()));
+                }
+                return poll_in_process(oneshot.as_mut(), cx, *mark);
+            }
             KindProj::Failed { status } => {
                 let status = status
                     .take()
                     .expect("ResponseFuture polled after completion");
-                Poll::Ready(Err(status))
+                return Poll::Ready(Err(status));
             }
+        };
+        kind.set(rerun);
+        self.poll(cx)
+    }
+}
+
+/// The route of a request the daemon did not answer: in-process again when it was kept and
+/// either the daemon provably never processed it (any method), or the connection broke
+/// before the answer and its method is idempotent; otherwise the status of what happened.
+fn run_again<S: Service<Request>>(
+    error: SendError,
+    pid: u32,
+    mark: bool,
+    again: Option<Box<Again<S>>>,
+) -> Result<Kind<S>, Status> {
+    let (fate, request, again) = match (error, again) {
+        (
+            SendError::Failed {
+                fate,
+                request: Some(request),
+                ..
+            },
+            Some(again),
+        ) if again_allowed(fate, &request, &again.shared) => (fate, request, again),
+        (error, _) => return Err(error.into_status()),
+    };
+    let Again { service, shared } = *again;
+    let mark = match fate {
+        Fate::NotProcessed => {
+            shared.count_reroute();
+            mark.then_some(Route::InProcess)
         }
+        _ => {
+            shared.count_rerun(request.path());
+            mark.then_some(Route::Rerun { pid })
+        }
+    };
+    let deadline = request
+        .deadline
+        .map(|at| Box::pin(tokio::time::sleep_until(at)));
+    Ok(Kind::Rerouted {
+        oneshot: Box::pin(Oneshot::new(service, (*request).into_request())),
+        mark,
+        deadline,
+    })
+}
+
+/// Whether a kept request may run in-process after what happened to it on the daemon.
+fn again_allowed(fate: Fate, request: &KeptRequest, shared: &Shared) -> bool {
+    match fate {
+        Fate::NotProcessed => true,
+        Fate::Broken => shared.idempotent(request.path()),
+        Fate::Answered | Fate::Unknown => false,
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tower::Layer;
 
 use crate::config::{AutoStart, AutoStartSwitch};
-use crate::config::{DEFAULT_MODE_ENV, EnvOverride, IdentityPolicy, Mode, Settings};
+use crate::config::{DEFAULT_MODE_ENV, EnvOverride, Idempotent, IdentityPolicy, Mode, Settings};
 use crate::diagnose::{self, Report};
 use crate::lifecycle::{StopOutcome, stop_with};
 use crate::service::{LocalDaemon, Shared};
@@ -44,6 +44,7 @@ pub struct LocalDaemonLayer {
     settings: Settings,
     mode_override: EnvOverride,
     mark_route: bool,
+    idempotent: Option<Idempotent>,
     auto_start: Option<AutoStart>,
     auto_start_switch: AutoStartSwitch,
 }
@@ -61,6 +62,7 @@ impl LocalDaemonLayer {
             settings: Settings::default(),
             mode_override: EnvOverride::Var(DEFAULT_MODE_ENV.to_owned()),
             mark_route: false,
+            idempotent: None,
             auto_start: None,
             auto_start_switch: AutoStartSwitch::new(),
         }
@@ -166,6 +168,57 @@ impl LocalDaemonLayer {
     pub fn reprobe_interval(mut self, interval: Duration) -> Self {
         self.settings.reprobe_interval = interval;
         self
+    }
+
+    /// The gRPC methods that are safe to run twice: `predicate` gets a method's path, such as
+    /// `"/grpc.health.v1.Health/Check"` (none by default).
+    ///
+    /// A call of such a method whose request body was whole when sent, and whose daemon
+    /// connection breaks before the response head arrives (the connection was reset or reached
+    /// its end, as when the daemon is killed, or keepalive gave up on it), runs again
+    /// in-process, once, within what remains of its own deadline (`grpc-timeout`). Nothing
+    /// else is run again: a call that got an answer (any status, including `UNAVAILABLE` from
+    /// the daemon's own handler, or a stream reset other than `REFUSED_STREAM`), anything
+    /// after the response head arrived (the response belongs to the caller then, which also
+    /// covers server streaming), a request body still streaming when sent, and any call in
+    /// [`Mode::Require`]. Calls the daemon provably never processed run in-process for every
+    /// method, without this option.
+    ///
+    /// **Idempotent means here: safe to run twice, in any order, even at the same time.** A
+    /// daemon that was paused (SIGSTOP) and given up by keepalive can still run the call after
+    /// the in-process run has: an "idempotent" write such as `put a 1` can then overwrite a
+    /// later write. Read-only methods are the safe use.
+    ///
+    /// The predicate costs one call per daemon call when it is set, and nothing when it is not.
+    ///
+    /// ```
+    /// use tower_local_daemon::LocalDaemonLayer;
+    ///
+    /// let layer = LocalDaemonLayer::new("/repo/.heddle")
+    ///     .idempotent(|method| method.starts_with("/vcs.v1.Read/"));
+    /// # let _ = layer;
+    /// ```
+    pub fn idempotent(mut self, predicate: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        self.idempotent = Some(Idempotent::new(predicate));
+        self
+    }
+
+    /// [`idempotent`](Self::idempotent) for a fixed list of method paths.
+    ///
+    /// ```
+    /// use tower_local_daemon::LocalDaemonLayer;
+    ///
+    /// let layer = LocalDaemonLayer::new("/repo/.heddle")
+    ///     .idempotent_methods(["/vcs.v1.Read/Status", "/vcs.v1.Read/Log"]);
+    /// # let _ = layer;
+    /// ```
+    pub fn idempotent_methods<I, M>(self, methods: I) -> Self
+    where
+        I: IntoIterator<Item = M>,
+        M: Into<String>,
+    {
+        let methods: Vec<String> = methods.into_iter().map(Into::into).collect();
+        self.idempotent(move |path| methods.iter().any(|m| m == path))
     }
 
     /// Marks each response with the [`Route`](crate::Route) that served it, in its extensions
@@ -274,7 +327,12 @@ impl<S> Layer<S> for LocalDaemonLayer {
     type Service = LocalDaemon<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        let shared = Shared::new(self.dir.clone(), self.resolved_settings(), self.mark_route);
+        let shared = Shared::new(
+            self.dir.clone(),
+            self.resolved_settings(),
+            self.mark_route,
+            self.idempotent.clone(),
+        );
         LocalDaemon::new(inner, Arc::new(shared))
     }
 }

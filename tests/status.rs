@@ -9,7 +9,7 @@ use std::time::Duration;
 use support::*;
 use tonic::Code;
 use tonic::client::Grpc;
-use tower_local_daemon::Route;
+use tower_local_daemon::{Mode, Route};
 
 /// Not a test: the entry point of this binary when it is re-executed.
 #[test]
@@ -109,15 +109,40 @@ async fn a_stream_reset_by_the_daemon_gets_the_code_of_its_reason() {
         (h2::Reason::INADEQUATE_SECURITY, Code::PermissionDenied),
         (h2::Reason::INTERNAL_ERROR, Code::Internal),
     ];
+    let require = layered(test_layer(dir.path()).mode(Mode::Require));
     for (reason, code) in cases {
-        let through_layer = reset_call(svc.clone(), reason).await;
-        assert_eq!(through_layer.code(), code, "{reason:?}: {through_layer:?}");
         let through_channel = reset_call(channel.clone(), reason).await;
         assert_eq!(
             through_channel.code(),
             code,
             "{reason:?}: {through_channel:?}"
         );
+        let through_required = reset_call(require.clone(), reason).await;
+        assert_eq!(
+            through_required.code(),
+            code,
+            "{reason:?}: {through_required:?}"
+        );
+        let rerouted = svc.stats().unwrap().rerouted_calls;
+        let through_layer = reset_call(svc.clone(), reason).await;
+        if reason == h2::Reason::REFUSED_STREAM {
+            // The daemon says it did not process the stream: the call runs in-process, whose
+            // echo service has no such method; in mode `require` it fails, saying it did not
+            // run.
+            assert_eq!(
+                through_layer.code(),
+                Code::Unimplemented,
+                "{through_layer:?}"
+            );
+            assert_eq!(svc.stats().unwrap().rerouted_calls, rerouted + 1);
+            assert!(
+                through_required.message().ends_with("it did not run"),
+                "{through_required:?}"
+            );
+            continue;
+        }
+        assert_eq!(through_layer.code(), code, "{reason:?}: {through_layer:?}");
+        assert_eq!(svc.stats().unwrap().rerouted_calls, rerouted);
     }
     // A reset stream is not a lost connection: the daemon still serves the next call.
     let response = echo(&mut EchoClient::new(svc), 2).await.unwrap();

@@ -4,8 +4,10 @@
 //!
 //! No task stands between the caller and the connection: the caller's task queues the request's
 //! head and, when the body is already whole (a unary call's is), all of it, so that the
-//! connection's task writes the call in one go ([`Upload`]). There is no reconnect: a closed
-//! connection stays closed.
+//! connection's task writes the call in one go ([`Upload`]). Such a request is kept, when
+//! asked, until its response head arrives: a stream the daemon never processed, or one whose
+//! connection broke, gives it back ([`SendError`]) to run elsewhere. There is no reconnect: a
+//! closed connection stays closed.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,9 +25,11 @@ use tonic::body::Body;
 use tonic::{Status, TimeoutExpired};
 use tower::BoxError;
 
+use crate::reason::error_chain;
+
 use super::call::{CallEnd, InFlight};
-use super::response::{DaemonBody, daemon_status};
-use super::upload::Upload;
+use super::response::{DaemonBody, Fate, daemon_status};
+use super::upload::{KeptBody, Started, Upload};
 
 /// The user-agent of a request that names none.
 const CRATE_USER_AGENT: &str = concat!("tower-local-daemon/", env!("CARGO_PKG_VERSION"));
@@ -53,13 +57,38 @@ pub(crate) enum NotSent {
     Invalid(h2::Error),
 }
 
-/// Why a sent request got no response from the daemon.
+/// Why a sent request got no response head from the daemon.
 #[derive(Debug)]
 pub(crate) enum SendError {
     /// The caller's own deadline (`grpc-timeout`) expired.
     TimedOut,
-    /// The stream or the connection failed: the request may have run.
-    Failed(h2::Error),
+    /// The stream or the connection failed; its [`Fate`] says whether the request may have run.
+    Failed {
+        error: h2::Error,
+        fate: Fate,
+        /// The request, when it was kept: it can still run elsewhere.
+        request: Option<Box<KeptRequest>>,
+    },
+}
+
+/// A request whose body was whole when sent, kept until its response head arrived, with what
+/// is left of the caller's deadline.
+#[derive(Debug)]
+pub(crate) struct KeptRequest {
+    head: http::request::Parts,
+    body: KeptBody,
+    pub(crate) deadline: Option<tokio::time::Instant>,
+}
+
+impl KeptRequest {
+    /// The request's method, as gRPC names it: the path.
+    pub(crate) fn path(&self) -> &str {
+        self.head.uri.path()
+    }
+
+    pub(crate) fn into_request(self) -> http::Request<Body> {
+        http::Request::from_parts(self.head, Body::new(self.body))
+    }
 }
 
 impl Unsent {
@@ -77,13 +106,26 @@ impl Unsent {
 }
 
 impl SendError {
-    /// The status a caller sees.
+    /// The status a caller sees when the request runs nowhere else.
     pub(crate) fn into_status(self) -> Status {
         match self {
-            Self::TimedOut => Status::cancelled(TimeoutExpired(()).to_string()),
-            Self::Failed(e) => daemon_status(&e),
+            Self::TimedOut => timeout_status(),
+            Self::Failed {
+                error,
+                fate: Fate::NotProcessed,
+                ..
+            } => Status::unavailable(format!(
+                "the local daemon did not process the call ({}); it did not run",
+                error_chain(&error)
+            )),
+            Self::Failed { error, .. } => daemon_status(&error),
         }
     }
+}
+
+/// The status of a call whose own deadline (`grpc-timeout`) expired, as a bare `Channel` gives it.
+pub(crate) fn timeout_status() -> Status {
+    Status::cancelled(TimeoutExpired(()).to_string())
 }
 
 impl DaemonClient {
@@ -97,10 +139,12 @@ impl DaemonClient {
     }
 
     /// Sends `request`, completed as tonic's `Channel` completes it. A request the connection
-    /// does not take comes back whole: it never left this process.
+    /// does not take comes back whole: it never left this process. With `keep`, a request whose
+    /// body is whole when sent is kept until its response head arrives.
     pub(crate) fn send(
         &mut self,
         mut request: http::Request<Body>,
+        keep: bool,
     ) -> Result<DaemonFuture, Unsent> {
         let Some(claim) = self.in_flight.enter() else {
             // The registry closed this connection: it drains, and takes no new call.
@@ -139,13 +183,27 @@ impl DaemonClient {
             }
         };
         let deadline = grpc_timeout(request.headers()).map(|d| Box::pin(tokio::time::sleep(d)));
-        let upload = match end_of_stream {
-            true => None,
-            false => Upload::new(request.into_body(), stream).start(),
+        let (head, body) = request.into_parts();
+        let started = match end_of_stream {
+            true => Started::Whole(keep.then(KeptBody::default)),
+            false => Upload::new(body, stream, keep).start(),
         };
+        let (kept, upload) = match started {
+            Started::Whole(kept) => (kept, None),
+            Started::Streaming(upload) => (None, Some(upload)),
+        };
+        // Boxed: the response future stays small, and a call that keeps nothing pays nothing.
+        let kept = kept.map(|body| {
+            Box::new(KeptRequest {
+                head,
+                body,
+                deadline: deadline.as_ref().map(|d| d.deadline()),
+            })
+        });
         Ok(DaemonFuture {
             response,
             deadline,
+            kept,
             end: Some(CallEnd::new(claim, upload)),
         })
     }
@@ -216,6 +274,8 @@ fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
 pub(crate) struct DaemonFuture {
     response: ResponseFuture,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The request, while it can still run elsewhere.
+    kept: Option<Box<KeptRequest>>,
     /// Taken by the response's body when the head arrives.
     end: Option<CallEnd>,
 }
@@ -223,6 +283,13 @@ pub(crate) struct DaemonFuture {
 impl std::fmt::Debug for DaemonFuture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DaemonFuture").finish_non_exhaustive()
+    }
+}
+
+impl DaemonFuture {
+    /// Whether the request is kept: it can run elsewhere should the daemon not answer it.
+    pub(crate) fn keeps_request(&self) -> bool {
+        self.kept.is_some()
     }
 }
 
@@ -234,10 +301,16 @@ impl Future for DaemonFuture {
         if let Poll::Ready(result) = Pin::new(&mut this.response).poll(cx) {
             return Poll::Ready(match result {
                 Ok(response) => {
+                    // The response belongs to the caller now: the request goes.
+                    this.kept = None;
                     let end = this.end.take();
                     Ok(response.map(|recv| Body::new(DaemonBody::new(recv, end))))
                 }
-                Err(e) => Err(SendError::Failed(e)),
+                Err(error) => Err(SendError::Failed {
+                    fate: Fate::of(&error),
+                    error,
+                    request: this.kept.take(),
+                }),
             });
         }
         match &mut this.deadline {
@@ -261,7 +334,7 @@ impl tower::Service<http::Request<Body>> for DaemonClient {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let sent = self.send(request);
+        let sent = self.send(request, false);
         Box::pin(async move {
             match sent {
                 Ok(sent) => sent.await.map_err(|e| e.into_status().into()),

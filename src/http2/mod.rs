@@ -20,8 +20,11 @@ mod keepalive;
 mod response;
 mod upload;
 
-pub(crate) use self::client::{DaemonClient, DaemonFuture, NotSent, Unsent};
+pub(crate) use self::client::{
+    DaemonClient, DaemonFuture, KeptRequest, NotSent, SendError, Unsent, timeout_status,
+};
 pub(crate) use self::connection::{ConnectionEnd, ConnectionTask, EndCause, open};
+pub(crate) use self::response::Fate;
 
 #[cfg(test)]
 mod tests;

@@ -12,8 +12,41 @@ use tonic::{Code, Status};
 use super::call::CallEnd;
 use crate::reason::error_chain;
 
-/// An error on the daemon route, as the caller sees it: a stream the daemon reset gets the
-/// code of its reason; anything else that broke the connection mid-call is `UNAVAILABLE`.
+/// What a stream's failure says of its request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fate {
+    /// The daemon provably never processed it: the stream was above the last stream id of the
+    /// daemon's GOAWAY (RFC 9113, 6.8), or reset with `REFUSED_STREAM` (8.7).
+    NotProcessed,
+    /// The daemon answered by resetting the stream (any other reason): that is its answer.
+    Answered,
+    /// The connection broke (reset, end of stream, keepalive given up): it may have run.
+    Broken,
+    /// Anything else (a protocol error h2 found): it may have run.
+    Unknown,
+}
+
+impl Fate {
+    pub(crate) fn of(error: &h2::Error) -> Self {
+        if error.is_reset() && error.is_remote() {
+            return match error.reason() {
+                Some(h2::Reason::REFUSED_STREAM) => Self::NotProcessed,
+                _ => Self::Answered,
+            };
+        }
+        // h2 fails a stream with the peer's GOAWAY only when it is above the last stream id.
+        if error.is_go_away() && error.is_remote() {
+            return Self::NotProcessed;
+        }
+        if error.is_io() {
+            return Self::Broken;
+        }
+        Self::Unknown
+    }
+}
+
+/// An error on the daemon route, as the caller sees it: a stream the daemon reset gets the code
+/// of its reason; anything else that broke the connection mid-call is `UNAVAILABLE`.
 pub(crate) fn daemon_status(error: &h2::Error) -> Status {
     if error.is_reset()
         && error.is_remote()

@@ -16,6 +16,7 @@ use tonic::Code;
 use tonic::body::Body;
 
 use super::client::SendError;
+use super::response::{Fate, daemon_status};
 use super::{ConnectionEnd, ConnectionTask, DaemonClient, EndCause, NotSent, open};
 
 type Server = Connection<DuplexStream, Bytes>;
@@ -173,7 +174,9 @@ async fn a_request_body_larger_than_the_window_arrives_whole() {
     builder.initial_window_size(1024);
     let (mut client, _task, _ended, mut server) = pair(builder).await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let call = client.send(request(Streaming(rx))).unwrap();
+    // A body still streaming when sent is never kept.
+    let call = client.send(request(Streaming(rx)), true).unwrap();
+    assert!(!call.keeps_request());
     let sent = tokio::spawn(async move {
         for i in 0..64u8 {
             tx.send(Bytes::from(vec![i; 1000])).await.unwrap();
@@ -199,7 +202,7 @@ async fn a_request_body_larger_than_the_window_arrives_whole() {
 async fn a_response_larger_than_the_window_arrives_whole_as_it_is_read() {
     // The client's stream window is 2 MiB: 5 MiB arrive only if reading releases it.
     let (mut client, _task, _ended, mut server) = pair(h2::server::Builder::new()).await;
-    let call = client.send(unary(b"big please")).unwrap();
+    let call = client.send(unary(b"big please"), false).unwrap();
     let (_req, mut answer) = accept(&mut server).await;
     let server = drive(server);
     let total = 5 * 1024 * 1024;
@@ -230,8 +233,8 @@ async fn a_response_larger_than_the_window_arrives_whole_as_it_is_read() {
 #[tokio::test(start_paused = true)]
 async fn trailers_end_the_body_and_a_response_without_them_ends_at_its_data() {
     let (mut client, _task, _ended, mut server) = pair(h2::server::Builder::new()).await;
-    let with = client.send(unary(b"one")).unwrap();
-    let without = client.send(unary(b"two")).unwrap();
+    let with = client.send(unary(b"one"), false).unwrap();
+    let without = client.send(unary(b"two"), false).unwrap();
     let (_a, mut first) = accept(&mut server).await;
     let (_b, mut second) = accept(&mut server).await;
     let server = drive(server);
@@ -260,22 +263,23 @@ async fn each_reset_reason_gets_the_code_the_grpc_spec_gives_it() {
     let (mut client, _task, ended, mut server) = pair(h2::server::Builder::new()).await;
     for (reason, code) in cases {
         // Before the head: the response future fails.
-        let call = client.send(unary(b"reset me")).unwrap();
+        let call = client.send(unary(b"reset me"), false).unwrap();
         let (_req, mut answer) = accept(&mut server).await;
         answer.send_reset(reason);
         poll_once(&mut server);
-        let Err(SendError::Failed(error)) = call.await else {
+        let Err(SendError::Failed { error, fate, .. }) = call.await else {
             panic!("{reason:?}: the call did not fail");
         };
         assert!(error.is_reset() && error.is_remote(), "{error:?}");
-        assert_eq!(
-            SendError::Failed(error).into_status().code(),
-            code,
-            "{reason:?}"
-        );
+        let expected = match reason {
+            h2::Reason::REFUSED_STREAM => Fate::NotProcessed,
+            _ => Fate::Answered,
+        };
+        assert_eq!(fate, expected, "{reason:?}");
+        assert_eq!(daemon_status(&error).code(), code, "{reason:?}");
 
         // After the head: the body fails with the same code.
-        let call = client.send(unary(b"reset me later")).unwrap();
+        let call = client.send(unary(b"reset me later"), false).unwrap();
         let (_req, mut answer) = accept(&mut server).await;
         let mut send = answer
             .send_response(http::Response::new(()), false)
@@ -294,7 +298,7 @@ async fn each_reset_reason_gets_the_code_the_grpc_spec_gives_it() {
 #[tokio::test(start_paused = true)]
 async fn goaway_lets_streams_in_flight_finish_and_refuses_new_ones_unsent() {
     let (mut client, task, ended, mut server) = pair(h2::server::Builder::new()).await;
-    let in_flight = client.send(unary(b"slow")).unwrap();
+    let in_flight = client.send(unary(b"slow"), false).unwrap();
     let (_req, mut answer) = accept(&mut server).await;
     server.graceful_shutdown();
     // The daemon's GOAWAY reaches the client, which stops sending.
@@ -311,7 +315,7 @@ async fn goaway_lets_streams_in_flight_finish_and_refuses_new_ones_unsent() {
         }
     })
     .await;
-    let unsent = client.send(unary(b"too late")).unwrap_err();
+    let unsent = client.send(unary(b"too late"), false).unwrap_err();
     assert!(matches!(unsent.why, NotSent::Closed), "{:?}", unsent.why);
     assert_eq!(unsent.status().code(), Code::Unavailable);
     // The request comes back whole: it can run elsewhere.
@@ -333,7 +337,7 @@ async fn goaway_lets_streams_in_flight_finish_and_refuses_new_ones_unsent() {
 #[tokio::test(start_paused = true)]
 async fn a_stream_above_the_goaways_last_stream_id_fails_as_never_processed() {
     let (mut client, _task, _ended, mut server) = pair(h2::server::Builder::new()).await;
-    let processed = client.send(unary(b"first")).unwrap();
+    let processed = client.send(unary(b"first"), false).unwrap();
     let (_req, mut answer) = accept(&mut server).await;
     respond(
         &mut answer,
@@ -343,38 +347,57 @@ async fn a_stream_above_the_goaways_last_stream_id_fails_as_never_processed() {
     poll_once(&mut server);
     // The second request is on its way when the daemon goes away at once: its GOAWAY names
     // the first stream as the last it processed.
-    let refused = client.send(unary(b"second")).unwrap();
+    let refused = client.send(unary(b"second"), true).unwrap();
+    assert!(refused.keeps_request());
     server.abrupt_shutdown(h2::Reason::NO_ERROR);
     let server = tokio::spawn(async move {
         let _ = std::future::poll_fn(|cx| server.poll_closed(cx)).await;
     });
     let (data, _) = collect(processed.await.unwrap()).await.unwrap();
     assert_eq!(&data[..], b"first done");
-    let Err(SendError::Failed(error)) = refused.await else {
+    let Err(SendError::Failed {
+        error,
+        fate,
+        request,
+    }) = refused.await
+    else {
         panic!("the second stream did not fail");
     };
     assert!(error.is_go_away() && error.is_remote(), "{error:?}");
     assert_eq!(error.reason(), Some(h2::Reason::NO_ERROR));
+    assert_eq!(fate, Fate::NotProcessed);
+    // The request comes back whole, body and all, to run elsewhere.
+    let request = request.expect("the request was kept").into_request();
+    assert_eq!(request.uri().path(), "/test.Test/Call");
+    let body = collect(http::Response::new(request.into_body()))
+        .await
+        .unwrap();
+    assert_eq!(&body.0[..], b"second");
     server.await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]
 async fn keepalive_ends_a_connection_whose_daemon_stopped_answering() {
     let (mut client, _task, ended, mut server) = pair(h2::server::Builder::new()).await;
-    let call = client.send(unary(b"hang")).unwrap();
+    let call = client.send(unary(b"hang"), true).unwrap();
     let (_req, _answer) = accept(&mut server).await;
     // The daemon is not driven from here on: it answers no ping.
     tokio::time::sleep(INTERVAL).await;
     assert_eq!(ended.cause(), None, "ended before a ping went unanswered");
     tokio::time::sleep(TIMEOUT + Duration::from_millis(10)).await;
     assert_eq!(ended.cause(), Some(EndCause::Unresponsive));
-    let Err(SendError::Failed(error)) = call.await else {
+    let Err(SendError::Failed {
+        error,
+        fate,
+        request,
+    }) = call.await
+    else {
         panic!("the call did not fail");
     };
-    assert_eq!(
-        SendError::Failed(error).into_status().code(),
-        Code::Unavailable
-    );
+    // A break: the request may have run, and comes back for an idempotent method's re-run.
+    assert_eq!(fate, Fate::Broken, "{error:?}");
+    assert!(request.is_some());
+    assert_eq!(daemon_status(&error).code(), Code::Unavailable);
     drop(server);
 }
 
@@ -440,7 +463,7 @@ async fn a_response_that_arrived_before_the_daemon_closed_is_read_though_a_write
     let ended = Ended::default();
     let (mut client, _task) = open(ours, keepalive(), ended.signal()).await.unwrap();
     let mut server: Server = h2::server::handshake(theirs).await.unwrap();
-    let call = client.send(unary(b"last call")).unwrap();
+    let call = client.send(unary(b"last call"), false).unwrap();
     let (_req, mut answer) = accept(&mut server).await;
 
     // The daemon answers and closes; the client has not seen the bytes yet when its keepalive

@@ -1,6 +1,8 @@
 //! A request body on its way to the daemon ([`Upload`]): sent from the caller's task when it is
 //! already whole, else streamed by a task of its own within the stream's flow-control window,
-//! until the response side aborts that task: the call is over.
+//! until the response side aborts that task: the call is over. A whole body is also kept
+//! ([`KeptBody`], its chunks by reference count, no copy), so that the request can still run
+//! elsewhere until its response head arrives.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -21,15 +23,61 @@ pub(super) struct Upload {
     chunks: VecDeque<Bytes>,
     /// The body said `Pending` since the front chunk was read: the daemon may wait for it.
     body_waits: bool,
+    /// What was sent, while it is kept (from the caller's task only).
+    kept: Option<KeptBody>,
+}
+
+/// How a body's sending began.
+pub(super) enum Started {
+    /// Sent whole from the caller's task; kept when asked and it ended as the body did.
+    Whole(Option<KeptBody>),
+    /// Still streaming, in a task of its own.
+    Streaming(AbortHandle),
+}
+
+/// A whole request body, as sent: its chunks and its trailers.
+#[derive(Debug, Default)]
+pub(crate) struct KeptBody {
+    chunks: VecDeque<Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl http_body::Body for KeptBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(chunk) = self.chunks.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty() && self.trailers.is_none()
+    }
+}
+
+/// How a body's sending ended.
+#[derive(PartialEq, Eq)]
+enum Sent {
+    /// All of it, to its end.
+    Whole,
+    /// Not all: the body failed, or the stream was reset or closed.
+    Cut,
 }
 
 impl Upload {
-    pub(super) fn new(body: Body, stream: SendStream<Bytes>) -> Self {
+    pub(super) fn new(body: Body, stream: SendStream<Bytes>, keep: bool) -> Self {
         Self {
             body,
             stream,
             chunks: VecDeque::new(),
             body_waits: false,
+            kept: keep.then(KeptBody::default),
         }
     }
 
@@ -37,26 +85,38 @@ impl Upload {
     /// queued with the head, and the connection writes both together. The rest of a body still
     /// streaming goes in a task of its own, which the response side aborts when the call is
     /// over: the stream's last handle goes with it, and h2 resets the stream (`CANCEL`) rather
-    /// than leave it open for a body that may never end.
-    pub(super) fn start(mut self) -> Option<AbortHandle> {
+    /// than leave it open for a body that may never end. Such a body is not kept.
+    pub(super) fn start(mut self) -> Started {
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        if self.poll_send(&mut cx).is_ready() {
-            return None;
+        if let Poll::Ready(sent) = self.poll_send(&mut cx) {
+            let kept = self.kept.take().filter(|_| sent == Sent::Whole);
+            return Started::Whole(kept);
         }
+        self.kept = None;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // No runtime to stream it: the stream ends here, and the daemon sees it cancelled.
             self.stream.send_reset(h2::Reason::CANCEL);
-            return None;
+            return Started::Whole(None);
         };
-        let task = runtime.spawn(std::future::poll_fn(move |cx| self.poll_send(cx)));
-        Some(task.abort_handle())
+        let task = runtime.spawn(std::future::poll_fn(move |cx| self.poll_send(cx).map(drop)));
+        Started::Streaming(task.abort_handle())
+    }
+
+    /// Sends a chunk, and keeps it while the body is kept.
+    fn send_data(&mut self, chunk: Bytes, end_of_stream: bool) -> Result<(), h2::Error> {
+        if let Some(kept) = &mut self.kept
+            && !chunk.is_empty()
+        {
+            kept.chunks.push_back(chunk.clone());
+        }
+        self.stream.send_data(chunk, end_of_stream)
     }
 
     /// `Ready` once the body is sent, failed, or the daemon reset the stream.
-    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Sent> {
         loop {
             if self.stream.poll_reset(cx).is_ready() {
-                return Poll::Ready(());
+                return Poll::Ready(Sent::Cut);
             }
             if self.chunks.len() > 1 || (self.body_waits && !self.chunks.is_empty()) {
                 // The front chunk is not known to be the last: it waits for window.
@@ -67,18 +127,18 @@ impl Upload {
                         Some(Ok(_)) => continue,
                         Some(Err(_)) => {
                             self.stream.send_reset(h2::Reason::CANCEL);
-                            return Poll::Ready(());
+                            return Poll::Ready(Sent::Cut);
                         }
                         // The stream no longer sends: the daemon reset or finished it.
-                        None => return Poll::Ready(()),
+                        None => return Poll::Ready(Sent::Cut),
                     }
                 }
                 let Some(chunk) = self.chunks.pop_front() else {
                     continue;
                 };
                 self.body_waits = false;
-                if self.stream.send_data(chunk, false).is_err() {
-                    return Poll::Ready(());
+                if self.send_data(chunk, false).is_err() {
+                    return Poll::Ready(Sent::Cut);
                 }
                 continue;
             }
@@ -99,24 +159,31 @@ impl Upload {
                 }
                 Some(Ok(Err(frame))) => {
                     // Trailers end the body: what is left goes now, then them.
-                    for chunk in self.chunks.drain(..) {
-                        if self.stream.send_data(chunk, false).is_err() {
-                            return Poll::Ready(());
+                    while let Some(chunk) = self.chunks.pop_front() {
+                        if self.send_data(chunk, false).is_err() {
+                            return Poll::Ready(Sent::Cut);
                         }
                     }
                     let trailers = frame.into_trailers().unwrap_or_default();
-                    let _ = self.stream.send_trailers(trailers);
-                    return Poll::Ready(());
+                    if let Some(kept) = &mut self.kept {
+                        kept.trailers = Some(trailers.clone());
+                    }
+                    return Poll::Ready(match self.stream.send_trailers(trailers) {
+                        Ok(()) => Sent::Whole,
+                        Err(_) => Sent::Cut,
+                    });
                 }
                 None => {
                     let last = self.chunks.pop_front().unwrap_or_default();
-                    let _ = self.stream.send_data(last, true);
-                    return Poll::Ready(());
+                    return Poll::Ready(match self.send_data(last, true) {
+                        Ok(()) => Sent::Whole,
+                        Err(_) => Sent::Cut,
+                    });
                 }
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "request body failed; the stream is cancelled");
                     self.stream.send_reset(h2::Reason::CANCEL);
-                    return Poll::Ready(());
+                    return Poll::Ready(Sent::Cut);
                 }
             }
         }

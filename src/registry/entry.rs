@@ -249,6 +249,32 @@ impl Entry {
         self.counters.in_process_calls.add_one();
     }
 
+    /// A request the daemon never processed (never sent, above its GOAWAY's last stream, or
+    /// refused) runs in-process.
+    pub(crate) fn count_reroute(&self) {
+        self.counters.in_process_calls.add_one();
+        self.counters.rerouted_calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An idempotent request whose connection broke before its answer runs again in-process:
+    /// counted, and traced in a decision span of its own.
+    pub(crate) fn count_rerun(&self, path: &str) {
+        self.counters.in_process_calls.add_one();
+        self.counters.rerun_calls.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!(
+            "local_daemon_decision",
+            dir = %self.dir.display(),
+            route = "in-process (re-run)",
+            reason = FallbackReason::ConnectionLost.code(),
+        );
+        span.in_scope(|| {
+            tracing::debug!(
+                method = path,
+                "the daemon connection broke before an answer; the idempotent call runs again in-process"
+            );
+        });
+    }
+
     pub(super) fn lock(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
     }

@@ -24,8 +24,15 @@ pub struct RouteStats {
     pub channels_built: u64,
     /// Calls sent to the daemon.
     pub daemon_calls: u64,
-    /// Calls served in-process.
+    /// Calls served in-process, those below included.
     pub in_process_calls: u64,
+    /// Calls the daemon never processed that then ran in-process: the connection closed before
+    /// the request was handed to it, or the daemon's GOAWAY or `REFUSED_STREAM` said it did
+    /// not take the stream.
+    pub rerouted_calls: u64,
+    /// Calls of an [idempotent](crate::LocalDaemonLayer::idempotent) method that ran again
+    /// in-process after their daemon connection broke before the answer.
+    pub rerun_calls: u64,
     /// Decisions to run in-process, per reason (a decision, not a call).
     pub fallbacks: Vec<(FallbackReason, u64)>,
     /// The current decision: the daemon's target, or the reason calls run in-process; `None`
@@ -90,6 +97,8 @@ pub(super) struct Counters {
     pub(super) connections_built: AtomicU64,
     pub(super) daemon_calls: ShardedCounter,
     pub(super) in_process_calls: ShardedCounter,
+    pub(super) rerouted_calls: AtomicU64,
+    pub(super) rerun_calls: AtomicU64,
     fallbacks: Mutex<Vec<(FallbackReason, u64)>>,
 }
 
@@ -107,6 +116,8 @@ impl Counters {
         self.connections_built.store(0, Ordering::Relaxed);
         self.daemon_calls.clear();
         self.in_process_calls.clear();
+        self.rerouted_calls.store(0, Ordering::Relaxed);
+        self.rerun_calls.store(0, Ordering::Relaxed);
         lock(&self.fallbacks).clear();
     }
 
@@ -119,6 +130,8 @@ impl Counters {
             channels_built: connections_built,
             daemon_calls: self.daemon_calls.sum(),
             in_process_calls: self.in_process_calls.sum(),
+            rerouted_calls: self.rerouted_calls.load(Ordering::Relaxed),
+            rerun_calls: self.rerun_calls.load(Ordering::Relaxed),
             fallbacks: lock(&self.fallbacks).clone(),
             route,
         }

@@ -13,7 +13,7 @@ use tower::{BoxError, Service};
 pub(crate) use self::route::Shared;
 use self::route::{Cached, poll_route};
 use crate::config::Mode;
-use crate::future::ResponseFuture;
+use crate::future::{Again, ResponseFuture};
 use crate::http2::{EndCause, NotSent};
 use crate::registry::{DaemonRoute, Decision, RouteStats};
 
@@ -200,7 +200,7 @@ where
 #[inline(never)]
 fn call_daemon<S>(
     daemon: &mut DaemonRoute,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     inner: &S,
     request: http::Request<Body>,
 ) -> ResponseFuture<S>
@@ -208,12 +208,20 @@ where
     S: Service<http::Request<Body>> + Clone,
 {
     let entry = shared.entry();
-    let unsent = match daemon.client.send(request) {
+    // Mode `require` has no in-process route: nothing to keep a request for.
+    let keep = shared.settings.mode != Mode::Require;
+    let unsent = match daemon.client.send(request, keep) {
         Ok(future) => {
             if let Some(entry) = entry {
                 entry.count_daemon_call();
             }
-            return ResponseFuture::daemon(future, daemon.pid, shared.mark_route);
+            let again = future.keeps_request().then(|| {
+                Box::new(Again {
+                    service: inner.clone(),
+                    shared: shared.clone(),
+                })
+            });
+            return ResponseFuture::daemon(future, daemon.pid, shared.mark_route, again);
         }
         Err(unsent) => unsent,
     };
@@ -227,9 +235,7 @@ where
     match shared.settings.mode {
         Mode::Require => ResponseFuture::unsent(&unsent),
         _ => {
-            if let Some(entry) = entry {
-                entry.count_in_process_call();
-            }
+            shared.count_reroute();
             ResponseFuture::rerouted(inner.clone(), *unsent.request, shared.mark_route)
         }
     }

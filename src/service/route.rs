@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
-use crate::config::{Mode, Settings};
+use crate::config::{Idempotent, Mode, Settings};
 use crate::registry::{Decision, Entry, Lease};
 
 /// What all clones of one layered service share.
@@ -15,16 +15,43 @@ pub(crate) struct Shared {
     pub(super) dir: PathBuf,
     pub(super) settings: Settings,
     pub(super) mark_route: bool,
+    /// The methods safe to run again in-process after a broken connection.
+    idempotent: Option<Idempotent>,
     lease: OnceLock<Lease>,
 }
 
 impl Shared {
-    pub(crate) fn new(dir: PathBuf, settings: Settings, mark_route: bool) -> Self {
+    pub(crate) fn new(
+        dir: PathBuf,
+        settings: Settings,
+        mark_route: bool,
+        idempotent: Option<Idempotent>,
+    ) -> Self {
         Self {
             dir,
             settings,
             mark_route,
+            idempotent,
             lease: OnceLock::new(),
+        }
+    }
+
+    /// Whether the method at `path` may run again in-process after its connection broke.
+    pub(crate) fn idempotent(&self, path: &str) -> bool {
+        self.idempotent.as_ref().is_some_and(|i| i.accepts(path))
+    }
+
+    /// A request the daemon never processed runs in-process.
+    pub(crate) fn count_reroute(&self) {
+        if let Some(entry) = self.entry() {
+            entry.count_reroute();
+        }
+    }
+
+    /// An idempotent request whose connection broke runs again in-process.
+    pub(crate) fn count_rerun(&self, path: &str) {
+        if let Some(entry) = self.entry() {
+            entry.count_rerun(path);
         }
     }
 
