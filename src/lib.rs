@@ -59,41 +59,17 @@
 //! authentication. [`LocalDaemonLayer::accept_unverified_directory`] weakens it for daemons that
 //! do not report their directory.
 //!
-//! # The rooms, and the path of a call
+//! # Calls the daemon did not answer
 //!
-//! | room | what lives there |
-//! |---|---|
-//! | `protocol` | what both sides agree on: file names, the pidfile marker, metadata keys |
-//! | `pidfile`, `lockfile`, `paths`, `process`, `peer` | the on-disk formats; where files are and file identities; what the kernel says about a pid; who we and a socket's peer are |
-//! | `sync` | a lock that outlives a panic, a list of waiting tasks, a future whose panic is its outcome |
-//! | `reason` | [`FallbackReason`]: every way a check can fail |
-//! | `config` | the options a layer is built with |
-//! | `probe` | the first check, syscalls only |
-//! | `connect` | the checked connect, the health handshake, the h2 client calls go over, the watched connection (keepalive; closed once its calls are done) |
-//! | `diagnose` | the [`Report`] of every check, in the probe's and connect's order |
-//! | `lifecycle` | auto-start ([`AutoStart`]): one spawner, detached, backing off; [`stop`]: a daemon verified over a live connection, signalled, waited for |
-//! | `registry` | the process-wide entries: single flight, decisions, re-probes, stats, starting a daemon on a miss and restarting an upgraded one |
-//! | `layer`, `service`, `future` | the tower face: [`LocalDaemonLayer`], [`LocalDaemon`], [`ResponseFuture`], [`Route`] |
-//! | `lazy` | [`LazyFallback`]: the in-process service, built on the first call that needs it |
-//! | `daemon/` | the serving side: errors, the sockets directory's files, the lock, the listener, stopping |
+//! A request the daemon provably never processed runs in-process, whatever its method; a call
+//! of a method declared [idempotent](LocalDaemonLayer::idempotent) whose connection broke
+//! before the answer runs again in-process. Anything else that may have run on the daemon fails
+//! with `UNAVAILABLE` and is never sent again: see [`ResponseFuture`].
 //!
-//! Imports run down this table, but for one knot: `config` holds the [`AutoStart`] option, which
-//! `lifecycle` defines beside the spawner that runs it. The daemon side uses only `protocol`, the
-//! formats, `paths`, `process` (its own start) and `peer`.
+//! # The rooms
 //!
-//! ```text
-//! FooClient::call
-//!   -> LocalDaemon::poll_ready          service: the warm path is one atomic load
-//!        -> registry: the entry's decision; on the first call or a due re-probe:
-//!             probe    directory -> pidfile -> process -> socket        syscalls
-//!             connect  socket -> peer credentials                        one connect
-//!             handshake HTTP/2 + Health/Check (+ version, + directory)   one round trip
-//!           -> Daemon | InProcess | Refused(reason)
-//!        -> poll_ready of the chosen route only
-//!   -> LocalDaemon::call  daemon: the caller's task queues the head (and a whole body)
-//!                        on the h2 connection; in-process: the inner service's call
-//!   -> ResponseFuture: marks the Route when asked, maps the daemon's errors
-//! ```
+//! `ARCHITECTURE.md` in the repository maps the modules, the path of a call, where trust is
+//! checked and where the connection lives.
 //!
 //! # Platforms
 //!

@@ -23,13 +23,26 @@ pub(super) struct Upload {
     chunks: VecDeque<Bytes>,
     /// The body said `Pending` since the front chunk was read: the daemon may wait for it.
     body_waits: bool,
-    /// What was sent, while it is kept (from the caller's task only).
+    /// What was taken from the body, while it is kept (from the caller's task only).
     kept: Option<KeptBody>,
+    /// How far the body was read.
+    read: Read,
+}
+
+/// How far a request body was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    Open,
+    /// To its end (its last chunk, or its trailers).
+    Ended,
+    /// It failed.
+    Failed,
 }
 
 /// How a body's sending began.
 pub(super) enum Started {
-    /// Sent whole from the caller's task; kept when asked and it ended as the body did.
+    /// Read to its end from the caller's task (and sent, unless the stream was cut first); kept
+    /// when asked.
     Whole(Option<KeptBody>),
     /// Still streaming, in a task of its own.
     Streaming(AbortHandle),
@@ -61,15 +74,6 @@ impl http_body::Body for KeptBody {
     }
 }
 
-/// How a body's sending ended.
-#[derive(PartialEq, Eq)]
-enum Sent {
-    /// All of it, to its end.
-    Whole,
-    /// Not all: the body failed, or the stream was reset or closed.
-    Cut,
-}
-
 impl Upload {
     pub(super) fn new(body: Body, stream: SendStream<Bytes>, keep: bool) -> Self {
         Self {
@@ -78,6 +82,7 @@ impl Upload {
             chunks: VecDeque::new(),
             body_waits: false,
             kept: keep.then(KeptBody::default),
+            read: Read::Open,
         }
     }
 
@@ -88,9 +93,8 @@ impl Upload {
     /// than leave it open for a body that may never end. Such a body is not kept.
     pub(super) fn start(mut self) -> Started {
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        if let Poll::Ready(sent) = self.poll_send(&mut cx) {
-            let kept = self.kept.take().filter(|_| sent == Sent::Whole);
-            return Started::Whole(kept);
+        if self.poll_send(&mut cx).is_ready() {
+            return Started::Whole(self.keep_rest(&mut cx));
         }
         self.kept = None;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -98,8 +102,31 @@ impl Upload {
             self.stream.send_reset(h2::Reason::CANCEL);
             return Started::Whole(None);
         };
-        let task = runtime.spawn(std::future::poll_fn(move |cx| self.poll_send(cx).map(drop)));
+        let task = runtime.spawn(std::future::poll_fn(move |cx| self.poll_send(cx)));
         Started::Streaming(task.abort_handle())
+    }
+
+    /// The whole body, when it is kept: what was sent, what was not (the stream was cut before
+    /// all of it went, as when the daemon went away meanwhile), and the rest of the body if it
+    /// is there now. `None` for a body that failed or is still streaming.
+    fn keep_rest(&mut self, cx: &mut Context<'_>) -> Option<KeptBody> {
+        let mut kept = self.kept.take()?;
+        kept.chunks.extend(self.chunks.drain(..));
+        while self.read == Read::Open {
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(chunk) if chunk.is_empty() => {}
+                    Ok(chunk) => kept.chunks.push_back(chunk),
+                    Err(frame) => {
+                        kept.trailers = frame.into_trailers().ok();
+                        self.read = Read::Ended;
+                    }
+                },
+                Poll::Ready(None) => self.read = Read::Ended,
+                Poll::Ready(Some(Err(_))) | Poll::Pending => return None,
+            }
+        }
+        (self.read == Read::Ended).then_some(kept)
     }
 
     /// Sends a chunk, and keeps it while the body is kept.
@@ -113,10 +140,10 @@ impl Upload {
     }
 
     /// `Ready` once the body is sent, failed, or the daemon reset the stream.
-    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Sent> {
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             if self.stream.poll_reset(cx).is_ready() {
-                return Poll::Ready(Sent::Cut);
+                return Poll::Ready(());
             }
             if self.chunks.len() > 1 || (self.body_waits && !self.chunks.is_empty()) {
                 // The front chunk is not known to be the last: it waits for window.
@@ -127,10 +154,10 @@ impl Upload {
                         Some(Ok(_)) => continue,
                         Some(Err(_)) => {
                             self.stream.send_reset(h2::Reason::CANCEL);
-                            return Poll::Ready(Sent::Cut);
+                            return Poll::Ready(());
                         }
                         // The stream no longer sends: the daemon reset or finished it.
-                        None => return Poll::Ready(Sent::Cut),
+                        None => return Poll::Ready(()),
                     }
                 }
                 let Some(chunk) = self.chunks.pop_front() else {
@@ -138,7 +165,7 @@ impl Upload {
                 };
                 self.body_waits = false;
                 if self.send_data(chunk, false).is_err() {
-                    return Poll::Ready(Sent::Cut);
+                    return Poll::Ready(());
                 }
                 continue;
             }
@@ -159,31 +186,30 @@ impl Upload {
                 }
                 Some(Ok(Err(frame))) => {
                     // Trailers end the body: what is left goes now, then them.
-                    while let Some(chunk) = self.chunks.pop_front() {
-                        if self.send_data(chunk, false).is_err() {
-                            return Poll::Ready(Sent::Cut);
-                        }
-                    }
+                    self.read = Read::Ended;
                     let trailers = frame.into_trailers().unwrap_or_default();
                     if let Some(kept) = &mut self.kept {
                         kept.trailers = Some(trailers.clone());
                     }
-                    return Poll::Ready(match self.stream.send_trailers(trailers) {
-                        Ok(()) => Sent::Whole,
-                        Err(_) => Sent::Cut,
-                    });
+                    while let Some(chunk) = self.chunks.pop_front() {
+                        if self.send_data(chunk, false).is_err() {
+                            return Poll::Ready(());
+                        }
+                    }
+                    let _ = self.stream.send_trailers(trailers);
+                    return Poll::Ready(());
                 }
                 None => {
+                    self.read = Read::Ended;
                     let last = self.chunks.pop_front().unwrap_or_default();
-                    return Poll::Ready(match self.send_data(last, true) {
-                        Ok(()) => Sent::Whole,
-                        Err(_) => Sent::Cut,
-                    });
+                    let _ = self.send_data(last, true);
+                    return Poll::Ready(());
                 }
                 Some(Err(e)) => {
+                    self.read = Read::Failed;
                     tracing::debug!(error = %e, "request body failed; the stream is cancelled");
                     self.stream.send_reset(h2::Reason::CANCEL);
-                    return Poll::Ready(Sent::Cut);
+                    return Poll::Ready(());
                 }
             }
         }

@@ -45,9 +45,11 @@ use crate::registry::{DaemonRoute, Decision, RouteStats};
 /// On the daemon route the codes tell what happened, as [`ResponseFuture`] documents: the
 /// daemon's own status unchanged, the caller's deadline as a bare `Channel` reports it, a stream
 /// reset by the code its HTTP/2 reason maps to, and a connection that ends mid-call as
-/// `UNAVAILABLE`. Such a request is never re-sent in-process: it may have run on the daemon. A
-/// request that provably never left (its connection closed before the request was handed to
-/// it) runs in-process instead, on a clone of `S`, except in [`Mode::Require`].
+/// `UNAVAILABLE`. A request the daemon provably never processed (its connection closed before
+/// the request was handed to it, its stream was above the daemon's GOAWAY, or refused) runs
+/// in-process instead, on a clone of `S`, except in [`Mode::Require`]; so does a call of an
+/// [idempotent](crate::LocalDaemonLayer::idempotent) method whose connection broke before the
+/// answer. Any other request that may have run on the daemon is never sent again.
 ///
 /// # Panics
 ///
