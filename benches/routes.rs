@@ -27,11 +27,14 @@ use tonic::body::Body;
 use tonic::transport::{Channel, Endpoint};
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_local_daemon::{
-    Daemon, LocalDaemonLayer, LocalDaemonStatus, connect_local_daemon_channel, probe, reset,
+    Daemon, IdentityPolicy, LocalDaemonLayer, LocalDaemonStatus, Mode,
+    connect_local_daemon_channel, probe, reset,
 };
 
 const DAEMON_DIR_ENV: &str = "TLD_BENCH_DAEMON_DIR";
-/// `layer:N` or `bare:N`: make N warm calls on the trivial service and exit, for callgrind.
+/// `layer:N` or `bare:N`: make N warm calls on the trivial service and exit, for callgrind;
+/// `daemon:N`, `daemon-nokeep:N`, `daemon-idempotent:N`: N warm daemon calls, client side (see
+/// [`count_daemon_calls`]).
 const CALLS_ENV: &str = "TLD_BENCH_CALLS";
 const TCP_PORT_FILE: &str = "tcp-port";
 const RAW_ECHO_SOCKET: &str = "raw-echo.sock";
@@ -334,6 +337,9 @@ fn warm_in_process(c: &mut Criterion) {
 fn count_calls(spec: &str) {
     let (side, n) = spec.split_once(':').expect("layer:N or bare:N");
     let n: u64 = n.parse().unwrap();
+    if side.starts_with("daemon") {
+        return count_daemon_calls(side, n);
+    }
     let rt = current_thread();
     let empty = std::env::temp_dir().join("tld-bench-no-daemon");
     let mut bare = trivial();
@@ -346,6 +352,45 @@ fn count_calls(spec: &str) {
             }
         }
     });
+}
+
+/// N warm echo calls on the daemon route, for callgrind's count of the client's instructions:
+/// `daemon` as a layer in mode `auto` makes them (each request kept until its response head),
+/// `daemon-nokeep` in mode `require` (nothing kept: no in-process route), `daemon-idempotent` in
+/// mode `auto` with an idempotent predicate. The daemon is this binary, started natively: under
+/// valgrind `/proc/self/exe` names valgrind's tool, so the layer names the daemon's executable.
+fn count_daemon_calls(side: &str, n: u64) {
+    let program = PathBuf::from(std::env::args_os().next().unwrap());
+    let program = std::fs::canonicalize(program).unwrap();
+    let dir = std::env::temp_dir().join(format!("tld-bench-count-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut daemon = Command::new(&program)
+        .env(DAEMON_DIR_ENV, &dir)
+        .env_remove(CALLS_ENV)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pidfile = dir.join("sockets/grpc.pid");
+    wait_for("the bench daemon", || pidfile.exists());
+    let mut layer = layer(&dir).identity(IdentityPolicy::Executable(program));
+    layer = match side {
+        "daemon-nokeep" => layer.mode(Mode::Require),
+        "daemon-idempotent" => layer.idempotent(|method| method == "/echo.v1.Echo/Echo"),
+        _ => layer,
+    };
+    let svc = layer.layer(EchoServer::new(EchoService::new("in-process")));
+    let rt = current_thread();
+    rt.block_on(async {
+        let mut client = EchoClient::new(svc.clone());
+        for _ in 0..n {
+            black_box(client.echo(request()).await.unwrap());
+        }
+    });
+    let daemon_calls = svc.stats().unwrap().daemon_calls;
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(daemon_calls, n, "every call on the daemon route");
 }
 
 type Trivial = tower::util::ServiceFn<

@@ -103,6 +103,17 @@ mod tests {
     }
 }
 
+/// Whether the lock record at `lock` names `pid`, and `pid`'s process started when the record
+/// says: `Some(true)` for the daemon that took this lock, `Some(false)` for another process
+/// that reuses its pid (after a reboot, the usual case), `None` without a record for `pid` (a
+/// daemon that writes none, such as heddle's own) or a process to compare.
+#[cfg(feature = "client")]
+pub(crate) fn record_names(lock: &Path, pid: u32) -> Option<bool> {
+    let record = LockRecord::read(lock).filter(|r| r.pid == pid)?;
+    let start = crate::process::check_alive(pid).ok()?.start().ok()?;
+    Some(start == record.start)
+}
+
 /// Whether someone holds a `flock` on the lock file. Nothing here touches the lock: a
 /// try-lock would race a starting daemon's own.
 #[cfg(feature = "client")]

@@ -8,7 +8,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::*;
-use tower_local_daemon::{FallbackReason, LocalDaemonStatus, Pidfile, StopOutcome, probe, stop};
+use tower_local_daemon::{
+    FallbackReason, LocalDaemonStatus, Pidfile, Route, StopOutcome, probe, stop,
+};
 
 /// Not a test: the entry point of this binary when it is re-executed.
 #[test]
@@ -131,4 +133,131 @@ async fn a_daemon_whose_executable_was_replaced_is_still_stopped() {
         StopOutcome::Stopped { pid }
     );
     assert_eq!(daemon.wait_exit().0, Some(0));
+}
+
+/// The kernel's boot id, as a lock record holds it.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_stale_pidfile_whose_pid_another_process_reuses_is_not_running() {
+    let dir = TestDir::new("stop-reused-recorded");
+    let paths = dir.paths();
+    std::fs::create_dir(&paths.sockets_dir).unwrap();
+    std::fs::set_permissions(&paths.sockets_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    // As after a reboot: the daemon's lock record names its pid and its start, and a process
+    // of ours that started at another time has the pid now.
+    let mut sleeper = spawn(Command::new("sleep").arg("60"));
+    let pid = sleeper.id();
+    std::fs::write(&paths.pidfile, Pidfile::new(pid, 1).render()).unwrap();
+    std::fs::write(&paths.lock, format!("{pid}\n1\n{}\n", boot_id())).unwrap();
+    let _listener = std::os::unix::net::UnixListener::bind(&paths.socket).unwrap();
+    assert_eq!(stop(dir.path(), TIMEOUT).await, StopOutcome::NotRunning);
+    assert_eq!(
+        sleeper.try_wait().unwrap(),
+        None,
+        "the sleeper was signalled"
+    );
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_while_the_first_drains_waits_for_the_same_exit() {
+    let dir = TestDir::new("stop-twice");
+    let daemon = DaemonProcess::start(dir.path());
+    let pid = daemon.pid();
+    // A call in flight keeps the daemon draining for a while after the first stop.
+    let mut client = EchoClient::new(layered(test_layer(dir.path())));
+    echo(&mut client, 0).await.unwrap();
+    let slow = tokio::spawn(async move {
+        let request = EchoRequest {
+            message: String::new(),
+            id: 1,
+            delay_ms: 1_500,
+            status_code: 0,
+        };
+        client.echo(request).await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let first = tokio::spawn({
+        let dir = dir.path().to_owned();
+        async move { stop(&dir, TIMEOUT).await }
+    });
+    // The first stop is under way once the daemon refuses new connections.
+    let socket = dir.paths().socket;
+    wait_until_async("the daemon stops listening", || async {
+        std::os::unix::net::UnixStream::connect(&socket)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    })
+    .await;
+    assert_eq!(
+        stop(dir.path(), TIMEOUT).await,
+        StopOutcome::Stopped { pid }
+    );
+    assert_eq!(first.await.unwrap(), StopOutcome::Stopped { pid });
+    let reply = slow.await.unwrap().unwrap();
+    assert_eq!(reply.get_ref().served_by, "daemon");
+    assert_eq!(daemon.wait_exit().0, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_copied_while_its_daemon_runs_is_not_running_and_starts_its_own() {
+    let a = TestDir::new("copy-a");
+    let b = TestDir::new("copy-b");
+    let daemon = DaemonProcess::start(a.path());
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(a.paths().sockets_dir)
+        .arg(b.path())
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    // B's files name A's live daemon, which holds no lock on B's: nothing runs for B.
+    assert_eq!(stop(b.path(), TIMEOUT).await, StopOutcome::NotRunning);
+    let svc = layered(
+        test_layer(b.path())
+            .auto_start(test_auto_start(b.path()))
+            .force_auto_start(true),
+    );
+    let mut client = EchoClient::new(svc.clone());
+    let first = echo(&mut client, 1).await.unwrap();
+    assert_eq!(first.extensions().get::<Route>(), Some(&Route::InProcess));
+    assert!(
+        svc.stats()
+            .unwrap()
+            .fallbacks
+            .iter()
+            .any(|(reason, _)| *reason == FallbackReason::LockNotHeld { pid: daemon.pid() }),
+        "{:?}",
+        svc.stats()
+    );
+    // B's own daemon starts, and B's calls go to it; A's daemon serves on.
+    let mut id = 2;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let b_daemon = loop {
+        let response = echo(&mut client, id).await.unwrap();
+        if let Some(Route::Daemon { pid }) = response.extensions().get::<Route>() {
+            break *pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never got a daemon of its own"
+        );
+        id += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_ne!(b_daemon, daemon.pid());
+    assert_eq!(
+        probe(a.path()).status,
+        LocalDaemonStatus::Running { pid: daemon.pid() }
+    );
+    assert_eq!(
+        stop(b.path(), TIMEOUT).await,
+        StopOutcome::Stopped { pid: b_daemon }
+    );
 }

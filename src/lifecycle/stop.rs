@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use crate::config::Settings;
 use crate::connect::establish;
 use crate::http2::ConnectionEnd;
-use crate::lockfile::LockedFile;
+use crate::lockfile::{LockedFile, lock_held, record_names};
 use crate::paths::DaemonPaths;
 use crate::probe::{UdsTarget, check_sockets_dir, read_pidfile};
 use crate::process::exited;
@@ -74,17 +74,21 @@ pub(crate) async fn stop_with(
     timeout: Duration,
 ) -> StopOutcome {
     let deadline = Instant::now().checked_add(timeout);
-    let pid = match verify(dir, paths, settings, timeout).await {
-        Ok(Some(pid)) => pid,
-        Ok(None) => return StopOutcome::NotRunning,
-        Err(reason) => return StopOutcome::Refused { reason },
-    };
     // The lock this daemon holds: a daemon started after it holds another file's.
     let lock = LockedFile::of(&paths.lock);
-    if kill(Pid::from_raw(pid as i32), Signal::SIGTERM).is_err() {
-        // It exited between the check and the signal.
-        return StopOutcome::Stopped { pid };
-    }
+    let pid = match verify(dir, paths, settings, timeout).await {
+        Verified::Serving(pid) => {
+            if kill(Pid::from_raw(pid as i32), Signal::SIGTERM).is_err() {
+                // It exited between the check and the signal.
+                return StopOutcome::Stopped { pid };
+            }
+            pid
+        }
+        // Another stop came first: this one waits for the same exit, and signals nothing.
+        Verified::Stopping(pid) => pid,
+        Verified::NotRunning => return StopOutcome::NotRunning,
+        Verified::Refused(reason) => return StopOutcome::Refused { reason },
+    };
     while !exited(pid) || lock.is_some_and(|lock| lock.held()) {
         if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
             return StopOutcome::TimedOut { pid };
@@ -94,16 +98,30 @@ pub(crate) async fn stop_with(
     StopOutcome::Stopped { pid }
 }
 
-/// The daemon's pid once verified; `None` when nothing runs.
+/// What the pidfile names, once checked.
+enum Verified {
+    /// This directory's daemon, verified over a live connection.
+    Serving(u32),
+    /// This directory's daemon, already stopping: it closed its listener, and still holds the
+    /// lock its record says it took.
+    Stopping(u32),
+    /// No pidfile; its process is gone, or reuses the pid; or the files are a copy of another
+    /// directory's, whose daemon holds no lock here.
+    NotRunning,
+    /// Not provably this directory's daemon.
+    Refused(FallbackReason),
+}
+
 async fn verify(
     dir: &Path,
     paths: &DaemonPaths,
     settings: &Settings,
     timeout: Duration,
-) -> Result<Option<u32>, FallbackReason> {
+) -> Verified {
     match check_sockets_dir(&paths.sockets_dir) {
-        Err(FallbackReason::NoPidfile) => return Ok(None),
-        result => result?,
+        Ok(()) => {}
+        Err(FallbackReason::NoPidfile) => return Verified::NotRunning,
+        Err(reason) => return Verified::Refused(reason),
     }
     let settings = Settings {
         deadline: timeout,
@@ -111,14 +129,25 @@ async fn verify(
     };
     let pid = match read_pidfile(&paths.pidfile, &settings.marker) {
         Ok(pidfile) => pidfile.pid,
-        Err(FallbackReason::NoPidfile) => return Ok(None),
-        Err(reason) => return Err(reason),
+        Err(FallbackReason::NoPidfile) => return Verified::NotRunning,
+        Err(reason) => return Verified::Refused(reason),
     };
-    if exited(pid) {
-        return Ok(None);
+    // Gone, or another process with its pid: the lock record's start says so.
+    if exited(pid) || record_names(&paths.lock, pid) == Some(false) {
+        return Verified::NotRunning;
     }
     let target = UdsTarget::new(&paths.socket, pid);
-    let connection = establish(target, dir, &settings, ConnectionEnd::ignored()).await?;
-    connection.task.abort();
-    Ok(Some(pid))
+    match establish(target, dir, &settings, ConnectionEnd::ignored()).await {
+        Ok(connection) => {
+            connection.task.abort();
+            Verified::Serving(pid)
+        }
+        Err(FallbackReason::ConnectionRefused) if record_names(&paths.lock, pid) == Some(true) => {
+            match lock_held(&paths.lock) {
+                true => Verified::Stopping(pid),
+                false => Verified::NotRunning,
+            }
+        }
+        Err(reason) => Verified::Refused(reason),
+    }
 }

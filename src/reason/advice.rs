@@ -35,6 +35,7 @@ impl FallbackReason {
             ForeignSocket { .. } => "foreign_socket",
             LinkedSocket { .. } => "linked_socket",
             ConnectionRefused => "connection_refused",
+            LockNotHeld { .. } => "lock_not_held",
             Busy => "busy",
             ConnectFailed { .. } => "connect_failed",
             PeerUidMismatch { .. } => "peer_uid_mismatch",
@@ -97,6 +98,9 @@ impl FallbackReason {
                 "the socket is missing or not a socket; stop the daemon and start it again"
             }
             ConnectionRefused => "nobody listens on the socket; start the daemon again",
+            LockNotHeld { .. } => {
+                "the sockets directory was copied from another directory; start this directory's own daemon"
+            }
             Busy => "the daemon is overloaded (its listen backlog is full); retry later",
             ConnectFailed { .. } => "check the socket's permissions, then start the daemon again",
             PeerPidMismatch { .. } => {

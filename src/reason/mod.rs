@@ -130,6 +130,14 @@ pub enum FallbackReason {
     // Stage 2: connect and peer credentials.
     /// Nobody listens on the socket (ECONNREFUSED).
     ConnectionRefused,
+    /// Nobody listens on the socket, and this directory's lifetime lock is free although its
+    /// lock record names the pidfile's process: the directory's files were copied from another
+    /// directory while its daemon ran (`cp -a`). No daemon runs for this directory: a miss,
+    /// on which auto-start starts its own.
+    LockNotHeld {
+        /// The pid the copied pidfile names: another directory's daemon.
+        pid: u32,
+    },
     /// The daemon's listen backlog is full.
     Busy,
     /// Connecting failed with another I/O error.
@@ -263,6 +271,10 @@ impl fmt::Display for FallbackReason {
             NotASocket => f.write_str("the socket path is not a socket"),
             ForeignSocket { uid } => write!(f, "the socket belongs to another user (uid {uid})"),
             ConnectionRefused => f.write_str("connection refused: nobody listens on the socket"),
+            LockNotHeld { pid } => write!(
+                f,
+                "nobody listens on the socket, and pid {pid}, which the pidfile names, holds no lock on this directory: its files were copied from another directory"
+            ),
             Busy => f.write_str("the daemon's listen backlog is full"),
             ConnectFailed { error } => write!(f, "connecting to the socket failed: {error}"),
             PeerUidMismatch { expected, actual } => {

@@ -17,7 +17,7 @@ use crate::config::{AutoStart, Mode};
 use crate::connect::{establish, within};
 use crate::http2::ConnectionEnd;
 use crate::lifecycle::{SpawnOutcome, StopOutcome, maybe_spawn, stop_with};
-use crate::lockfile::lock_held;
+use crate::lockfile::{lock_held, record_names};
 use crate::paths::DaemonPaths;
 use crate::pidfile::Pidfile;
 use crate::probe::{UdsTarget, probe_paths};
@@ -84,27 +84,30 @@ impl Entry {
     /// lifetime lock's rule, see `lifecycle`), and the calls go on by the probe's reason. Takes
     /// the entry's lock to note a started daemon: never called under it.
     pub(super) fn probe_or_start(&self) -> Result<UdsTarget, FallbackReason> {
-        let reason = match self.probe() {
-            Ok(target) => return Ok(target),
-            Err(reason) => reason,
-        };
+        match self.probe() {
+            Ok(target) => Ok(target),
+            Err(reason) => Err(self.start_on_miss(reason)),
+        }
+    }
+
+    /// With auto-start on, a miss for `reason` starts a daemon (by the lifetime lock's rule,
+    /// see `lifecycle`); returns the reason the calls go on by.
+    fn start_on_miss(&self, reason: FallbackReason) -> FallbackReason {
         let Some(auto) = &self.settings.auto_start else {
-            return Err(reason);
+            return reason;
         };
         // An upgraded daemon is restarted by a run of the checks, which can wait for it to stop.
         if reason == FallbackReason::ExecutableReplaced {
-            return Err(reason);
+            return reason;
         }
         match maybe_spawn(&self.daemon_paths, auto) {
             SpawnOutcome::Spawned(child) => self.lock().spawned = Some((child, Instant::now())),
-            SpawnOutcome::Failed(message) => {
-                return Err(FallbackReason::AutoStartFailed { message });
-            }
+            SpawnOutcome::Failed(message) => return FallbackReason::AutoStartFailed { message },
             SpawnOutcome::NotNow(why) | SpawnOutcome::CannotStart(why) => {
                 tracing::debug!(dir = %self.dir.display(), why, "no daemon started");
             }
         }
-        Err(reason)
+        reason
     }
 
     /// The checks for one runtime: probe (unless the caller just did), connect, peer check,
@@ -163,8 +166,18 @@ impl Entry {
         };
         let id = self.ids.connection();
         let end = self.connection_end(id, runtime);
-        let connection = establish(target, &self.dir, &self.settings, end).await?;
-        Ok((id, connection))
+        let pid = target.pid;
+        match establish(target, &self.dir, &self.settings, end).await {
+            Ok(connection) => Ok((id, connection)),
+            // A copy of another directory's files, whose daemon holds no lock here: a miss.
+            Err(FallbackReason::ConnectionRefused)
+                if record_names(&self.paths.lock, pid) == Some(true)
+                    && !lock_held(&self.paths.lock) =>
+            {
+                Err(self.start_on_miss(FallbackReason::LockNotHeld { pid }))
+            }
+            Err(reason) => Err(reason),
+        }
     }
 
     /// The signal the connection `id` of `runtime` gives its entry when it ends.
