@@ -508,3 +508,83 @@ async fn an_idle_connection_closes_when_its_route_is_reset_not_at_its_next_ping(
     })
     .await;
 }
+
+/// The reason of a call that failed in mode `require`, and the reason the entry records.
+async fn required_failure(layer: tower_local_daemon::LocalDaemonLayer) -> (String, FallbackReason) {
+    let svc = layered(layer.mode(Mode::Require));
+    let status = echo(&mut EchoClient::new(svc.clone()), 1)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let reason = svc.stats().unwrap().route.unwrap().unwrap_err();
+    (status.message().to_owned(), reason)
+}
+
+#[tokio::test]
+async fn require_mode_reports_a_definitive_rejection_not_the_deadline() {
+    // A daemon whose sockets directory was moved into another repository: it serves that one.
+    let a = TestDir::new("require-moved-a");
+    let b = TestDir::new("require-moved-b");
+    let _daemon = DaemonProcess::start(a.path());
+    std::fs::rename(a.paths().sockets_dir, b.paths().sockets_dir).unwrap();
+    let (message, reason) = required_failure(test_layer(b.path())).await;
+    assert!(
+        matches!(reason, FallbackReason::DirectoryMismatch { .. }),
+        "{reason:?}"
+    );
+    assert!(message.contains("serves another directory"), "{message}");
+    std::fs::rename(b.paths().sockets_dir, a.paths().sockets_dir).unwrap();
+
+    // A listener of ours (this process, which the pidfile names) that speaks garbage.
+    let dir = TestDir::new("require-garbage");
+    let paths = dir.paths();
+    std::fs::create_dir(&paths.sockets_dir).unwrap();
+    std::fs::write(&paths.pidfile, Pidfile::new(std::process::id(), 0).render()).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(&paths.socket).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            let _ = std::io::Write::write_all(&mut stream, b"this is not HTTP/2 at all\r\n\r\n");
+            held.push(stream);
+        }
+    });
+    let (message, reason) = required_failure(test_layer(dir.path())).await;
+    assert!(
+        matches!(reason, FallbackReason::HandshakeFailed { .. }),
+        "{reason:?}: {message}"
+    );
+}
+
+#[tokio::test]
+async fn require_mode_fails_a_start_that_cannot_happen_at_once_naming_why() {
+    // A program that does not exist.
+    let dir = TestDir::new("require-missing-program");
+    let layer = test_layer(dir.path())
+        .auto_start(tower_local_daemon::AutoStart::new("/no/such/daemon"))
+        .force_auto_start(true);
+    let (message, reason) = required_failure(layer).await;
+    assert!(
+        matches!(reason, FallbackReason::AutoStartFailed { .. }),
+        "{reason:?}"
+    );
+    assert!(message.contains("/no/such/daemon"), "{message}");
+
+    // A start while starts back off: the first start's daemon exited at once.
+    let dir = TestDir::new("require-backoff");
+    let broken = tower_local_daemon::AutoStart::new("/bin/sh")
+        .args(["-c", "echo the daemon is broken >&2; exit 1"]);
+    let layer = test_layer(dir.path())
+        .auto_start(broken)
+        .force_auto_start(true);
+    let (message, _) = required_failure(layer.clone()).await;
+    assert!(message.contains("exited"), "{message}");
+    tower_local_daemon::reset(dir.path());
+    let (message, reason) = required_failure(layer).await;
+    assert!(
+        matches!(reason, FallbackReason::AutoStartFailed { .. }),
+        "{reason:?}"
+    );
+    assert!(message.contains("backing off"), "{message}");
+    assert!(message.contains("the daemon is broken"), "{message}");
+}

@@ -107,10 +107,17 @@ pub(crate) fn maybe_spawn(paths: &DaemonPaths, auto: &AutoStart) -> SpawnOutcome
     if record.pending(now, auto.start_timeout) {
         return SpawnOutcome::NotNow("a daemon started moments ago has not served yet");
     }
-    if record.backoff_until().is_some_and(|until| now < until) {
-        return SpawnOutcome::NotNow("backing off after daemons that did not serve");
-    }
     let log = paths.sockets_dir.join(DAEMON_LOG_FILE);
+    if let Some(until) = record.backoff_until().filter(|until| now < *until) {
+        let wait = until.duration_since(now).unwrap_or_default();
+        return SpawnOutcome::Failed(format!(
+            "backing off for {:.1} s more after {} started daemons that did not serve; their log {} ends:\n{}",
+            wait.as_secs_f64(),
+            record.failures,
+            log.display(),
+            log_tail(&log, 5).join("\n")
+        ));
+    }
     let spawned = spawn(auto, &log);
     let next = SpawnRecord {
         last_spawn_ms: now

@@ -56,6 +56,63 @@ impl FallbackReason {
         }
     }
 
+    /// Whether another attempt would only repeat this answer: a rejection of what is there (the
+    /// files, the process, what the daemon says about itself) rather than a daemon that may be
+    /// starting, stopping or busy. In mode `require` a definitive reason ends the wait for a
+    /// daemon at once, and is the reason reported.
+    ///
+    /// ```
+    /// use tower_local_daemon::FallbackReason;
+    ///
+    /// assert!(FallbackReason::HealthUnimplemented.is_definitive());
+    /// assert!(!FallbackReason::NoPidfile.is_definitive());
+    /// ```
+    pub fn is_definitive(&self) -> bool {
+        use FallbackReason::*;
+        match self {
+            SymlinkedSocketsDir
+            | SocketsDirNotADirectory
+            | ForeignSocketsDir { .. }
+            | OpenSocketsDir { .. }
+            | UnreadablePidfile { .. }
+            | LinkedPidfile { .. }
+            | ProcessUnreadable { .. }
+            | ForeignProcess { .. }
+            | ExecutableMismatch
+            | NotASocket
+            | ForeignSocket { .. }
+            | LinkedSocket { .. }
+            | PeerUidMismatch { .. }
+            | HandshakeFailed { .. }
+            | ServiceNotHosted { .. }
+            | HealthUnimplemented
+            | VersionMismatch { .. }
+            | DirectoryMismatch { .. }
+            | DirectoryUnreported
+            | AutoStartFailed { .. }
+            | Disabled
+            | Unsupported
+            | RuntimeUnusable { .. } => true,
+            // A daemon may be coming (no files yet, a pidfile half written, nobody listening
+            // yet, a copy about to be replaced), going (its process gone, its pid reused, an
+            // upgrade restarting it) or busy.
+            NoPidfile
+            | MalformedPidfile(_)
+            | ProcessGone
+            | ExecutableReplaced
+            | PidReused { .. }
+            | NoSocket
+            | ConnectionRefused
+            | LockNotHeld { .. }
+            | Busy
+            | ConnectFailed { .. }
+            | PeerPidMismatch { .. }
+            | DeadlineExceeded
+            | NotServing { .. }
+            | ConnectionLost => false,
+        }
+    }
+
     /// What to do about it, in one sentence for a person.
     pub fn remedy(&self) -> &'static str {
         use FallbackReason::*;

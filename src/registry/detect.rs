@@ -132,13 +132,18 @@ impl Entry {
                 Ok(checked) => return Ok(checked),
                 Err(reason) => reason,
             };
-            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            if self.settings.mode != Mode::Require || remaining == Some(Duration::ZERO) {
+            if self.settings.mode != Mode::Require {
                 return Err(reason);
             }
-            // A started daemon that exited fails the wait at once, naming its log.
+            // A daemon started here that exited fails the wait at once, naming its log.
             if let Some(message) = self.spawn_failure() {
                 return Err(FallbackReason::AutoStartFailed { message });
+            }
+            // Nor does the wait go on after a definitive rejection: it is the reason to report,
+            // where the last of many attempts would be a timeout's.
+            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if remaining == Some(Duration::ZERO) || reason.is_definitive() {
+                return Err(reason);
             }
             let pause = Duration::from_millis(20);
             tokio::time::sleep(remaining.map_or(pause, |r| r.min(pause))).await;

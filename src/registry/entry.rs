@@ -283,12 +283,14 @@ impl Entry {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Forgets the decision, the connections and the counters: the next call probes again.
+    /// Forgets the decision, the connections, a daemon started here and the counters: the next
+    /// call probes again.
     pub(crate) fn reset(&self) {
         let mut state = self.lock();
         state.close_all();
         state.verdict = Verdict::Unprobed;
         state.timers.clear();
+        state.spawned = None;
         self.counters.clear();
         self.bump();
     }
