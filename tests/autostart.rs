@@ -316,3 +316,112 @@ async fn nothing_is_started_for_a_directory_of_another_user() {
     // Not even the sockets directory is made: under `sudo`, it would lock the user out.
     assert!(!dir.paths().sockets_dir.exists());
 }
+
+/// The reason a layer with auto-start records for its first call, which must run in-process.
+async fn first_call_reason(dir: &TestDir, auto: AutoStart) -> FallbackReason {
+    let svc = layered(
+        test_layer(dir.path())
+            .auto_start(auto)
+            .force_auto_start(true),
+    );
+    let response = echo(&mut EchoClient::new(svc.clone()), 1).await.unwrap();
+    assert_eq!(response.get_ref().served_by, "in-process");
+    svc.stats().unwrap().route.unwrap().unwrap_err()
+}
+
+/// The names in the sockets directory.
+fn sockets_listing(dir: &TestDir) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.paths().sockets_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn a_planted_log_never_hangs_a_command_and_starts_nothing() {
+    for planted in ["fifo", "symlink", "directory"] {
+        let dir = TestDir::new(&format!("auto-planted-log-{planted}"));
+        let paths = dir.paths();
+        std::fs::create_dir(&paths.sockets_dir).unwrap();
+        let log = paths.sockets_dir.join(DAEMON_LOG_FILE);
+        match planted {
+            "fifo" => nix::unistd::mkfifo(&log, nix::sys::stat::Mode::S_IRWXU).unwrap(),
+            "symlink" => std::os::unix::fs::symlink(dir.path().join("elsewhere"), &log).unwrap(),
+            _ => std::fs::create_dir(&log).unwrap(),
+        }
+        // Bounded by `echo`'s 20 s: an open that blocks on the FIFO would hang here.
+        let reason = first_call_reason(&dir, test_auto_start(dir.path())).await;
+        let FallbackReason::AutoStartFailed { message } = &reason else {
+            panic!("{planted}: {reason:?}");
+        };
+        assert!(message.contains(DAEMON_LOG_FILE), "{planted}: {message}");
+        assert!(
+            message.contains("nothing was started"),
+            "{planted}: {message}"
+        );
+        // Nothing started, nothing counted, nothing left behind.
+        assert_eq!(auto_start_status(dir.path()).spawns, 0, "{planted}");
+        assert_eq!(
+            probe(dir.path()).status,
+            LocalDaemonStatus::Absent {
+                reason: FallbackReason::NoPidfile
+            },
+            "{planted}"
+        );
+        assert!(
+            !dir.path().join("elsewhere").exists(),
+            "{planted}: followed the symlink"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_spawn_record_that_cannot_be_written_starts_nothing_and_leaves_nothing() {
+    let dir = TestDir::new("auto-record-dir");
+    let paths = dir.paths();
+    std::fs::create_dir(&paths.sockets_dir).unwrap();
+    std::fs::create_dir(paths.sockets_dir.join("spawn.record")).unwrap();
+    for _ in 0..5 {
+        reset(dir.path());
+        let reason = first_call_reason(&dir, test_auto_start(dir.path())).await;
+        let FallbackReason::AutoStartFailed { message } = &reason else {
+            panic!("{reason:?}");
+        };
+        assert!(message.contains("spawn record"), "{message}");
+    }
+    assert_eq!(daemon_starts(&dir), 0);
+    assert_eq!(
+        sockets_listing(&dir),
+        ["daemon.log", "spawn.lock", "spawn.record"],
+        "a temporary file was left behind"
+    );
+}
+
+#[tokio::test]
+async fn a_fifo_planted_at_the_records_temporary_name_does_not_hang_the_start() {
+    let dir = TestDir::new("auto-record-tmp-fifo");
+    let paths = dir.paths();
+    std::fs::create_dir(&paths.sockets_dir).unwrap();
+    let tmp = paths
+        .sockets_dir
+        .join(format!("spawn.record.tmp.{}", std::process::id()));
+    nix::unistd::mkfifo(&tmp, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let svc = layered(
+        test_layer(dir.path())
+            .auto_start(test_auto_start(dir.path()))
+            .force_auto_start(true),
+    );
+    echo(&mut EchoClient::new(svc.clone()), 1).await.unwrap();
+    wait_until_async("the started daemon serves", || async {
+        matches!(probe(dir.path()).status, LocalDaemonStatus::Running { .. })
+    })
+    .await;
+    assert_eq!(auto_start_status(dir.path()).spawns, 1);
+    assert!(!tmp.exists(), "the temporary name is left behind");
+    assert!(matches!(
+        stop(dir.path(), Duration::from_secs(10)).await,
+        StopOutcome::Stopped { .. }
+    ));
+}

@@ -42,22 +42,31 @@ impl SpawnRecord {
         })
     }
 
+    /// Writes the record whole (a temporary file renamed over it), or not at all: a temporary
+    /// file is never left behind. Whatever has the temporary file's name (a stale one, a FIFO)
+    /// is replaced, in the sockets directory that only we can write.
     pub(super) fn write(&self, sockets_dir: &Path) -> io::Result<()> {
         let path = sockets_dir.join(SPAWN_RECORD_FILE);
         let tmp = sockets_dir.join(format!("{SPAWN_RECORD_FILE}.tmp.{}", std::process::id()));
-        let mut file = OpenOptions::new()
+        let _ = std::fs::remove_file(&tmp);
+        let written = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
-            .open(&tmp)?;
-        writeln!(
-            file,
-            "{} {} {} {}",
-            self.last_spawn_ms, self.failures, self.spawns, self.pid
-        )?;
-        std::fs::rename(&tmp, path)
+            .open(&tmp)
+            .and_then(|mut file| {
+                writeln!(
+                    file,
+                    "{} {} {} {}",
+                    self.last_spawn_ms, self.failures, self.spawns, self.pid
+                )
+            })
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
     }
 
     pub(crate) fn last_spawn(&self) -> Option<SystemTime> {

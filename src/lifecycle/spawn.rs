@@ -118,21 +118,39 @@ pub(crate) fn maybe_spawn(paths: &DaemonPaths, auto: &AutoStart) -> SpawnOutcome
             log_tail(&log, 5).join("\n")
         ));
     }
-    let spawned = spawn(auto, &log);
-    let next = SpawnRecord {
+    // The log first: one that is not a regular file of ours starts nothing and counts nothing.
+    rotate(&log);
+    let out = match open_private(&log, true) {
+        Ok(out) => out,
+        Err(e) => {
+            return SpawnOutcome::Failed(format!(
+                "the daemons' log {} cannot be used ({e}): it must be a regular file, not a symlink, FIFO or directory; nothing was started",
+                log.display()
+            ));
+        }
+    };
+    // The record before the start: a start it cannot count would escape the backoff.
+    let mut next = SpawnRecord {
         last_spawn_ms: now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
         failures: record.failures.saturating_add(1),
         spawns: record.spawns + 1,
-        pid: spawned.as_ref().map_or(0, |child| child.pid),
+        pid: 0,
     };
     if let Err(e) = next.write(&paths.sockets_dir) {
-        tracing::warn!(error = %e, "could not write the spawn record");
+        return SpawnOutcome::Failed(format!(
+            "the spawn record in {} cannot be written ({e}), so the backoff could not hold; nothing was started",
+            paths.sockets_dir.display()
+        ));
     }
-    match spawned {
+    match spawn(auto, &log, out) {
         Ok(child) => {
             tracing::info!(pid = child.pid, log = %log.display(), "started the local daemon");
+            next.pid = child.pid;
+            if let Err(e) = next.write(&paths.sockets_dir) {
+                tracing::warn!(error = %e, "could not write the started daemon's pid to the spawn record");
+            }
             SpawnOutcome::Spawned(child)
         }
         Err(e) => SpawnOutcome::Failed(format!("starting {} failed: {e}", auto.program.display())),
@@ -144,15 +162,13 @@ pub(crate) fn maybe_spawn(paths: &DaemonPaths, auto: &AutoStart) -> SpawnOutcome
 /// capture would then never end). Descriptors this crate opens are close-on-exec; those the
 /// command itself inherited without it (an old make's jobserver pipe) are named to the daemon,
 /// which closes them as it binds.
-fn spawn(auto: &AutoStart, log: &Path) -> io::Result<SpawnedChild> {
+fn spawn(auto: &AutoStart, log: &Path, out: File) -> io::Result<SpawnedChild> {
     if !auto.program.is_absolute() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "the program must be an absolute path",
         ));
     }
-    rotate(log);
-    let out = open_private(log, true)?;
     let err = out.try_clone()?;
     let mut command = Command::new(&auto.program);
     command
@@ -202,17 +218,26 @@ fn spawn(auto: &AutoStart, log: &Path) -> io::Result<SpawnedChild> {
     })
 }
 
-/// Opens (creating `0600`) a file of the sockets directory, never through a symlink.
+/// Opens (creating `0600`) a regular file of the sockets directory, never through a symlink
+/// and never blocking: a FIFO planted there would otherwise hold the command in `open` (with
+/// the spawn lock held, where no deadline reaches).
 fn open_private(path: &Path, append: bool) -> io::Result<File> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .read(!append)
         .write(true)
         .append(append)
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
-        .open(path)
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).bits())
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
 }
 
 /// Moves a log over the cap aside, keeping one older log.
