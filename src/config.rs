@@ -213,6 +213,9 @@ pub struct AutoStart {
     pub(crate) env: Vec<(OsString, OsString)>,
     pub(crate) current_dir: PathBuf,
     pub(crate) start_timeout: Duration,
+    /// How long calls wait for a daemon being started: `None` for none, `Some(None)` for the
+    /// start timeout.
+    pub(crate) handoff: Option<Option<Duration>>,
     /// Variables of the command's environment the daemon does not get: the mode's and
     /// auto-start's own switches. Filled in when a layer builds a service.
     pub(crate) env_remove: Vec<String>,
@@ -227,6 +230,7 @@ impl AutoStart {
             env: Vec::new(),
             current_dir: PathBuf::from("/"),
             start_timeout: Duration::from_secs(10),
+            handoff: Some(None),
             env_remove: Vec::new(),
         }
     }
@@ -270,10 +274,47 @@ impl AutoStart {
     }
 
     /// How long a started daemon has to serve (default 10 s). In mode `require` it bounds the
-    /// wait of the call that started it; in mode `auto`, calls go in-process meanwhile.
+    /// wait of the call that started it; in mode `auto`, it is the default hand-off bound.
     pub fn start_timeout(mut self, timeout: Duration) -> Self {
         self.start_timeout = timeout;
         self
+    }
+
+    /// How long, at most, calls in mode `auto` wait for a daemon being started (default: the
+    /// start timeout), from the moment a call starts it or finds its start under way.
+    ///
+    /// A call that starts a daemon, or finds a start pending (another command holds the spawn
+    /// lock, or the daemon it started is alive, provably the same process, and has not served
+    /// yet), waits for that daemon in its response future, and then goes to it: so that a
+    /// daemon that loads the repository never misses a write an in-process call made
+    /// meanwhile. A call's own deadline (`grpc-timeout`) cuts the wait short. Past the bound,
+    /// calls run in-process again: a daemon slower to start than the bound brings back two
+    /// writers, in-process and the daemon (see the README's "Two routes, one repository").
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_local_daemon::AutoStart;
+    ///
+    /// let auto = AutoStart::current_exe(["agent", "serve"]).handoff_timeout(Duration::from_secs(3));
+    /// # let _ = auto;
+    /// ```
+    pub fn handoff_timeout(mut self, bound: Duration) -> Self {
+        self.handoff = Some(Some(bound));
+        self
+    }
+
+    /// Calls never wait for a daemon being started: the call that starts it runs in-process,
+    /// and so do the calls until it serves. For a tool whose daemon caches nothing that an
+    /// in-process call could change.
+    pub fn no_handoff(mut self) -> Self {
+        self.handoff = None;
+        self
+    }
+
+    /// The hand-off bound, if calls wait at all.
+    pub(crate) fn handoff(&self) -> Option<Duration> {
+        self.handoff
+            .map(|bound| bound.unwrap_or(self.start_timeout))
     }
 }
 

@@ -14,8 +14,11 @@ use tonic::body::Body;
 use tower::util::Oneshot;
 use tower::{BoxError, Service};
 
-use crate::http2::{DaemonFuture, Fate, KeptRequest, SendError, Unsent, timeout_status};
+use crate::http2::{
+    DaemonFuture, Fate, KeptRequest, NotSent, SendError, Unsent, grpc_timeout, timeout_status,
+};
 use crate::reason::FallbackReason;
+use crate::registry::{DaemonRoute, Decision, HANDOFF_TICK};
 use crate::service::Shared;
 
 /// Which route served a response: found in the response's extensions when the layer was
@@ -103,6 +106,8 @@ pin_project! {
             deadline: Option<Pin<Box<tokio::time::Sleep>>>,
         },
         Failed { status: Option<Box<Status>> },
+        // Waiting for a daemon being started; boxed, as it holds the whole request.
+        AwaitingDaemon { wait: Box<AwaitDaemon<S>> },
     }
 }
 
@@ -113,7 +118,36 @@ pub(crate) struct Again<S> {
     pub(crate) shared: Arc<Shared>,
 }
 
+/// A call waiting for a daemon being started: it asks its registry entry for the route every
+/// few milliseconds (a re-probe each time it is due) until the daemon's connection is there,
+/// the entry gives up the wait, or the call's own deadline passes.
+pub(crate) struct AwaitDaemon<S> {
+    request: Option<Request>,
+    service: Option<S>,
+    shared: Arc<Shared>,
+    /// The call's own deadline (`grpc-timeout`), if it has one.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    tick: Pin<Box<tokio::time::Sleep>>,
+}
+
 impl<S: Service<Request>> ResponseFuture<S> {
+    /// A call that waits for a daemon being started, then goes to it (or in-process).
+    pub(crate) fn awaiting(service: S, request: Request, shared: Arc<Shared>) -> Self {
+        let deadline = grpc_timeout(request.headers()).map(|d| Box::pin(tokio::time::sleep(d)));
+        shared.count_start_wait();
+        Self {
+            kind: Kind::AwaitingDaemon {
+                wait: Box::new(AwaitDaemon {
+                    request: Some(request),
+                    service: Some(service),
+                    shared,
+                    deadline,
+                    tick: Box::pin(tokio::time::sleep(HANDOFF_TICK)),
+                }),
+            },
+        }
+    }
+
     pub(crate) fn daemon(
         future: DaemonFuture,
         pid: u32,
@@ -185,6 +219,7 @@ impl<S: Service<Request>> fmt::Debug for ResponseFuture<S> {
                 "in-process"
             }
             Kind::Failed { .. } => "failed",
+            Kind::AwaitingDaemon { .. } => "awaiting the daemon",
         };
         f.debug_struct("ResponseFuture")
             .field("route", &route)
@@ -296,6 +331,10 @@ where
                     .expect("ResponseFuture polled after completion");
                 return Poll::Ready(Err(status));
             }
+            KindProj::AwaitingDaemon { wait } => match std::task::ready!(wait.poll_route(cx)) {
+                Ok(next) => next,
+                Err(status) => return Poll::Ready(Err(status.into())),
+            },
         };
         kind.set(rerun);
         self.poll(cx)
@@ -341,6 +380,91 @@ fn run_again<S: Service<Request>>(
         mark,
         deadline,
     })
+}
+
+impl<S: Service<Request>> AwaitDaemon<S> {
+    /// The route once the wait is over: the daemon's, or in-process; or the call's own
+    /// deadline's status.
+    fn poll_route(&mut self, cx: &mut Context<'_>) -> Poll<Result<Kind<S>, Status>> {
+        if let Some(deadline) = &mut self.deadline
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            self.shared.count_start_wait_gave_up();
+            return Poll::Ready(Err(timeout_status()));
+        }
+        let mark = self.shared.mark_route;
+        loop {
+            let decision = match self.shared.entry() {
+                Some(entry) => std::task::ready!(entry.poll_decision(cx)).1,
+                None => Decision::InProcess,
+            };
+            match decision {
+                Decision::Daemon(mut route) => {
+                    let request = self.request.take().expect("polled after completion");
+                    let service = self.service.take().expect("polled after completion");
+                    return Poll::Ready(Ok(self.send(&mut route, request, service, mark)));
+                }
+                Decision::AwaitStart => {
+                    let next = tokio::time::Instant::now() + HANDOFF_TICK;
+                    self.tick.as_mut().reset(next);
+                    if self.tick.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                }
+                Decision::InProcess | Decision::Unavailable(_) => {
+                    // The start failed, or the hand-off bound passed: in-process after all.
+                    self.shared.count_start_wait_gave_up();
+                    let request = self.request.take().expect("polled after completion");
+                    let service = self.service.take().expect("polled after completion");
+                    self.shared.count_in_process_call();
+                    return Poll::Ready(Ok(Kind::Rerouted {
+                        oneshot: Box::pin(Oneshot::new(service, request)),
+                        mark: mark.then_some(Route::InProcess),
+                        deadline: self.deadline.take(),
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Sends the request to the daemon that came; should the connection not take it, it runs
+    /// in-process.
+    fn send(
+        &mut self,
+        route: &mut DaemonRoute,
+        request: Request,
+        service: S,
+        mark: bool,
+    ) -> Kind<S> {
+        match route.client.send(request, true) {
+            Ok(future) => {
+                self.shared.count_daemon_call();
+                let again = future.keeps_request().then(|| {
+                    Box::new(Again {
+                        service,
+                        shared: self.shared.clone(),
+                    })
+                });
+                Kind::Daemon {
+                    future,
+                    pid: route.pid,
+                    mark,
+                    again,
+                }
+            }
+            Err(unsent) => {
+                if matches!(unsent.why, NotSent::Closed) {
+                    self.shared.connection_ended(route);
+                }
+                self.shared.count_reroute();
+                Kind::Rerouted {
+                    oneshot: Box::pin(Oneshot::new(service, *unsent.request)),
+                    mark: mark.then_some(Route::InProcess),
+                    deadline: self.deadline.take(),
+                }
+            }
+        }
+    }
 }
 
 /// Whether a kept request may run in-process after what happened to it on the daemon.

@@ -209,6 +209,18 @@ mod imp {
         Ok(contents)
     }
 
+    /// How long ago a process started, by the kernel's boot clock (`CLOCK_BOOTTIME`, the clock
+    /// of the start ticks): no wall clock is read, so a clock step changes nothing.
+    #[cfg(feature = "client")]
+    pub(crate) fn age(start: &ProcessStart) -> Option<std::time::Duration> {
+        use nix::time::{ClockId, clock_gettime};
+        use nix::unistd::{SysconfVar, sysconf};
+        let per_second = u64::try_from(sysconf(SysconfVar::CLK_TCK).ok()??).ok()?;
+        let now = std::time::Duration::from(clock_gettime(ClockId::CLOCK_BOOTTIME).ok()?);
+        let started = std::time::Duration::from_millis(start.ticks.checked_mul(1000)? / per_second);
+        now.checked_sub(started)
+    }
+
     /// This process's own start, for the daemon's lock record.
     #[cfg(feature = "daemon")]
     pub(crate) fn own_start() -> Result<ProcessStart, ProcessError> {
@@ -324,6 +336,11 @@ mod imp {
     }
 
     #[cfg(feature = "client")]
+    pub(crate) fn age(_start: &ProcessStart) -> Option<std::time::Duration> {
+        None
+    }
+
+    #[cfg(feature = "client")]
     impl ProcessInfo {
         pub(crate) fn effective_uid(&self) -> Result<u32, ProcessError> {
             Err(ProcessError::Unsupported)
@@ -344,7 +361,7 @@ mod imp {
 }
 
 #[cfg(feature = "client")]
-pub(crate) use imp::{check_alive, executable_path, own_executable_path};
+pub(crate) use imp::{age, check_alive, executable_path, own_executable_path};
 
 /// Whether `pid` is gone or a zombie.
 #[cfg(feature = "client")]

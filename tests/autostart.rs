@@ -243,9 +243,19 @@ async fn upgrade(dir: &TestDir, marker: Option<&str>) -> u32 {
     let output = spawn(&mut command).wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
-    assert!(stdout.contains("Some(InProcess)"), "{stdout}");
-
+    // The command of the new build waited for the daemon it started in the old one's place, and
+    // its call went there: never to the old daemon, never in-process.
     let old_pid = old.pid();
+    let served = stdout
+        .split("Some(Daemon { pid: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|pid| pid.parse::<u32>().ok());
+    assert!(
+        served.is_some_and(|pid| pid != old_pid),
+        "the call went elsewhere: {stdout}"
+    );
+
     let (code, stderr) = old.wait_exit();
     assert_eq!(code, Some(0), "the old daemon exits cleanly: {stderr}");
     // The new daemon, of the new build, serves; the old one's files are gone with it.
@@ -266,6 +276,7 @@ async fn upgrade(dir: &TestDir, marker: Option<&str>) -> u32 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_ne!(new_pid, old_pid);
+    assert_eq!(served, Some(new_pid));
     new_pid
 }
 

@@ -251,8 +251,8 @@ fn run_tour(dir: &Path) -> ExitCode {
     daemon.stop();
     demo_call(&exe, dir, &[]);
 
-    println!("4. With auto-start (`demo call --auto-start DIR`): the call starts the daemon and");
-    println!("   runs in-process; the next command uses the daemon:");
+    println!("4. With auto-start (`demo call --auto-start DIR`): the call starts the daemon, waits");
+    println!("   for it to serve, and goes to it; so does the next command:");
     let started = demo_call(&exe, dir, &["--auto-start"]);
     if !serves_within(dir, Duration::from_secs(10)) {
         eprintln!("the started daemon did not serve within 10 s");

@@ -252,7 +252,7 @@ fn complete_origin(request: &mut http::Request<Body>) {
 
 /// The caller's deadline from its `grpc-timeout` header (up to 8 digits and a unit), as tonic
 /// reads it. A malformed value is ignored, as tonic ignores it.
-fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+pub(crate) fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     let text = headers.get("grpc-timeout")?.to_str().ok()?;
     let (value, unit) = text.split_at(text.len().checked_sub(1)?);
     if value.is_empty() || value.len() > 8 {

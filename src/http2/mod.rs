@@ -21,7 +21,8 @@ mod response;
 mod upload;
 
 pub(crate) use self::client::{
-    DaemonClient, DaemonFuture, KeptRequest, NotSent, SendError, Unsent, timeout_status,
+    DaemonClient, DaemonFuture, KeptRequest, NotSent, SendError, Unsent, grpc_timeout,
+    timeout_status,
 };
 pub(crate) use self::connection::{ConnectionEnd, ConnectionTask, EndCause, open};
 pub(crate) use self::response::Fate;

@@ -34,8 +34,12 @@ const LOG_CAP: u64 = 1024 * 1024;
 pub(crate) enum SpawnOutcome {
     /// A daemon was started.
     Spawned(SpawnedChild),
-    /// No daemon was started, and that is fine: one holds the lock, one is starting, another
-    /// process is deciding, or the backoff holds. The reason is for logs.
+    /// No daemon was started, and a start is provably under way: another process is deciding
+    /// (it holds the spawn lock), or the daemon it started is alive and has not served yet. A
+    /// call may wait for it.
+    Pending(&'static str),
+    /// No daemon was started, and that is fine: one holds the lifetime lock, or a start the
+    /// record cannot prove pending may be. The reason is for logs.
     NotNow(&'static str),
     /// Starting is not allowed here (the directory is not ours, or not private).
     CannotStart(&'static str),
@@ -96,16 +100,19 @@ pub(crate) fn maybe_spawn(paths: &DaemonPaths, auto: &AutoStart) -> SpawnOutcome
         return SpawnOutcome::CannotStart("the spawn lock cannot be opened");
     };
     let Ok(_lock) = Flock::lock(lock, FlockArg::LockExclusiveNonblock) else {
-        return SpawnOutcome::NotNow("another process is starting the daemon");
+        return SpawnOutcome::Pending("another process is starting the daemon");
     };
     // Decide again, now that no other process decides.
     if lock_held(&paths.lock) {
         return SpawnOutcome::NotNow("a daemon holds the lifetime lock");
     }
     let record = SpawnRecord::read(&paths.sockets_dir).unwrap_or_default();
+    if record.proves_pending(auto.start_timeout) {
+        return SpawnOutcome::Pending("a daemon started moments ago has not served yet");
+    }
     let now = SystemTime::now();
     if record.pending(now, auto.start_timeout) {
-        return SpawnOutcome::NotNow("a daemon started moments ago has not served yet");
+        return SpawnOutcome::NotNow("a daemon started moments ago may not have served yet");
     }
     let log = paths.sockets_dir.join(DAEMON_LOG_FILE);
     if let Some(until) = record.backoff_until().filter(|until| now < *until) {
@@ -137,6 +144,7 @@ pub(crate) fn maybe_spawn(paths: &DaemonPaths, auto: &AutoStart) -> SpawnOutcome
         failures: record.failures.saturating_add(1),
         spawns: record.spawns + 1,
         pid: 0,
+        start: None,
     };
     if let Err(e) = next.write(&paths.sockets_dir) {
         return SpawnOutcome::Failed(format!(
@@ -148,6 +156,9 @@ pub(crate) fn maybe_spawn(paths: &DaemonPaths, auto: &AutoStart) -> SpawnOutcome
         Ok(child) => {
             tracing::info!(pid = child.pid, log = %log.display(), "started the local daemon");
             next.pid = child.pid;
+            next.start = crate::process::check_alive(child.pid)
+                .and_then(|info| info.start())
+                .ok();
             if let Err(e) = next.write(&paths.sockets_dir) {
                 tracing::warn!(error = %e, "could not write the started daemon's pid to the spawn record");
             }

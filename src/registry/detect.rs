@@ -100,10 +100,31 @@ impl Entry {
         if reason == FallbackReason::ExecutableReplaced {
             return reason;
         }
+        // Calls wait for a start under way, within the hand-off bound from the moment it is
+        // first seen; a start that fails ends the wait.
+        let handoff = auto
+            .handoff()
+            .and_then(|bound| Instant::now().checked_add(bound));
         match maybe_spawn(&self.daemon_paths, auto) {
-            SpawnOutcome::Spawned(child) => self.lock().spawned = Some((child, Instant::now())),
-            SpawnOutcome::Failed(message) => return FallbackReason::AutoStartFailed { message },
-            SpawnOutcome::NotNow(why) | SpawnOutcome::CannotStart(why) => {
+            SpawnOutcome::Spawned(child) => {
+                let mut state = self.lock();
+                state.spawned = Some((child, Instant::now()));
+                state.handoff = state.handoff.or(handoff);
+            }
+            SpawnOutcome::Pending(why) => {
+                tracing::debug!(dir = %self.dir.display(), why, "a daemon is being started");
+                let mut state = self.lock();
+                state.handoff = state.handoff.or(handoff);
+            }
+            SpawnOutcome::Failed(message) => {
+                self.lock().handoff = None;
+                return FallbackReason::AutoStartFailed { message };
+            }
+            SpawnOutcome::CannotStart(why) => {
+                tracing::debug!(dir = %self.dir.display(), why, "no daemon started");
+                self.lock().handoff = None;
+            }
+            SpawnOutcome::NotNow(why) => {
                 tracing::debug!(dir = %self.dir.display(), why, "no daemon started");
             }
         }

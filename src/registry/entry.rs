@@ -74,6 +74,9 @@ pub(crate) enum Decision {
     InProcess,
     /// Mode `require` without a usable daemon: calls fail with `UNAVAILABLE` naming the reason.
     Unavailable(FallbackReason),
+    /// A daemon is being started (here or by another process): calls wait for it, within the
+    /// hand-off bound and their own deadline, in their response future.
+    AwaitStart,
 }
 
 /// A checked daemon connection, as the services of one runtime use it.
@@ -157,6 +160,9 @@ pub(super) struct State {
     /// A daemon this process started on a miss, and when: until it serves (or the start
     /// timeout passes), re-probes come more often.
     pub(super) spawned: Option<(SpawnedChild, Instant)>,
+    /// Until when calls wait for a daemon being started (the hand-off bound): set when this
+    /// process starts one or finds a start pending, cleared when one serves or the start fails.
+    pub(super) handoff: Option<Instant>,
     runtimes: Vec<(tokio::runtime::Id, Slot)>,
 }
 
@@ -223,6 +229,7 @@ impl Entry {
                 timers: Vec::new(),
                 probing: None,
                 spawned: None,
+                handoff: None,
                 runtimes: Vec::new(),
             }),
             counters: Counters::default(),
@@ -247,6 +254,16 @@ impl Entry {
     #[inline]
     pub(crate) fn count_in_process_call(&self) {
         self.counters.in_process_calls.add_one();
+    }
+
+    pub(crate) fn count_start_wait(&self) {
+        self.counters.start_waits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_start_wait_gave_up(&self) {
+        self.counters
+            .start_waits_given_up
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// A request the daemon never processed (never sent, above its GOAWAY's last stream, or
@@ -291,6 +308,7 @@ impl Entry {
         state.verdict = Verdict::Unprobed;
         state.timers.clear();
         state.spawned = None;
+        state.handoff = None;
         self.counters.clear();
         self.bump();
     }
@@ -312,11 +330,13 @@ impl Entry {
         self.counters.snapshot(route)
     }
 
-    /// A negative decision for `reason`: in-process, or refused in mode `require`. The one place
-    /// that says what the mode means for a route.
-    fn negative(&self, reason: FallbackReason) -> Decision {
+    /// A negative decision for `reason`: in-process (or, while a daemon is being started, a
+    /// wait for it), or refused in mode `require`. The one place that says what the mode means
+    /// for a route.
+    fn negative(&self, state: &State, reason: FallbackReason) -> Decision {
         match self.settings.mode {
             Mode::Require => Decision::Unavailable(reason),
+            Mode::Auto if self.start_pending(state) => Decision::AwaitStart,
             Mode::Auto | Mode::Off => Decision::InProcess,
         }
     }
@@ -324,9 +344,45 @@ impl Entry {
     /// The decision now, for a runtime without a connection of its own.
     fn current(&self, state: &State) -> Decision {
         match &state.verdict {
-            Verdict::Negative { reason, .. } => self.negative(reason.clone()),
-            _ => self.negative(FallbackReason::ConnectionLost),
+            Verdict::Negative { reason, .. } => self.negative(state, reason.clone()),
+            _ => self.negative(state, FallbackReason::ConnectionLost),
         }
+    }
+
+    /// Whether calls wait for a daemon being started: mode `auto`, within the hand-off bound,
+    /// and the daemon started here (if this process started it) has not exited.
+    fn start_pending(&self, state: &State) -> bool {
+        self.settings.mode == Mode::Auto
+            && state.handoff.is_some_and(|until| Instant::now() < until)
+            && state
+                .spawned
+                .as_ref()
+                .is_none_or(|(child, _)| child.exit.get().is_none())
+    }
+
+    /// Ends a hand-off that is over: its bound passed, or the daemon started here exited. The
+    /// calls then run in-process, by the reason it says.
+    fn end_handoff(self: &Arc<Self>, state: &mut State, runtime: Option<&Handle>) {
+        let Some(until) = state.handoff else {
+            return;
+        };
+        let exited = state
+            .spawned
+            .as_ref()
+            .and_then(|(child, _)| child.exit.get().map(|status| (child, status)));
+        let message = match exited {
+            Some((child, status)) => format!(
+                "the started daemon (pid {}) exited ({status}) before serving; its log is {}",
+                child.pid,
+                child.log.display()
+            ),
+            None if Instant::now() >= until => {
+                "the daemon being started did not serve within the hand-off bound; calls run in-process until it does".to_owned()
+            }
+            None => return,
+        };
+        state.handoff = None;
+        self.set_negative(state, FallbackReason::AutoStartFailed { message }, runtime);
     }
 
     /// `decision` with the generation it holds for, read under the lock (once the lock is let
@@ -442,10 +498,14 @@ impl Entry {
         runtime: Option<&Handle>,
         cx: &mut Context<'_>,
     ) -> Negative {
+        if !matches!(state.verdict, Verdict::Negative { .. }) {
+            return Negative::No;
+        }
+        self.end_handoff(state, runtime);
         let Verdict::Negative { reason, since } = &state.verdict else {
             return Negative::No;
         };
-        let decision = self.negative(reason.clone());
+        let decision = self.negative(state, reason.clone());
         let since = *since;
         if let Some(reprobe) = &mut state.reprobe {
             // A re-probe that has run longer than the deadline is not being driven: its
@@ -533,7 +593,7 @@ impl Entry {
             self.set_negative(state, reason.clone(), runtime);
         }
         let decision = match connected {
-            true => self.negative(reason),
+            true => self.negative(state, reason),
             false => self.current(state),
         };
         self.decided(state, decision)
@@ -623,6 +683,7 @@ impl Entry {
         let newly_served = !matches!(state.verdict, Verdict::Target(_));
         if self.settings.auto_start.is_some() && newly_served {
             state.spawned = None;
+            state.handoff = None;
             // Only for a daemon that may have been started on a miss, once per verdict (not
             // per runtime); a file write, so not under this lock: on a task of its own.
             let paths = self.daemon_paths.clone();
@@ -720,8 +781,12 @@ impl Entry {
 
     // ---- Re-probe timing ----
 
-    /// How long a negative decision stands: shorter while a daemon started here is coming.
+    /// How long a negative decision stands: a few milliseconds while calls wait for a daemon
+    /// being started, shorter than usual while one started here is coming.
     fn reprobe_interval(&self, state: &State) -> Duration {
+        if self.start_pending(state) {
+            return self.settings.reprobe_interval.min(HANDOFF_TICK);
+        }
         let coming = |(child, at): &(SpawnedChild, Instant)| {
             child.exit.get().is_none()
                 && self
@@ -765,6 +830,9 @@ impl Entry {
         });
     }
 }
+
+/// How often a daemon being started is looked for while calls wait for it.
+pub(crate) const HANDOFF_TICK: Duration = Duration::from_millis(5);
 
 /// Clears the probing flag if the inline probe panics, so the first calls waiting for it are
 /// not left waiting (they are woken when their waiters drop).

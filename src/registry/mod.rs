@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-pub(crate) use self::entry::{DaemonRoute, Decision, Entry};
+pub(crate) use self::entry::{DaemonRoute, Decision, Entry, HANDOFF_TICK};
 pub use self::stats::RouteStats;
 use crate::config::Settings;
 use crate::paths::DirIdentity;

@@ -33,6 +33,12 @@ pub struct RouteStats {
     /// Calls of an [idempotent](crate::LocalDaemonLayer::idempotent) method that ran again
     /// in-process after their daemon connection broke before the answer.
     pub rerun_calls: u64,
+    /// Calls that waited for a daemon being started (by this process or another one) rather
+    /// than run in-process beside it; see [`AutoStart::handoff_timeout`](crate::AutoStart::handoff_timeout).
+    pub start_waits: u64,
+    /// Of those, the calls that ran in-process after all (the start failed, or the hand-off
+    /// bound passed) or met their own deadline first.
+    pub start_waits_given_up: u64,
     /// Decisions to run in-process, per reason (a decision, not a call).
     pub fallbacks: Vec<(FallbackReason, u64)>,
     /// The current decision: the daemon's target, or the reason calls run in-process; `None`
@@ -99,6 +105,8 @@ pub(super) struct Counters {
     pub(super) in_process_calls: ShardedCounter,
     pub(super) rerouted_calls: AtomicU64,
     pub(super) rerun_calls: AtomicU64,
+    pub(super) start_waits: AtomicU64,
+    pub(super) start_waits_given_up: AtomicU64,
     fallbacks: Mutex<Vec<(FallbackReason, u64)>>,
 }
 
@@ -118,6 +126,8 @@ impl Counters {
         self.in_process_calls.clear();
         self.rerouted_calls.store(0, Ordering::Relaxed);
         self.rerun_calls.store(0, Ordering::Relaxed);
+        self.start_waits.store(0, Ordering::Relaxed);
+        self.start_waits_given_up.store(0, Ordering::Relaxed);
         lock(&self.fallbacks).clear();
     }
 
@@ -132,6 +142,8 @@ impl Counters {
             in_process_calls: self.in_process_calls.sum(),
             rerouted_calls: self.rerouted_calls.load(Ordering::Relaxed),
             rerun_calls: self.rerun_calls.load(Ordering::Relaxed),
+            start_waits: self.start_waits.load(Ordering::Relaxed),
+            start_waits_given_up: self.start_waits_given_up.load(Ordering::Relaxed),
             fallbacks: lock(&self.fallbacks).clone(),
             route,
         }

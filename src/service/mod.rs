@@ -163,7 +163,8 @@ where
                     poll => poll.map(|_| Ok(())),
                 },
                 Decision::InProcess => self.inner.poll_ready(cx).map_err(Into::into),
-                Decision::Unavailable(_) => Poll::Ready(Ok(())),
+                // The wait and the route after it are the response future's.
+                Decision::Unavailable(_) | Decision::AwaitStart => Poll::Ready(Ok(())),
             };
             cached.ready = matches!(readiness, Poll::Ready(Ok(())));
             return readiness;
@@ -194,6 +195,9 @@ where
             }
             Decision::Daemon(daemon) => call_daemon(daemon, &self.shared, &self.inner, request),
             Decision::Unavailable(reason) => ResponseFuture::unavailable(reason),
+            Decision::AwaitStart => {
+                ResponseFuture::awaiting(self.inner.clone(), request, self.shared.clone())
+            }
         }
     }
 }

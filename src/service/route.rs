@@ -7,14 +7,15 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use crate::config::{Idempotent, Mode, Settings};
-use crate::registry::{Decision, Entry, Lease};
+use crate::http2::EndCause;
+use crate::registry::{DaemonRoute, Decision, Entry, Lease};
 
 /// What all clones of one layered service share.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(super) dir: PathBuf,
     pub(super) settings: Settings,
-    pub(super) mark_route: bool,
+    pub(crate) mark_route: bool,
     /// The methods safe to run again in-process after a broken connection.
     idempotent: Option<Idempotent>,
     lease: OnceLock<Lease>,
@@ -55,9 +56,42 @@ impl Shared {
         }
     }
 
+    pub(crate) fn count_daemon_call(&self) {
+        if let Some(entry) = self.entry() {
+            entry.count_daemon_call();
+        }
+    }
+
+    pub(crate) fn count_in_process_call(&self) {
+        if let Some(entry) = self.entry() {
+            entry.count_in_process_call();
+        }
+    }
+
+    /// A call waits for a daemon being started.
+    pub(crate) fn count_start_wait(&self) {
+        if let Some(entry) = self.entry() {
+            entry.count_start_wait();
+        }
+    }
+
+    /// A call that waited for a daemon being started runs in-process, or hit its deadline.
+    pub(crate) fn count_start_wait_gave_up(&self) {
+        if let Some(entry) = self.entry() {
+            entry.count_start_wait_gave_up();
+        }
+    }
+
+    /// The connection of `route` took no request: it is closed, or going away.
+    pub(crate) fn connection_ended(&self, route: &DaemonRoute) {
+        if let Some(entry) = self.entry() {
+            entry.connection_ended(route.id, route.runtime, EndCause::Daemon);
+        }
+    }
+
     /// The registry entry, looked up once (one `stat` and a map lookup) for all clones.
     #[inline]
-    pub(super) fn entry(&self) -> Option<&Arc<Entry>> {
+    pub(crate) fn entry(&self) -> Option<&Arc<Entry>> {
         if self.settings.mode == Mode::Off {
             return None;
         }
@@ -145,7 +179,7 @@ impl Cached {
                 (current.is_some() && current == self.task)
                     || same_runtime(&mut self.task, current, daemon.runtime)
             }
-            Decision::InProcess | Decision::Unavailable(_) => {
+            Decision::InProcess | Decision::Unavailable(_) | Decision::AwaitStart => {
                 self.unchecked += 1;
                 !entry.reprobe_due() && self.unchecked < CLOCK_CHECK_EVERY
             }
