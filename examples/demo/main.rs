@@ -251,7 +251,9 @@ fn run_tour(dir: &Path) -> ExitCode {
     daemon.stop();
     demo_call(&exe, dir, &[]);
 
-    println!("4. With auto-start (`demo call --auto-start DIR`): the call starts the daemon, waits");
+    println!(
+        "4. With auto-start (`demo call --auto-start DIR`): the call starts the daemon, waits"
+    );
     println!("   for it to serve, and goes to it; so does the next command:");
     let started = demo_call(&exe, dir, &["--auto-start"]);
     if !serves_within(dir, Duration::from_secs(10)) {
