@@ -14,6 +14,7 @@ use tonic::body::Body;
 use tower::util::Oneshot;
 use tower::{BoxError, Service};
 
+use crate::config::Mode;
 use crate::http2::{
     DaemonFuture, Fate, KeptRequest, NotSent, SendError, Unsent, grpc_timeout, timeout_status,
 };
@@ -148,18 +149,54 @@ impl<S: Service<Request>> ResponseFuture<S> {
         }
     }
 
-    pub(crate) fn daemon(
-        future: DaemonFuture,
-        pid: u32,
-        mark: bool,
-        again: Option<Box<Again<S>>>,
+    /// A call sent to the daemon over `route`, kept (but in mode `require`) to run in-process
+    /// on `service()` (called at most once) should the daemon not answer it. A request the connection does
+    /// not take runs in-process at once (in mode `require`: fails, "it did not run"), within
+    /// `deadline` when it has one left.
+    pub(crate) fn to_daemon(
+        route: &mut DaemonRoute,
+        request: Request,
+        service: impl FnOnce() -> S,
+        shared: &Arc<Shared>,
+        deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     ) -> Self {
+        // Mode `require` has no in-process route: nothing to keep a request for.
+        let keep = shared.mode() != Mode::Require;
+        let unsent = match route.client.send(request, keep) {
+            Ok(future) => {
+                shared.count_daemon_call();
+                let again = future.keeps_request().then(|| {
+                    Box::new(Again {
+                        service: service(),
+                        shared: shared.clone(),
+                    })
+                });
+                let (pid, mark) = (route.pid, shared.mark_route);
+                return Self {
+                    kind: Kind::Daemon {
+                        future,
+                        pid,
+                        mark,
+                        again,
+                    },
+                };
+            }
+            Err(unsent) => unsent,
+        };
+        // It did not leave. A connection that took no request closed, or the daemon is going
+        // away; a request refused for its own shape says nothing of the connection.
+        if matches!(unsent.why, NotSent::Closed) {
+            shared.connection_ended(route);
+        }
+        if shared.mode() == Mode::Require {
+            return Self::unsent(&unsent);
+        }
+        shared.count_reroute();
         Self {
-            kind: Kind::Daemon {
-                future,
-                pid,
-                mark,
-                again,
+            kind: Kind::Rerouted {
+                oneshot: Box::pin(Oneshot::new(service(), *unsent.request)),
+                mark: shared.mark_route.then_some(Route::InProcess),
+                deadline,
             },
         }
     }
@@ -174,17 +211,6 @@ impl<S: Service<Request>> ResponseFuture<S> {
         Self {
             kind: Kind::InProcessMarked {
                 future: Box::pin(future),
-            },
-        }
-    }
-
-    /// A request that never left this process, run in-process.
-    pub(crate) fn rerouted(service: S, request: Request, mark: bool) -> Self {
-        Self {
-            kind: Kind::Rerouted {
-                oneshot: Box::pin(Oneshot::new(service, request)),
-                mark: mark.then_some(Route::InProcess),
-                deadline: None,
             },
         }
     }
@@ -402,7 +428,14 @@ impl<S: Service<Request>> AwaitDaemon<S> {
                 Decision::Daemon(mut route) => {
                     let request = self.request.take().expect("polled after completion");
                     let service = self.service.take().expect("polled after completion");
-                    return Poll::Ready(Ok(self.send(&mut route, request, service, mark)));
+                    let future = ResponseFuture::to_daemon(
+                        &mut route,
+                        request,
+                        || service,
+                        &self.shared,
+                        self.deadline.take(),
+                    );
+                    return Poll::Ready(Ok(future.kind));
                 }
                 Decision::AwaitStart => {
                     let next = tokio::time::Instant::now() + HANDOFF_TICK;
@@ -422,45 +455,6 @@ impl<S: Service<Request>> AwaitDaemon<S> {
                         mark: mark.then_some(Route::InProcess),
                         deadline: self.deadline.take(),
                     }));
-                }
-            }
-        }
-    }
-
-    /// Sends the request to the daemon that came; should the connection not take it, it runs
-    /// in-process.
-    fn send(
-        &mut self,
-        route: &mut DaemonRoute,
-        request: Request,
-        service: S,
-        mark: bool,
-    ) -> Kind<S> {
-        match route.client.send(request, true) {
-            Ok(future) => {
-                self.shared.count_daemon_call();
-                let again = future.keeps_request().then(|| {
-                    Box::new(Again {
-                        service,
-                        shared: self.shared.clone(),
-                    })
-                });
-                Kind::Daemon {
-                    future,
-                    pid: route.pid,
-                    mark,
-                    again,
-                }
-            }
-            Err(unsent) => {
-                if matches!(unsent.why, NotSent::Closed) {
-                    self.shared.connection_ended(route);
-                }
-                self.shared.count_reroute();
-                Kind::Rerouted {
-                    oneshot: Box::pin(Oneshot::new(service, *unsent.request)),
-                    mark: mark.then_some(Route::InProcess),
-                    deadline: self.deadline.take(),
                 }
             }
         }

@@ -13,8 +13,7 @@ use tower::{BoxError, Service};
 pub(crate) use self::route::Shared;
 use self::route::{Cached, poll_route};
 use crate::config::Mode;
-use crate::future::{Again, ResponseFuture};
-use crate::http2::{EndCause, NotSent};
+use crate::future::ResponseFuture;
 use crate::registry::{DaemonRoute, Decision, RouteStats};
 
 /// Routes each call to the local daemon or to the in-process service `S`.
@@ -153,11 +152,8 @@ where
                     Poll::Ready(Err(e)) => {
                         // Nothing was sent: the call may still go in-process.
                         tracing::debug!(error = %e, "local daemon connection closed");
-                        let (id, runtime) = (daemon.id, daemon.runtime);
+                        self.shared.connection_ended(daemon);
                         self.route = None;
-                        if let Some(entry) = self.shared.entry() {
-                            entry.connection_ended(id, runtime, EndCause::Daemon);
-                        }
                         continue;
                     }
                     poll => poll.map(|_| Ok(())),
@@ -213,36 +209,5 @@ fn call_daemon<S>(
 where
     S: Service<http::Request<Body>> + Clone,
 {
-    let entry = shared.entry();
-    // Mode `require` has no in-process route: nothing to keep a request for.
-    let keep = shared.settings.mode != Mode::Require;
-    let unsent = match daemon.client.send(request, keep) {
-        Ok(future) => {
-            if let Some(entry) = entry {
-                entry.count_daemon_call();
-            }
-            let again = future.keeps_request().then(|| {
-                Box::new(Again {
-                    service: inner.clone(),
-                    shared: shared.clone(),
-                })
-            });
-            return ResponseFuture::daemon(future, daemon.pid, shared.mark_route, again);
-        }
-        Err(unsent) => unsent,
-    };
-    // It did not leave. A connection that took no request closed, or the daemon is going away;
-    // a request refused for its own shape says nothing of the connection.
-    if matches!(unsent.why, NotSent::Closed)
-        && let Some(entry) = entry
-    {
-        entry.connection_ended(daemon.id, daemon.runtime, EndCause::Daemon);
-    }
-    match shared.settings.mode {
-        Mode::Require => ResponseFuture::unsent(&unsent),
-        _ => {
-            shared.count_reroute();
-            ResponseFuture::rerouted(inner.clone(), *unsent.request, shared.mark_route)
-        }
-    }
+    ResponseFuture::to_daemon(daemon, request, || inner.clone(), shared, None)
 }

@@ -37,6 +37,11 @@ impl Shared {
         }
     }
 
+    /// The mode in force, after the environment override.
+    pub(crate) fn mode(&self) -> Mode {
+        self.settings.mode
+    }
+
     /// Whether the method at `path` may run again in-process after its connection broke.
     pub(crate) fn idempotent(&self, path: &str) -> bool {
         self.idempotent.as_ref().is_some_and(|i| i.accepts(path))
