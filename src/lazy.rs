@@ -177,7 +177,7 @@ where
                     let built = CatchUnwind::new(async move { (shared.factory)().await }).await;
                     finish.built = Some(match built {
                         Ok(built) => built.map_err(|e| e.to_string()),
-                        Err(()) => Err("the build panicked".into()),
+                        Err(_) => Err("the build panicked".into()),
                     });
                     drop(finish);
                 });

@@ -4,6 +4,7 @@
 //!
 //! [`LazyFallback`]: crate::LazyFallback
 
+use std::any::Any;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -50,7 +51,7 @@ impl Waiters {
 }
 
 pin_project! {
-    /// A future that resolves to `Err(())` if polling it panics. The work shared by many
+    /// A future that resolves to `Err(panic)` if polling it panics. The work shared by many
     /// callers runs in one, so that its guard can tell its own panic (a failure) from its
     /// task being dropped with a runtime that shuts down (an interruption).
     pub(crate) struct CatchUnwind<F> {
@@ -66,14 +67,27 @@ impl<F> CatchUnwind<F> {
 }
 
 impl<F: Future> Future for CatchUnwind<F> {
-    type Output = Result<F::Output, ()>;
+    type Output = Result<F::Output, Panic>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let inner = self.project().inner;
         match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
             Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
             Ok(Poll::Pending) => Poll::Pending,
-            Err(_) => Poll::Ready(Err(())),
+            Err(payload) => Poll::Ready(Err(Panic(payload))),
+        }
+    }
+}
+
+/// A caught panic's payload.
+pub(crate) struct Panic(Box<dyn Any + Send>);
+
+impl Panic {
+    /// The panic's message, when it has one.
+    pub(crate) fn message(&self) -> Option<&str> {
+        match self.0.downcast_ref::<&'static str>() {
+            Some(message) => Some(message),
+            None => self.0.downcast_ref::<String>().map(String::as_str),
         }
     }
 }

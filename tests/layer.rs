@@ -2,6 +2,8 @@
 
 mod support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -349,28 +351,70 @@ async fn reset_forgets_the_decision_and_the_next_call_probes_again() {
     assert_eq!(svc.stats().unwrap().probes, 1);
 }
 
+/// Counts the panics whose message contains `needle`, from now on, passing every panic on to
+/// the hook that was installed before.
+fn count_panics(needle: &'static str) -> Arc<AtomicUsize> {
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = count.clone();
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.contains(needle) {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+        previous(info);
+    }));
+    count
+}
+
+/// A runtime without a driver the checks need: its calls run in-process with a reason that
+/// names the driver, and the crate's task panics once on it (through the panic hook, as
+/// Tokio's panics do), never once per call.
+fn runtime_without_a_driver(runtime: tokio::runtime::Runtime, driver: &str, needle: &'static str) {
+    let dir = TestDir::new("no-driver");
+    let _daemon = DaemonProcess::start(dir.path());
+    let panics = count_panics(needle);
+    let svc = layered(test_layer(dir.path()).reprobe_interval(Duration::from_millis(1)));
+    for id in 0..5 {
+        let response = runtime
+            .block_on(EchoClient::new(svc.clone()).echo(EchoRequest {
+                message: String::new(),
+                id,
+                delay_ms: 0,
+                status_code: 0,
+            }))
+            .unwrap();
+        assert_eq!(response.get_ref().served_by, "in-process");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let Some(Err(FallbackReason::RuntimeUnusable { message })) = svc.stats().unwrap().route else {
+        panic!("{:?}", svc.stats());
+    };
+    assert!(message.contains(driver), "{message}");
+    assert_eq!(panics.load(Ordering::SeqCst), 1);
+}
+
 #[test]
 fn runtime_without_time_driver_runs_in_process_with_a_reason_that_says_so() {
-    let dir = TestDir::new("no-timer");
-    let _daemon = DaemonProcess::start(dir.path());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
         .unwrap();
-    let svc = layered(test_layer(dir.path()));
-    let response = runtime
-        .block_on(EchoClient::new(svc.clone()).echo(EchoRequest {
-            message: String::new(),
-            id: 1,
-            delay_ms: 0,
-            status_code: 0,
-        }))
+    runtime_without_a_driver(runtime, "time driver", "timers are disabled");
+}
+
+#[test]
+fn runtime_without_io_driver_runs_in_process_with_a_reason_that_says_so() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
         .unwrap();
-    assert_eq!(response.get_ref().served_by, "in-process");
-    let Some(Err(FallbackReason::RuntimeUnusable { message })) = svc.stats().unwrap().route else {
-        panic!("{:?}", svc.stats());
-    };
-    assert!(message.contains("time driver"), "{message}");
+    runtime_without_a_driver(runtime, "I/O driver", "IO is disabled");
 }
 
 #[tokio::test(start_paused = true)]

@@ -214,8 +214,9 @@ pub enum FallbackReason {
     Disabled,
     /// The platform has no implementation of a check.
     Unsupported,
-    /// The checks could not run on the caller's runtime: none is running, or it has no time
-    /// driver, or it shut down.
+    /// The checks could not run on the caller's runtime: none is running, or it lacks the
+    /// I/O or time driver (learnt from Tokio's panic in the crate's first task on it, since
+    /// Tokio has no way to ask), or the checks' task panicked.
     RuntimeUnusable {
         /// What went wrong.
         message: String,

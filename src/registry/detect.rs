@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use super::entry::{Entry, Outcome, RunEnd};
 use super::ids::{ConnectionId, Run};
+use super::runtimes;
 use crate::config::{AutoStart, Mode};
 use crate::connect::{establish, within};
 use crate::http2::ConnectionEnd;
@@ -65,7 +66,7 @@ impl Entry {
             let checks = entry.detect(probed, finish.runtime);
             finish.end = match CatchUnwind::new(checks).await {
                 Ok(outcome) => RunEnd::Finished(outcome),
-                Err(()) => RunEnd::Panicked,
+                Err(panic) => RunEnd::Panicked(runtimes::learn(finish.runtime, &panic)),
             };
             drop(finish);
         });

@@ -32,6 +32,7 @@ use tokio::runtime::Handle;
 use tokio::time::Instant;
 
 use super::ids::{ConnectionId, DetectionId, Ids, ReprobeId, Run};
+use super::runtimes;
 use super::stats::{Counters, RouteStats};
 use crate::config::{Mode, Settings};
 use crate::connect::DaemonConnection;
@@ -40,7 +41,7 @@ use crate::lifecycle::{SpawnedChild, record_served};
 use crate::paths::DaemonPaths;
 use crate::probe::UdsTarget;
 use crate::reason::FallbackReason;
-use crate::sync::{Waiters, lock};
+use crate::sync::{CatchUnwind, Waiters, lock};
 
 /// One directory's route, shared process-wide.
 #[derive(Debug)]
@@ -98,8 +99,8 @@ pub(super) enum RunEnd {
     Finished(Outcome),
     /// Its task was dropped unfinished: its runtime shut down. Not the daemon's fault.
     Interrupted,
-    /// Its task panicked.
-    Panicked,
+    /// Its task panicked: with the reason's text when the runtime lacks a driver.
+    Panicked(Option<&'static str>),
 }
 
 /// What the whole process knows of the daemon.
@@ -536,7 +537,7 @@ impl Entry {
         }
         // In the background: this call and the next ones go on by the verdict.
         let decided = self.decided(state, decision);
-        let Some(handle) = runtime.filter(|h| time_driver_available(h)) else {
+        let Some(handle) = runtime.filter(|h| runtimes::unusable(h).is_none()) else {
             return Negative::Decided(decided);
         };
         let id = self.ids.reprobe();
@@ -557,7 +558,7 @@ impl Entry {
         probed: Option<UdsTarget>,
         cx: &mut Context<'_>,
     ) -> Decided {
-        let Some(handle) = runtime.filter(|h| time_driver_available(h)) else {
+        let Some(handle) = runtime.filter(|h| runtimes::unusable(h).is_none()) else {
             return self.unusable_runtime(&mut state, runtime);
         };
         let id = self.ids.detection();
@@ -573,14 +574,12 @@ impl Entry {
         Poll::Pending
     }
 
-    /// No runtime, or one without a time driver, cannot run the checks: this caller's problem,
-    /// so another runtime's healthy connection stays.
+    /// No runtime, or one learnt to lack a driver, cannot run the checks: this caller's
+    /// problem, so another runtime's healthy connection stays.
     fn unusable_runtime(self: &Arc<Self>, state: &mut State, runtime: Option<&Handle>) -> Decided {
         let message = match runtime {
             None => "no Tokio runtime is running",
-            Some(_) => {
-                "the runtime has no time driver (enable it with `enable_all` or `enable_time`)"
-            }
+            Some(handle) => runtimes::unusable(handle).unwrap_or("the runtime is unusable"),
         };
         let reason = FallbackReason::RuntimeUnusable {
             message: message.into(),
@@ -640,9 +639,9 @@ impl Entry {
                 self.reprobe_due.store(true, Ordering::Relaxed);
                 self.bump();
             }
-            RunEnd::Panicked => {
+            RunEnd::Panicked(unusable) => {
                 let reason = FallbackReason::RuntimeUnusable {
-                    message: "the checks' task panicked".into(),
+                    message: unusable.unwrap_or("the checks' task panicked").into(),
                 };
                 let handle = Handle::try_current().ok();
                 self.set_negative(&mut state, reason, handle.as_ref());
@@ -818,14 +817,18 @@ impl Entry {
             return;
         }
         state.timers.push(handle.id());
-        if !time_driver_available(handle) {
+        if runtimes::unusable(handle).is_some() {
             self.reprobe_due.store(true, Ordering::Relaxed);
             return;
         }
         let guard = SetDueOnDrop(Arc::downgrade(self));
         let interval = self.reprobe_interval(state);
+        let runtime = handle.id();
         handle.spawn(async move {
-            tokio::time::sleep(interval).await;
+            let sleep = CatchUnwind::new(async move { tokio::time::sleep(interval).await });
+            if let Err(panic) = sleep.await {
+                runtimes::learn(runtime, &panic);
+            }
             drop(guard);
         });
     }
@@ -855,23 +858,4 @@ impl Drop for SetDueOnDrop {
             entry.reprobe_due.store(true, Ordering::Relaxed);
         }
     }
-}
-
-/// Whether the current runtime (`handle`'s) has a time driver: the checks' deadline needs one.
-/// Tokio has no way to ask, and creating a timer without it panics, so the answer is learnt
-/// once per runtime by catching that panic (tokio prints its message once). Under
-/// `panic = "abort"` that panic ends the process, as any timer of the runtime would.
-fn time_driver_available(handle: &Handle) -> bool {
-    static KNOWN: Mutex<Vec<(tokio::runtime::Id, bool)>> = Mutex::new(Vec::new());
-    let id = handle.id();
-    if let Some((_, known)) = lock(&KNOWN).iter().find(|(runtime, _)| *runtime == id) {
-        return *known;
-    }
-    let available = std::panic::catch_unwind(|| drop(tokio::time::sleep(Duration::ZERO))).is_ok();
-    let mut known = lock(&KNOWN);
-    if known.len() >= 64 {
-        known.clear();
-    }
-    known.push((id, available));
-    available
 }

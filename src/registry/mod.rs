@@ -12,6 +12,7 @@
 mod detect;
 mod entry;
 mod ids;
+mod runtimes;
 mod stats;
 
 use std::collections::HashMap;
