@@ -233,12 +233,16 @@ impl LocalDaemonLayer {
     /// default). Never in mode `off`; off while `HEDDLE_LOCAL_DAEMON_AUTO_START` is `0`, `off`,
     /// `false` or `no` ([`auto_start_env_var`](Self::auto_start_env_var) names another
     /// variable); and off under `CI` (set to anything but empty, `0` or `false`) unless
-    /// [forced](Self::force_auto_start). In mode `auto` the call that starts the daemon runs
-    /// in-process, and the daemon is picked up as soon as it serves; in mode `require` the call
-    /// waits for it, up to its start timeout. A daemon whose executable was replaced on disk
-    /// (an upgrade of this installation) is stopped and started again; the call that finds it
-    /// waits for the old one to stop, up to the start timeout, then runs in-process. See
-    /// [`AutoStart`].
+    /// [forced](Self::force_auto_start). The call that starts the daemon, and every call that
+    /// finds that start pending, waits for it (in its response future, so its own deadline
+    /// still bounds it) and then goes to it; past the hand-off bound
+    /// ([`AutoStart::handoff_timeout`], the start timeout by default) calls run in-process
+    /// with [`AutoStartFailed`](crate::FallbackReason::AutoStartFailed). In mode `require` the
+    /// call waits up to the start timeout. A daemon whose executable was replaced on disk (an
+    /// upgrade of this installation) is stopped and started again, and the call that finds it
+    /// waits for the new one within the same bound.
+    /// [`AutoStart::no_handoff`] keeps calls from waiting: they run in-process until the
+    /// daemon serves. See [`AutoStart`] and the README's "Two routes, one repository".
     pub fn auto_start(mut self, auto_start: AutoStart) -> Self {
         self.auto_start = Some(auto_start);
         self

@@ -6,6 +6,7 @@
 //! cargo run --example demo -- serve DIR    # run a daemon for DIR until SIGTERM or Ctrl-C
 //! cargo run --example demo -- call DIR     # one call through the layer, then exit
 //! cargo run --example demo -- call --auto-start DIR   # the same, starting `demo serve DIR` on a miss
+//! cargo run --example demo -- increment [--auto-start] DIR   # add one to DIR/tally, on either route
 //! cargo run --example demo -- status DIR   # every check, its outcome and what to do
 //! cargo run --example demo -- stop DIR     # stop DIR's daemon, once verified as DIR's
 //! ```
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use echo::echo_client::EchoClient;
 use echo::echo_server::EchoServer;
-use echo::{EchoRequest, EchoService};
+use echo::{EchoRequest, EchoService, INCREMENT, Tally};
 use tower::ServiceBuilder;
 use tower_local_daemon::{
     AutoStart, Daemon, LazyFallback, LocalDaemonLayer, LocalDaemonStatus, Route, StopOutcome, probe,
@@ -46,12 +47,19 @@ fn main() -> ExitCode {
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         [] => tour(),
         ["serve", dir] => runtime.block_on(serve(Path::new(dir))),
-        ["call", dir] => runtime.block_on(call(Path::new(dir), false)),
-        ["call", "--auto-start", dir] => runtime.block_on(call(Path::new(dir), true)),
+        ["call", dir] => runtime.block_on(call(Path::new(dir), false, "hello")),
+        ["call", "--auto-start", dir] => runtime.block_on(call(Path::new(dir), true, "hello")),
+        ["increment", dir] => runtime.block_on(call(Path::new(dir), false, INCREMENT)),
+        ["increment", "--auto-start", dir] => {
+            runtime.block_on(call(Path::new(dir), true, INCREMENT))
+        }
         ["status", dir] => runtime.block_on(status(Path::new(dir))),
         ["stop", dir] => runtime.block_on(stop(Path::new(dir))),
         _ => {
-            eprintln!("usage: demo [serve DIR | call [--auto-start] DIR | status DIR | stop DIR]");
+            eprintln!(
+                "usage: demo [serve DIR | call [--auto-start] DIR | increment [--auto-start] DIR \
+                 | status DIR | stop DIR]"
+            );
             ExitCode::from(2)
         }
     }
@@ -62,7 +70,9 @@ async fn serve(dir: &Path) -> ExitCode {
     eprintln!("serving {} as pid {}", dir.display(), std::process::id());
     let result = Daemon::new(dir)
         .version(env!("CARGO_PKG_VERSION"))
-        .add_service(EchoServer::new(EchoService::new("daemon")))
+        .add_service(EchoServer::new(
+            EchoService::new("daemon").with_tally(Tally::new(dir.join("tally"))),
+        ))
         .serve(std::future::pending())
         .await;
     match result {
@@ -75,7 +85,8 @@ async fn serve(dir: &Path) -> ExitCode {
 }
 
 /// One call through the layer, the way a CLI verb makes it: a fresh process, a fresh layer.
-async fn call(dir: &Path, auto_start: bool) -> ExitCode {
+/// `message` is echoed, or, when it is [`INCREMENT`], adds one to the tally in `dir`.
+async fn call(dir: &Path, auto_start: bool, message: &str) -> ExitCode {
     let build_cost = std::env::var("DEMO_FALLBACK_BUILD_MS")
         .ok()
         .and_then(|ms| ms.parse().ok())
@@ -87,21 +98,26 @@ async fn call(dir: &Path, auto_start: bool) -> ExitCode {
         let serve = AutoStart::current_exe(["serve".as_ref(), dir.as_os_str()]);
         layer = layer.auto_start(serve).force_auto_start(true);
     }
+    let tally = dir.join("tally");
     let svc = ServiceBuilder::new()
         .layer(layer)
-        .service(LazyFallback::new(move || async move {
-            // Stands for opening the repository: paid only when a call runs in-process.
-            if !build_cost.is_zero() {
-                tokio::time::sleep(build_cost).await;
+        .service(LazyFallback::new(move || {
+            let tally = tally.clone();
+            async move {
+                // Stands for opening the repository: paid only when a call runs in-process.
+                if !build_cost.is_zero() {
+                    tokio::time::sleep(build_cost).await;
+                }
+                let service = EchoService::new("in-process").with_tally(Tally::new(tally));
+                Ok::<_, std::convert::Infallible>(EchoServer::new(service))
             }
-            Ok::<_, std::convert::Infallible>(EchoServer::new(EchoService::new("in-process")))
         }));
     let mut client = EchoClient::new(svc.clone());
 
     let start = Instant::now();
     let result = client
         .echo(EchoRequest {
-            message: "hello".into(),
+            message: message.into(),
             id: 1,
             delay_ms: 0,
             status_code: 0,

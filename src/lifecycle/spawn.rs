@@ -38,8 +38,12 @@ pub(crate) enum SpawnOutcome {
     /// (it holds the spawn lock), or the daemon it started is alive and has not served yet. A
     /// call may wait for it.
     Pending(&'static str),
-    /// No daemon was started, and that is fine: one holds the lifetime lock, or a start the
-    /// record cannot prove pending may be. The reason is for logs.
+    /// No daemon was started: one holds the lifetime lock. It is loading, serving or
+    /// stopping; a probe that found no pidfile yet means it is loading, and a call may wait
+    /// for it.
+    Locked,
+    /// No daemon was started, and that is fine: a start the record cannot prove pending may
+    /// be under way. The reason is for logs.
     NotNow(&'static str),
     /// Starting is not allowed here (the directory is not ours, or not private).
     CannotStart(&'static str),
@@ -94,7 +98,7 @@ pub(crate) fn maybe_spawn(paths: &DaemonPaths, auto: &AutoStart) -> SpawnOutcome
         );
     }
     if lock_held(&paths.lock) {
-        return SpawnOutcome::NotNow("a daemon holds the lifetime lock");
+        return SpawnOutcome::Locked;
     }
     let Ok(lock) = open_private(&paths.sockets_dir.join(SPAWN_LOCK_FILE), false) else {
         return SpawnOutcome::CannotStart("the spawn lock cannot be opened");
@@ -104,7 +108,7 @@ pub(crate) fn maybe_spawn(paths: &DaemonPaths, auto: &AutoStart) -> SpawnOutcome
     };
     // Decide again, now that no other process decides.
     if lock_held(&paths.lock) {
-        return SpawnOutcome::NotNow("a daemon holds the lifetime lock");
+        return SpawnOutcome::Locked;
     }
     let record = SpawnRecord::read(&paths.sockets_dir).unwrap_or_default();
     if record.proves_pending(auto.start_timeout) {

@@ -113,6 +113,14 @@ impl FallbackReason {
         }
     }
 
+    /// Whether the probe missed only the files a daemon writes once it is ready (its pidfile
+    /// and socket, or an older daemon's left behind): with the lifetime lock held, the daemon
+    /// that holds it is still loading.
+    pub(crate) fn is_loading(&self) -> bool {
+        use FallbackReason::*;
+        matches!(self, NoPidfile | NoSocket | ProcessGone | PidReused { .. })
+    }
+
     /// What to do about it, in one sentence for a person.
     pub fn remedy(&self) -> &'static str {
         use FallbackReason::*;

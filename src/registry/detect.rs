@@ -117,6 +117,15 @@ impl Entry {
                 let mut state = self.lock();
                 state.handoff = state.handoff.or(handoff);
             }
+            // A daemon that holds its lock and has not written its pidfile yet is loading.
+            SpawnOutcome::Locked if reason.is_loading() => {
+                tracing::debug!(dir = %self.dir.display(), "a daemon holds its lock and is loading");
+                let mut state = self.lock();
+                state.handoff = state.handoff.or(handoff);
+            }
+            SpawnOutcome::Locked => {
+                tracing::debug!(dir = %self.dir.display(), "a daemon holds the lifetime lock");
+            }
             SpawnOutcome::Failed(message) => {
                 self.lock().handoff = None;
                 return FallbackReason::AutoStartFailed { message };

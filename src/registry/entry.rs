@@ -23,8 +23,8 @@
 //! The checks themselves run outside the lock, in `detect`.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -41,7 +41,7 @@ use crate::lifecycle::{SpawnedChild, record_served};
 use crate::paths::DaemonPaths;
 use crate::probe::UdsTarget;
 use crate::reason::FallbackReason;
-use crate::sync::{CatchUnwind, Waiters, lock};
+use crate::sync::{Waiters, lock};
 
 /// One directory's route, shared process-wide.
 #[derive(Debug)]
@@ -54,9 +54,11 @@ pub(crate) struct Entry {
     pub(super) settings: Settings,
     /// Bumped under `state`'s lock on every change.
     generation: AtomicU64,
-    /// Set once a negative verdict may be old enough to be checked again; the slow path
-    /// compares the time itself.
-    reprobe_due: AtomicBool,
+    /// When a negative verdict is old enough to be checked again, in nanoseconds since
+    /// `created` (`u64::MAX`: not while the verdict stands). A warm call compares the clock
+    /// with it; the slow path compares the time itself.
+    reprobe_at: AtomicU64,
+    created: Instant,
     /// How many services use the entry; at zero it is released after the linger.
     pub(super) users: AtomicUsize,
     /// How many leases were ever taken: tells a release that the entry was taken again.
@@ -154,8 +156,6 @@ pub(super) struct State {
     verdict: Verdict,
     /// A background re-probe in flight.
     reprobe: Option<Reprobe>,
-    /// The runtimes with a timer armed for the negative verdict's re-probe.
-    timers: Vec<tokio::runtime::Id>,
     /// The first calls that wait while another call of the process probes, outside the lock.
     probing: Option<Waiters>,
     /// A daemon this process started on a miss, and when: until it serves (or the start
@@ -220,14 +220,14 @@ impl Entry {
             daemon_paths: DaemonPaths::new(dir),
             settings,
             generation: AtomicU64::new(0),
-            reprobe_due: AtomicBool::new(false),
+            reprobe_at: AtomicU64::new(u64::MAX),
+            created: Instant::now(),
             users: AtomicUsize::new(0),
             leases: AtomicU64::new(0),
             ids: Ids::default(),
             state: Mutex::new(State {
                 verdict: Verdict::Unprobed,
                 reprobe: None,
-                timers: Vec::new(),
                 probing: None,
                 spawned: None,
                 handoff: None,
@@ -242,19 +242,33 @@ impl Entry {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// Whether a negative verdict may be old enough to be checked again.
     #[inline]
     pub(crate) fn reprobe_due(&self) -> bool {
-        self.reprobe_due.load(Ordering::Relaxed)
+        self.nanos(Instant::now()) >= self.reprobe_at.load(Ordering::Relaxed)
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        let nanos = at.saturating_duration_since(self.created).as_nanos();
+        u64::try_from(nanos).unwrap_or(u64::MAX - 1)
+    }
+
+    /// The negative verdict given `since` is due to be checked again after the interval.
+    fn schedule_reprobe(&self, state: &State, since: Instant) {
+        let due = since + self.reprobe_interval(state);
+        self.reprobe_at.store(self.nanos(due), Ordering::Relaxed);
     }
 
     #[inline]
     pub(crate) fn count_daemon_call(&self) {
-        self.counters.daemon_calls.add_one();
+        self.counters.daemon_calls.fetch_add(1, Ordering::Relaxed);
     }
 
     #[inline]
     pub(crate) fn count_in_process_call(&self) {
-        self.counters.in_process_calls.add_one();
+        self.counters
+            .in_process_calls
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn count_start_wait(&self) {
@@ -270,14 +284,18 @@ impl Entry {
     /// A request the daemon never processed (never sent, above its GOAWAY's last stream, or
     /// refused) runs in-process.
     pub(crate) fn count_reroute(&self) {
-        self.counters.in_process_calls.add_one();
+        self.counters
+            .in_process_calls
+            .fetch_add(1, Ordering::Relaxed);
         self.counters.rerouted_calls.fetch_add(1, Ordering::Relaxed);
     }
 
     /// An idempotent request whose connection broke before its answer runs again in-process:
     /// counted, and traced in a decision span of its own.
     pub(crate) fn count_rerun(&self, path: &str) {
-        self.counters.in_process_calls.add_one();
+        self.counters
+            .in_process_calls
+            .fetch_add(1, Ordering::Relaxed);
         self.counters.rerun_calls.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!(
             "local_daemon_decision",
@@ -307,7 +325,6 @@ impl Entry {
         let mut state = self.lock();
         state.close_all();
         state.verdict = Verdict::Unprobed;
-        state.timers.clear();
         state.spawned = None;
         state.handoff = None;
         self.counters.clear();
@@ -363,7 +380,7 @@ impl Entry {
 
     /// Ends a hand-off that is over: its bound passed, or the daemon started here exited. The
     /// calls then run in-process, by the reason it says.
-    fn end_handoff(self: &Arc<Self>, state: &mut State, runtime: Option<&Handle>) {
+    fn end_handoff(self: &Arc<Self>, state: &mut State) {
         let Some(until) = state.handoff else {
             return;
         };
@@ -383,7 +400,7 @@ impl Entry {
             None => return,
         };
         state.handoff = None;
-        self.set_negative(state, FallbackReason::AutoStartFailed { message }, runtime);
+        self.set_negative(state, FallbackReason::AutoStartFailed { message });
     }
 
     /// `decision` with the generation it holds for, read under the lock (once the lock is let
@@ -483,7 +500,7 @@ impl Entry {
                 Probed::Next(state, None)
             }
             Err(reason) => {
-                self.set_negative(&mut state, reason, runtime);
+                self.set_negative(&mut state, reason);
                 let decision = self.current(&state);
                 Probed::Decided(self.decided(&state, decision))
             }
@@ -502,7 +519,7 @@ impl Entry {
         if !matches!(state.verdict, Verdict::Negative { .. }) {
             return Negative::No;
         }
-        self.end_handoff(state, runtime);
+        self.end_handoff(state);
         let Verdict::Negative { reason, since } = &state.verdict else {
             return Negative::No;
         };
@@ -528,10 +545,10 @@ impl Entry {
             }
         }
         if since.elapsed() < self.reprobe_interval(state) {
-            self.arm_timer(state, runtime);
+            self.schedule_reprobe(state, since);
             return Negative::Decided(self.decided(state, decision));
         }
-        self.reprobe_due.store(false, Ordering::Relaxed);
+        self.reprobe_at.store(u64::MAX, Ordering::Relaxed);
         if self.settings.mode != Mode::Auto {
             return Negative::No;
         }
@@ -589,7 +606,7 @@ impl Entry {
             .iter()
             .any(|(_, slot)| matches!(slot, Slot::Connected { .. }));
         if !connected {
-            self.set_negative(state, reason.clone(), runtime);
+            self.set_negative(state, reason.clone());
         }
         let decision = match connected {
             true => self.negative(state, reason),
@@ -636,15 +653,14 @@ impl Entry {
             RunEnd::Finished(outcome) => self.install(&mut state, runtime, outcome),
             // The runtime went away: not the daemon's doing. The next call tries again.
             RunEnd::Interrupted => {
-                self.reprobe_due.store(true, Ordering::Relaxed);
+                self.reprobe_at.store(0, Ordering::Relaxed);
                 self.bump();
             }
             RunEnd::Panicked(unusable) => {
                 let reason = FallbackReason::RuntimeUnusable {
                     message: unusable.unwrap_or("the checks' task panicked").into(),
                 };
-                let handle = Handle::try_current().ok();
-                self.set_negative(&mut state, reason, handle.as_ref());
+                self.set_negative(&mut state, reason);
             }
         }
         drop(state);
@@ -660,13 +676,11 @@ impl Entry {
             // fires only once: it is checked here, under the lock `connection_ended` takes.
             Ok((_, connection)) if connection.end.has_fired() => {
                 connection.task.abort();
-                let handle = Handle::try_current().ok();
-                return self.set_negative(state, FallbackReason::ConnectionLost, handle.as_ref());
+                return self.set_negative(state, FallbackReason::ConnectionLost);
             }
             Ok(checked) => checked,
             Err(reason) => {
-                let handle = Handle::try_current().ok();
-                return self.set_negative(state, reason, handle.as_ref());
+                return self.set_negative(state, reason);
             }
         };
         self.counters
@@ -702,12 +716,7 @@ impl Entry {
     }
 
     /// No usable daemon, for every runtime: connections close, and a re-probe is scheduled.
-    fn set_negative(
-        self: &Arc<Self>,
-        state: &mut State,
-        reason: FallbackReason,
-        runtime: Option<&Handle>,
-    ) {
+    fn set_negative(self: &Arc<Self>, state: &mut State, reason: FallbackReason) {
         self.counters.count_fallback(&reason);
         let route = match self.settings.mode {
             Mode::Require => "refused",
@@ -715,13 +724,9 @@ impl Entry {
         };
         self.trace_decision(route, Some(&reason));
         state.close_all();
-        state.verdict = Verdict::Negative {
-            reason,
-            since: Instant::now(),
-        };
-        state.timers.clear();
-        self.reprobe_due.store(false, Ordering::Relaxed);
-        self.arm_timer(state, runtime);
+        let since = Instant::now();
+        state.verdict = Verdict::Negative { reason, since };
+        self.schedule_reprobe(state, since);
         self.bump();
     }
 
@@ -764,8 +769,7 @@ impl Entry {
                     ?cause,
                     "local daemon connection ended; calls run in-process"
                 );
-                let handle = Handle::try_current().ok();
-                self.set_negative(&mut state, FallbackReason::ConnectionLost, handle.as_ref());
+                self.set_negative(&mut state, FallbackReason::ConnectionLost);
             }
             EndCause::RuntimeEnded => {
                 tracing::debug!(
@@ -802,36 +806,6 @@ impl Entry {
             false => self.settings.reprobe_interval,
         }
     }
-
-    /// Sets the due flag once the interval has passed, by a timer on the calling runtime: each
-    /// runtime that routes by the negative verdict arms one, so an idle runtime cannot hold
-    /// back the others. The timer's guard also sets the flag if its runtime goes away first;
-    /// the slow path then compares the time itself. Without a runtime with timers the flag is
-    /// set at once, and the slow path does all the waiting.
-    fn arm_timer(self: &Arc<Self>, state: &mut State, runtime: Option<&Handle>) {
-        let Some(handle) = runtime else {
-            self.reprobe_due.store(true, Ordering::Relaxed);
-            return;
-        };
-        if state.timers.contains(&handle.id()) {
-            return;
-        }
-        state.timers.push(handle.id());
-        if runtimes::unusable(handle).is_some() {
-            self.reprobe_due.store(true, Ordering::Relaxed);
-            return;
-        }
-        let guard = SetDueOnDrop(Arc::downgrade(self));
-        let interval = self.reprobe_interval(state);
-        let runtime = handle.id();
-        handle.spawn(async move {
-            let sleep = CatchUnwind::new(async move { tokio::time::sleep(interval).await });
-            if let Err(panic) = sleep.await {
-                runtimes::learn(runtime, &panic);
-            }
-            drop(guard);
-        });
-    }
 }
 
 /// How often a daemon being started is looked for while calls wait for it.
@@ -845,17 +819,6 @@ impl Drop for Unprobing<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
             drop(self.0.lock().probing.take());
-        }
-    }
-}
-
-/// Sets an entry's due flag when dropped: when its timer fires, or its runtime goes away.
-struct SetDueOnDrop(Weak<Entry>);
-
-impl Drop for SetDueOnDrop {
-    fn drop(&mut self) {
-        if let Some(entry) = self.0.upgrade() {
-            entry.reprobe_due.store(true, Ordering::Relaxed);
         }
     }
 }

@@ -1,9 +1,7 @@
-//! [`RouteStats`] and the counters behind them. The per-call counters are sharded by thread, so
-//! that concurrent callers never write one cache line.
+//! [`RouteStats`] and the counters behind them.
 
-use std::cell::Cell;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::probe::UdsTarget;
 use crate::reason::FallbackReason;
@@ -46,63 +44,13 @@ pub struct RouteStats {
     pub route: Option<Result<UdsTarget, FallbackReason>>,
 }
 
-/// A counter that many threads add to, each on a cache line of its own; a read sums them.
-#[derive(Debug, Default)]
-pub(super) struct ShardedCounter {
-    shards: [Shard; SHARDS],
-}
-
-const SHARDS: usize = 16;
-
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct Shard(AtomicU64);
-
-impl ShardedCounter {
-    #[inline]
-    pub(super) fn add_one(&self) {
-        self.shards[shard()].0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(super) fn sum(&self) -> u64 {
-        self.shards
-            .iter()
-            .map(|s| s.0.load(Ordering::Relaxed))
-            .sum()
-    }
-
-    fn clear(&self) {
-        for shard in &self.shards {
-            shard.0.store(0, Ordering::Relaxed);
-        }
-    }
-}
-
-/// This thread's shard: threads take shards in turn as they first count. The thread-local is
-/// constant-initialized (a plain load, no lazy-init check), and set on the first count.
-#[inline]
-fn shard() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
-    }
-    SHARD.with(|shard| match shard.get() {
-        usize::MAX => {
-            let taken = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
-            shard.set(taken);
-            taken
-        }
-        taken => taken,
-    })
-}
-
 /// The counters of one entry.
 #[derive(Debug, Default)]
 pub(super) struct Counters {
     pub(super) probes: AtomicU64,
     pub(super) connections_built: AtomicU64,
-    pub(super) daemon_calls: ShardedCounter,
-    pub(super) in_process_calls: ShardedCounter,
+    pub(super) daemon_calls: AtomicU64,
+    pub(super) in_process_calls: AtomicU64,
     pub(super) rerouted_calls: AtomicU64,
     pub(super) rerun_calls: AtomicU64,
     pub(super) start_waits: AtomicU64,
@@ -122,8 +70,8 @@ impl Counters {
     pub(super) fn clear(&self) {
         self.probes.store(0, Ordering::Relaxed);
         self.connections_built.store(0, Ordering::Relaxed);
-        self.daemon_calls.clear();
-        self.in_process_calls.clear();
+        self.daemon_calls.store(0, Ordering::Relaxed);
+        self.in_process_calls.store(0, Ordering::Relaxed);
         self.rerouted_calls.store(0, Ordering::Relaxed);
         self.rerun_calls.store(0, Ordering::Relaxed);
         self.start_waits.store(0, Ordering::Relaxed);
@@ -138,8 +86,8 @@ impl Counters {
             probes: self.probes.load(Ordering::Relaxed),
             connections_built,
             channels_built: connections_built,
-            daemon_calls: self.daemon_calls.sum(),
-            in_process_calls: self.in_process_calls.sum(),
+            daemon_calls: self.daemon_calls.load(Ordering::Relaxed),
+            in_process_calls: self.in_process_calls.load(Ordering::Relaxed),
             rerouted_calls: self.rerouted_calls.load(Ordering::Relaxed),
             rerun_calls: self.rerun_calls.load(Ordering::Relaxed),
             start_waits: self.start_waits.load(Ordering::Relaxed),

@@ -108,7 +108,7 @@ async fn a_negative_decision_is_probed_again_only_after_the_interval() {
     assert!(!entry.reprobe_due());
     assert_eq!(entry.generation(), generation);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(entry.reprobe_due(), "the timer marks the decision due");
+    assert!(entry.reprobe_due(), "the interval has passed");
 
     // The next call starts the re-probe in the background and goes on in-process.
     let mut next = spawn(std::future::poll_fn(|cx| entry.poll_decision(cx)));

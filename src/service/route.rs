@@ -119,8 +119,6 @@ pub(super) struct Cached {
     /// atomic operations on a line every worker shares. Outside a task (a future driven by
     /// `block_on` itself) there is no id, and each warm daemon call reads the handle.
     pub(super) task: Option<tokio::task::Id>,
-    /// Calls routed by a negative decision since the slow path last looked at the clock.
-    pub(super) unchecked: u8,
     pub(super) ready: bool,
 }
 
@@ -130,15 +128,10 @@ impl Cached {
             generation,
             decision,
             task: tokio::task::try_id(),
-            unchecked: 0,
             ready: false,
         }
     }
 }
-
-/// How many calls a negative decision routes before the slow path looks at the clock itself,
-/// in case the timer that sets the due flag runs on a runtime that is not being driven.
-const CLOCK_CHECK_EVERY: u8 = 64;
 
 /// The route for the next call: the warm path is one atomic load and a comparison (on the
 /// daemon route, also a thread-local read, or the runtime's handle outside a task). A new
@@ -185,8 +178,7 @@ impl Cached {
                     || same_runtime(&mut self.task, current, daemon.runtime)
             }
             Decision::InProcess | Decision::Unavailable(_) | Decision::AwaitStart => {
-                self.unchecked += 1;
-                !entry.reprobe_due() && self.unchecked < CLOCK_CHECK_EVERY
+                !entry.reprobe_due()
             }
         }
     }

@@ -7,8 +7,10 @@
 #![allow(dead_code)]
 
 mod generated;
+mod tally;
 
 pub use generated::{echo_client, echo_server};
+pub use tally::Tally;
 
 use std::fs::File;
 use std::io::Write;
@@ -54,16 +56,31 @@ pub struct EchoReply {
 }
 
 /// The service: `served_by` is `label`; every executed request id is appended to `log`,
-/// before the reply, so that the record survives a SIGKILL.
+/// before the reply, so that the record survives a SIGKILL. With a tally, the message
+/// `increment` adds one to it and is answered with the new value.
 #[derive(Debug, Clone)]
 pub struct EchoService {
     label: &'static str,
     log: Option<Arc<Mutex<File>>>,
+    tally: Option<Arc<Tally>>,
 }
+
+/// The message that increments the tally.
+pub const INCREMENT: &str = "increment";
 
 impl EchoService {
     pub fn new(label: &'static str) -> Self {
-        Self { label, log: None }
+        Self {
+            label,
+            log: None,
+            tally: None,
+        }
+    }
+
+    /// Answers [`INCREMENT`] by adding one to `tally`.
+    pub fn with_tally(mut self, tally: Tally) -> Self {
+        self.tally = Some(Arc::new(tally));
+        self
     }
 
     /// Appends each executed request id to `file`, one per line.
@@ -98,6 +115,12 @@ impl echo_server::Echo for EchoService {
         if request.status_code != 0 {
             let code = tonic::Code::from(request.status_code);
             return Err(Status::new(code, "the request asked for this status"));
+        }
+        if let (Some(tally), INCREMENT) = (&self.tally, request.message.as_str()) {
+            let value = tally
+                .increment()
+                .map_err(|e| Status::internal(format!("the tally: {e}")))?;
+            return Ok(Response::new(self.reply(value.to_string())));
         }
         Ok(Response::new(self.reply(request.message)))
     }
