@@ -98,8 +98,6 @@ mod connect;
 #[cfg(feature = "client")]
 mod diagnose;
 #[cfg(feature = "client")]
-mod future;
-#[cfg(feature = "client")]
 mod http2;
 #[cfg(feature = "client")]
 mod layer;
@@ -143,8 +141,6 @@ pub use connect::{
 #[cfg(feature = "client")]
 pub use diagnose::{Check, CheckOutcome, Report, diagnose};
 #[cfg(feature = "client")]
-pub use future::{ResponseFuture, Route};
-#[cfg(feature = "client")]
 pub use layer::LocalDaemonLayer;
 #[cfg(feature = "client")]
 pub use lazy::{LazyFallback, LazyFuture};
@@ -159,4 +155,4 @@ pub use reason::FallbackReason;
 #[cfg(feature = "client")]
 pub use registry::{RouteStats, reset};
 #[cfg(feature = "client")]
-pub use service::LocalDaemon;
+pub use service::{LocalDaemon, ResponseFuture, Route};

@@ -1,5 +1,6 @@
 //! [`LocalDaemon`]: the service that picks the route for each call.
 
+mod future;
 mod route;
 
 use std::fmt;
@@ -10,10 +11,10 @@ use bytes::Bytes;
 use tonic::body::Body;
 use tower::{BoxError, Service};
 
+pub use self::future::{ResponseFuture, Route};
 pub(crate) use self::route::Shared;
 use self::route::{Cached, poll_route};
 use crate::config::Mode;
-use crate::future::ResponseFuture;
 use crate::registry::{DaemonRoute, Decision, RouteStats};
 
 /// Routes each call to the local daemon or to the in-process service `S`.

@@ -14,13 +14,13 @@ use tonic::body::Body;
 use tower::util::Oneshot;
 use tower::{BoxError, Service};
 
+use super::route::Shared;
 use crate::config::Mode;
 use crate::http2::{
     DaemonFuture, Fate, KeptRequest, NotSent, SendError, Unsent, grpc_timeout, timeout_status,
 };
 use crate::reason::FallbackReason;
 use crate::registry::{DaemonRoute, Decision, HANDOFF_TICK};
-use crate::service::Shared;
 
 /// Which route served a response: found in the response's extensions when the layer was
 /// built with [`mark_route`](crate::LocalDaemonLayer::mark_route).
