@@ -283,25 +283,11 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let mut response = response.map(into_body);
+    let mut response = response.map(Body::new);
     if let Some(route) = mark {
         response.extensions_mut().insert(route);
     }
     response
-}
-
-/// The body as tonic's [`Body`]: as it is when it already is one (a generated server's), without
-/// the checks [`Body::new`] makes first; the type test is resolved at compile time.
-fn into_body<B>(body: B) -> Body
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    let mut slot = Some(body);
-    if let Some(body) = (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<Body>>() {
-        return body.take().unwrap_or_default();
-    }
-    slot.map(Body::new).unwrap_or_default()
 }
 
 impl<S, B> Future for ResponseFuture<S>
