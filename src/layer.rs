@@ -58,7 +58,7 @@ impl LocalDaemonLayer {
     /// pings every second, also while idle, with a 2 s timeout.
     pub fn new(heddle_dir: impl AsRef<Path>) -> Self {
         Self {
-            dir: heddle_dir.as_ref().to_owned(),
+            dir: crate::paths::absolute(heddle_dir.as_ref()),
             settings: Settings::default(),
             mode_override: EnvOverride::Var(DEFAULT_MODE_ENV.to_owned()),
             mark_route: false,

@@ -42,9 +42,10 @@ pub struct DaemonPaths {
 }
 
 impl DaemonPaths {
-    /// The standard layout under a repository directory such as `.heddle`.
+    /// The standard layout under a repository directory such as `.heddle`, made
+    /// [absolute](absolute) first.
     pub fn new(dir: impl AsRef<Path>) -> Self {
-        let sockets_dir = dir.as_ref().join(SOCKETS_DIR);
+        let sockets_dir = absolute(dir.as_ref()).join(SOCKETS_DIR);
         Self {
             socket: sockets_dir.join(SOCKET_FILE),
             pidfile: sockets_dir.join(PIDFILE_FILE),
@@ -58,15 +59,24 @@ impl DaemonPaths {
     /// the checks require to be private, and the lock file is looked for beside the pidfile.
     pub(crate) fn with_overrides(mut self, socket: Option<&Path>, pidfile: Option<&Path>) -> Self {
         if let Some(socket) = socket {
-            self.socket = socket.to_owned();
-            self.sockets_dir = parent_of(socket);
+            self.socket = absolute(socket);
+            self.sockets_dir = parent_of(&self.socket);
         }
         if let Some(pidfile) = pidfile {
-            self.pidfile = pidfile.to_owned();
-            self.lock = parent_of(pidfile).join(LOCK_FILE);
+            self.pidfile = absolute(pidfile);
+            self.lock = parent_of(&self.pidfile).join(LOCK_FILE);
         }
         self
     }
+}
+
+/// `path` made absolute against the working directory, lexically, as [`std::path::absolute`]
+/// does: every directory the crate takes goes through here, once, where it is taken, so that a
+/// relative spelling means the same directory in every function and in a daemon started with a
+/// working directory of its own. Symlinks are kept (not resolved), for the checks that look at
+/// them. A path that cannot be made absolute (empty, or no working directory) stays as it is.
+pub(crate) fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
 
 /// A file's directory; `.` for a bare file name.

@@ -33,6 +33,10 @@ pub const DAEMON_LOG_FILE: &str = "daemon.log";
 /// Set in an auto-started daemon's environment: the daemon then exits after an idle timeout
 /// unless it sets its own.
 pub const AUTO_STARTED_ENV: &str = "LOCAL_DAEMON_AUTO_STARTED";
+/// Set in an auto-started daemon's environment: the absolute directory it was started for. A
+/// [`Daemon`](crate::Daemon) given any other directory refuses to start
+/// ([`DaemonError::WrongDirectory`](crate::daemon::DaemonError::WrongDirectory)).
+pub const DAEMON_DIR_ENV: &str = "LOCAL_DAEMON_DIR";
 /// Set in an auto-started daemon's environment: the descriptors it inherited from the command
 /// without close-on-exec (comma-separated), which [`Daemon`](crate::Daemon) closes as it binds.
 pub const INHERITED_FDS_ENV: &str = "LOCAL_DAEMON_INHERITED_FDS";

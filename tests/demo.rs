@@ -88,3 +88,66 @@ fn one_shot_increments_from_a_cold_directory_all_reach_the_daemon_and_none_is_lo
     assert_eq!(tally.trim(), (PROCESSES * INCREMENTS).to_string());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A relative directory, as a user types it: the demo passes it through unchanged, and its
+/// auto-start runs the daemon in `/`. The daemon refuses the directory it would resolve there
+/// (the command told it the absolute one), so nothing is made outside the repository, and the
+/// command's own functions (`call`, `stop`) read the directory it means.
+#[test]
+fn a_relative_directory_starts_no_daemon_elsewhere_and_means_one_directory_everywhere() {
+    let parent = std::env::temp_dir().join(format!("tld-relative-{}", std::process::id()));
+    let name = format!(".tld-relative-{}", std::process::id());
+    let _ = std::fs::remove_dir_all(&parent);
+    std::fs::create_dir_all(parent.join(&name)).unwrap();
+    let elsewhere = std::path::Path::new("/").join(&name);
+    let run = |args: &[&str]| {
+        let output = Command::new(demo())
+            .args(args)
+            .current_dir(&parent)
+            .env_remove("HEDDLE_LOCAL_DAEMON")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{args:?}: {text}");
+        text
+    };
+
+    let out = run(&["call", "--auto-start", &name]);
+    let made_elsewhere = elsewhere.exists();
+    let _ = std::fs::remove_dir_all(&elsewhere);
+    assert!(!made_elsewhere, "a daemon made {}", elsewhere.display());
+    assert!(out.contains("route:   in-process"), "{out}");
+    assert!(out.contains("auto-start failed"), "{out}");
+    let log = std::fs::read_to_string(parent.join(&name).join("sockets/daemon.log")).unwrap();
+    assert!(
+        log.contains(&format!("refusing to serve {}", elsewhere.display())),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("started for {}", parent.join(&name).display())),
+        "{log}"
+    );
+
+    // A daemon serving the directory by its absolute path is the one a relative `stop` finds.
+    let mut daemon = Command::new(demo())
+        .arg("serve")
+        .arg(parent.join(&name))
+        .env_remove("LOCAL_DAEMON_DIR")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pidfile = parent.join(&name).join("sockets/grpc.pid");
+    for _ in 0..2000 {
+        if pidfile.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let out = run(&["call", &name]);
+    assert!(out.contains("route:   daemon (pid "), "{out}");
+    let out = run(&["stop", &name]);
+    assert!(out.contains("stopped the daemon"), "{out}");
+    assert!(daemon.wait().unwrap().success());
+    std::fs::remove_dir_all(&parent).unwrap();
+}

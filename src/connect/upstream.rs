@@ -104,7 +104,7 @@ pub async fn try_connect_local_daemon_channel(
     heddle_dir: impl AsRef<Path>,
     timeout: Duration,
 ) -> Result<LocalDaemonChannel, FallbackReason> {
-    let dir = heddle_dir.as_ref();
+    let dir = &crate::paths::absolute(heddle_dir.as_ref());
     let settings = Settings {
         deadline: timeout,
         ..Settings::default()

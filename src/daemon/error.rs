@@ -34,6 +34,14 @@ pub enum DaemonError {
         /// The error.
         source: io::Error,
     },
+    /// The daemon was started on a miss for one directory and given another: a relative
+    /// directory in its arguments, resolved against its working directory.
+    WrongDirectory {
+        /// The directory it was started for, from [`DAEMON_DIR_ENV`](crate::DAEMON_DIR_ENV).
+        started_for: PathBuf,
+        /// The directory it was given, made absolute.
+        given: PathBuf,
+    },
     /// The version is not a valid metadata value.
     InvalidVersion(String),
     /// The pidfile marker is not one line of visible ASCII.
@@ -76,6 +84,12 @@ impl fmt::Display for DaemonError {
                 path,
                 source,
             } => write!(f, "failed to {action} at {}: {source}", path.display()),
+            Self::WrongDirectory { started_for, given } => write!(
+                f,
+                "refusing to serve {}: this daemon was started for {}; a relative directory is resolved against the daemon's working directory, so pass the directory as an absolute path in the auto-start arguments",
+                given.display(),
+                started_for.display()
+            ),
             Self::InvalidVersion(v) => write!(f, "version {v:?} is not a valid metadata value"),
             Self::InvalidMarker(m) => {
                 write!(f, "pidfile marker {m:?} is not one line of visible ASCII")

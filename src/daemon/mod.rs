@@ -96,7 +96,9 @@ use self::listener::bind_private;
 use self::lock::LifetimeLock;
 pub use self::serve::BoundDaemon;
 use crate::paths::DaemonPaths;
-use crate::protocol::{AUTO_STARTED_ENV, INHERITED_FDS_ENV, PIDFILE_MARKER, SOCKET_FILE};
+use crate::protocol::{
+    AUTO_STARTED_ENV, DAEMON_DIR_ENV, INHERITED_FDS_ENV, PIDFILE_MARKER, SOCKET_FILE,
+};
 
 /// How long an auto-started daemon stays up without calls, unless it sets its own.
 const AUTO_STARTED_IDLE: Duration = Duration::from_secs(4 * 3600);
@@ -158,16 +160,20 @@ impl fmt::Debug for Daemon {
 }
 
 impl Daemon {
-    /// A daemon for `heddle_dir`, with files under `<heddle_dir>/sockets/`.
+    /// A daemon for `heddle_dir`, with files under `<heddle_dir>/sockets/`. A relative
+    /// `heddle_dir` is made absolute against the working directory now. A daemon started on a
+    /// miss refuses, as it binds, any directory but the one it was started for
+    /// ([`DAEMON_DIR_ENV`](crate::DAEMON_DIR_ENV)).
     ///
     /// Defaults: no version, a 5 s grace period, SIGTERM and SIGINT handled, and no idle exit,
     /// except for a daemon started on a miss (its environment has
     /// [`AUTO_STARTED_ENV`]), which exits after 4 hours without calls.
     /// Any daemon exits when its socket or sockets directory is removed under it.
     pub fn new(heddle_dir: impl AsRef<Path>) -> Self {
+        let dir = crate::paths::absolute(heddle_dir.as_ref());
         Self {
-            dir: heddle_dir.as_ref().to_owned(),
-            paths: DaemonPaths::new(heddle_dir),
+            paths: DaemonPaths::new(&dir),
+            dir,
             routes: None,
             services: Vec::new(),
             version: None,
@@ -249,6 +255,7 @@ impl Daemon {
         if self.marker.is_empty() || !self.marker.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(DaemonError::InvalidMarker(self.marker));
         }
+        started_for(&self.dir)?;
         close_inherited_descriptors();
         let sockets = SocketsDir::open(&self.paths.sockets_dir)?;
         let directory = sockets
@@ -274,6 +281,26 @@ impl Daemon {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
         self.bind()?.serve(shutdown).await
     }
+}
+
+/// A daemon started on a miss serves the directory it was started for ([`DAEMON_DIR_ENV`]), or
+/// none: a relative directory in its arguments names another one from its working directory.
+/// Two spellings of one directory (a symlink) are the same directory.
+fn started_for(dir: &Path) -> Result<(), DaemonError> {
+    let Some(started_for) = std::env::var_os(DAEMON_DIR_ENV).map(PathBuf::from) else {
+        return Ok(());
+    };
+    let same = |a: &Path, b: &Path| match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => crate::paths::FileIdentity::of(&a) == crate::paths::FileIdentity::of(&b),
+        _ => false,
+    };
+    if started_for == dir || same(&started_for, dir) {
+        return Ok(());
+    }
+    Err(DaemonError::WrongDirectory {
+        started_for,
+        given: dir.to_owned(),
+    })
 }
 
 /// Closes the descriptors that the command which started this daemon on a miss inherited

@@ -24,7 +24,9 @@ use crate::lockfile::lock_held;
 use crate::paths::DaemonPaths;
 use crate::peer::own_uid;
 use crate::probe::check_sockets_dir;
-use crate::protocol::{AUTO_STARTED_ENV, DAEMON_LOG_FILE, INHERITED_FDS_ENV, SPAWN_LOCK_FILE};
+use crate::protocol::{
+    AUTO_STARTED_ENV, DAEMON_DIR_ENV, DAEMON_LOG_FILE, INHERITED_FDS_ENV, SPAWN_LOCK_FILE,
+};
 
 /// The log is rotated (to `daemon.log.1`) when a spawn finds it over this size.
 const LOG_CAP: u64 = 1024 * 1024;
@@ -156,7 +158,7 @@ pub(crate) fn maybe_spawn(paths: &DaemonPaths, auto: &AutoStart) -> SpawnOutcome
             paths.sockets_dir.display()
         ));
     }
-    match spawn(auto, &log, out) {
+    match spawn(auto, dir, &log, out) {
         Ok(child) => {
             tracing::info!(pid = child.pid, log = %log.display(), "started the local daemon");
             next.pid = child.pid;
@@ -177,7 +179,7 @@ pub(crate) fn maybe_spawn(paths: &DaemonPaths, auto: &AutoStart) -> SpawnOutcome
 /// capture would then never end). Descriptors this crate opens are close-on-exec; those the
 /// command itself inherited without it (an old make's jobserver pipe) are named to the daemon,
 /// which closes them as it binds.
-fn spawn(auto: &AutoStart, log: &Path, out: File) -> io::Result<SpawnedChild> {
+fn spawn(auto: &AutoStart, dir: &Path, log: &Path, out: File) -> io::Result<SpawnedChild> {
     if !auto.program.is_absolute() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -193,7 +195,8 @@ fn spawn(auto: &AutoStart, log: &Path, out: File) -> io::Result<SpawnedChild> {
         .stdout(out)
         .stderr(err)
         .process_group(0)
-        .env(AUTO_STARTED_ENV, "1");
+        .env(AUTO_STARTED_ENV, "1")
+        .env(DAEMON_DIR_ENV, dir);
     // Each as `fd:device:inode`, so that the daemon closes only what the number still names.
     let inherited: Vec<String> = inherited_descriptors()
         .into_iter()

@@ -62,7 +62,7 @@ pub enum StopOutcome {
 /// # }
 /// ```
 pub async fn stop(heddle_dir: impl AsRef<Path>, timeout: Duration) -> StopOutcome {
-    let dir = heddle_dir.as_ref();
+    let dir = &crate::paths::absolute(heddle_dir.as_ref());
     stop_with(dir, &DaemonPaths::new(dir), &Settings::default(), timeout).await
 }
 

@@ -168,7 +168,7 @@ pub fn probe(heddle_dir: impl AsRef<Path>) -> LocalDaemonProbe {
 pub fn detect_local_daemon(heddle_dir: impl AsRef<Path>) -> Option<UdsTarget> {
     type Cache = HashMap<DirIdentity, (Instant, Option<UdsTarget>)>;
     static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
-    let dir = heddle_dir.as_ref();
+    let dir = &crate::paths::absolute(heddle_dir.as_ref());
     let key = DirIdentity::of(dir);
     let cache = CACHE.get_or_init(Default::default);
     if let Some((at, target)) = lock(cache).get(&key)

@@ -121,11 +121,11 @@ impl Drop for Release {
 /// tower_local_daemon::reset("/no/such/repo/.heddle");
 /// ```
 pub fn reset(heddle_dir: impl AsRef<Path>) {
-    let dir = heddle_dir.as_ref();
+    let dir = &crate::paths::absolute(heddle_dir.as_ref());
     let identity = DirIdentity::of(dir);
     let matching: Vec<Arc<Entry>> = entries()
         .iter()
-        .filter(|((id, _), entry)| *id == identity || entry.dir == dir)
+        .filter(|((id, _), entry)| *id == identity || entry.dir == *dir)
         .map(|(_, entry)| entry.clone())
         .collect();
     for entry in matching {
