@@ -89,6 +89,7 @@ mod peer;
 mod pidfile;
 mod process;
 mod protocol;
+mod spawn_record;
 
 // The client: built with the `client` feature.
 #[cfg(feature = "client")]

@@ -15,7 +15,6 @@
 //! [`MAX_PIDFILE_LEN`] + 1 bytes are read (one more than the longest pidfile says too long).
 
 use std::fmt;
-#[cfg(feature = "client")]
 use std::{
     fs::OpenOptions,
     io::{self, Read},
@@ -90,8 +89,8 @@ impl fmt::Display for PidfileError {
 
 impl std::error::Error for PidfileError {}
 
-/// Why a pidfile could not be read at all.
-#[cfg(feature = "client")]
+/// Why a pidfile (or another small file of the sockets directory) could not be read at all.
+#[cfg_attr(not(feature = "client"), allow(dead_code))]
 #[derive(Debug)]
 pub(crate) enum ReadError {
     /// Nothing at the path.
@@ -179,7 +178,6 @@ impl Pidfile {
 
 /// Reads at most [`MAX_PIDFILE_LEN`] + 1 bytes of the regular file at `path`, without following
 /// a symlink or blocking on a FIFO; returns them with the file's link count.
-#[cfg(feature = "client")]
 pub(crate) fn read_bounded(path: &Path) -> Result<(Vec<u8>, u64), ReadError> {
     let (file, metadata) = open_regular(path)?;
     // The reads stop at the size `stat` gave, past the bound at one byte more (too long): a
@@ -196,7 +194,6 @@ pub(crate) fn read_bounded(path: &Path) -> Result<(Vec<u8>, u64), ReadError> {
 
 /// Opens the regular file at `path` for reading, without following a symlink or blocking on a
 /// FIFO (the directory may be anyone's), with its metadata.
-#[cfg(feature = "client")]
 pub(crate) fn open_regular(path: &Path) -> Result<(std::fs::File, std::fs::Metadata), ReadError> {
     let file = OpenOptions::new()
         .read(true)
@@ -229,7 +226,6 @@ fn parse_canonical_decimal(digits: &[u8]) -> Option<u64> {
 }
 
 /// Open flags for pidfiles: never follow a symlink, never block on a FIFO.
-#[cfg(feature = "client")]
 const NO_FOLLOW_NO_BLOCK: i32 = nix::fcntl::OFlag::O_NOFOLLOW.bits()
     | nix::fcntl::OFlag::O_NONBLOCK.bits()
     | nix::fcntl::OFlag::O_CLOEXEC.bits();

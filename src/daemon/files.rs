@@ -19,7 +19,8 @@ use nix::unistd::UnlinkatFlags;
 use super::error::DaemonError;
 use crate::paths::{FileIdentity, SocketAddrPath};
 use crate::peer::own_uid;
-use crate::protocol::{PIDFILE_FILE, SOCKET_FILE};
+use crate::protocol::{PIDFILE_FILE, SOCKET_FILE, SPAWN_LOCK_FILE, SPAWN_RECORD_FILE};
+use crate::spawn_record::SpawnRecord;
 
 /// The open sockets directory.
 #[derive(Debug)]
@@ -116,6 +117,16 @@ impl SocketsDir {
             dev: stat.st_dev,
             ino: stat.st_ino,
         })
+    }
+
+    /// Marks in the spawn record, if there is one, that this daemon serves
+    /// ([`SpawnRecord::mark_served`]); `Ok(false)` while a spawner holds the spawn lock.
+    pub(super) fn mark_served(&self) -> io::Result<bool> {
+        if self.stat(SPAWN_RECORD_FILE)?.is_none() {
+            return Ok(true);
+        }
+        let lock = self.open_file(SPAWN_LOCK_FILE, false)?;
+        SpawnRecord::mark_served(lock, &self.fd_path(""))
     }
 
     /// The identity of `name`, if it exists.

@@ -132,6 +132,9 @@ impl BoundDaemon {
             &daemon.counters,
             socket_gone,
         );
+        // Served, whoever calls: a started daemon used only by layers without auto-start must
+        // not leave the backoff counting it as a failure.
+        let stop = async { tokio::join!(mark_served(&sockets), stop).1 };
         let result = tokio::select! {
             result = &mut server => result.map_err(DaemonError::Serve),
             why = stop => {
@@ -149,6 +152,22 @@ impl BoundDaemon {
         remove_files(&sockets, &files, lock);
         result
     }
+}
+
+/// Marks the spawn record served, waiting (boundedly) for a spawner that holds the spawn lock:
+/// it writes the record for the start it made until it lets go.
+async fn mark_served(sockets: &SocketsDir) {
+    for _ in 0..200 {
+        match sockets.mark_served() {
+            Ok(false) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Ok(true) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not mark the spawn record served");
+                return;
+            }
+        }
+    }
+    tracing::warn!("could not mark the spawn record served: the spawn lock stayed held");
 }
 
 async fn set_all(reporter: &HealthReporter, names: &[&str], status: ServingStatus) {

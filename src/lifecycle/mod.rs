@@ -7,7 +7,9 @@ mod spawn;
 mod status;
 mod stop;
 
-pub(crate) use self::spawn::{SpawnOutcome, SpawnedChild, maybe_spawn, record_served};
+pub(crate) use self::spawn::{
+    SpawnOutcome, SpawnedChild, maybe_spawn, record_served, stop_own_stalled,
+};
 pub use self::status::{AutoStartStatus, auto_start_status};
 pub(crate) use self::stop::stop_with;
 pub use self::stop::{StopOutcome, stop};

@@ -1,94 +1,14 @@
-//! The attempt record, `sockets/spawn.record`: the one place that knows its format, and what
-//! it says of a pending start and of the backoff.
+//! What the attempt record ([`SpawnRecord`]) says of a pending start and of the backoff.
 
-use std::fs::OpenOptions;
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nix::fcntl::OFlag;
-
-use crate::pidfile::read_bounded;
-use crate::process::{self, ProcessStart, exited};
-use crate::protocol::SPAWN_RECORD_FILE;
+use crate::process::{self, exited};
+use crate::spawn_record::SpawnRecord;
 
 /// The longest backoff between two starts whose daemons never served.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
-/// The attempt record, `sockets/spawn.record`: one line of
-/// `<last spawn, Unix milliseconds> <failures> <spawns> <pid> [<start ticks> <boot id>]`.
-///
-/// The started process's start (ticks and boot id, as the lock record has them) came later:
-/// a client that reads only the first four fields reads a newer record as before, and a record
-/// without them is still read, but never proves a start pending (nothing then waits for it).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct SpawnRecord {
-    pub(crate) last_spawn_ms: u64,
-    /// Starts in a row not seen serving since.
-    pub(crate) failures: u32,
-    pub(crate) spawns: u64,
-    pub(crate) pid: u32,
-    /// When the started process started, by the kernel's clock.
-    pub(crate) start: Option<ProcessStart>,
-}
-
 impl SpawnRecord {
-    /// Read as defensively as a pidfile (bounded, no symlink followed, never blocking on a
-    /// FIFO): `auto_start_status` reads it in any directory it is given.
-    pub(crate) fn read(sockets_dir: &Path) -> Option<Self> {
-        let (bytes, _) = read_bounded(&sockets_dir.join(SPAWN_RECORD_FILE)).ok()?;
-        let text = std::str::from_utf8(&bytes).ok()?;
-        let mut fields = text.split_whitespace();
-        let mut number = || fields.next()?.parse::<u64>().ok();
-        let record = Self {
-            last_spawn_ms: number()?,
-            failures: u32::try_from(number()?).ok()?,
-            spawns: number()?,
-            pid: u32::try_from(number()?).ok()?,
-            start: None,
-        };
-        let start = match (number(), fields.next()) {
-            (Some(ticks), Some(boot_id)) if !boot_id.is_empty() => Some(ProcessStart {
-                ticks,
-                boot_id: boot_id.to_owned(),
-            }),
-            _ => None,
-        };
-        Some(Self { start, ..record })
-    }
-
-    /// Writes the record whole (a temporary file renamed over it), or not at all: a temporary
-    /// file is never left behind. Whatever has the temporary file's name (a stale one, a FIFO)
-    /// is replaced, in the sockets directory that only we can write.
-    pub(super) fn write(&self, sockets_dir: &Path) -> io::Result<()> {
-        let path = sockets_dir.join(SPAWN_RECORD_FILE);
-        let tmp = sockets_dir.join(format!("{SPAWN_RECORD_FILE}.tmp.{}", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        let written = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
-            .open(&tmp)
-            .and_then(|mut file| {
-                write!(
-                    file,
-                    "{} {} {} {}",
-                    self.last_spawn_ms, self.failures, self.spawns, self.pid
-                )?;
-                match &self.start {
-                    Some(start) => writeln!(file, " {} {}", start.ticks, start.boot_id),
-                    None => writeln!(file),
-                }
-            })
-            .and_then(|()| std::fs::rename(&tmp, path));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written
-    }
-
     pub(crate) fn last_spawn(&self) -> Option<SystemTime> {
         (self.spawns > 0).then(|| UNIX_EPOCH + Duration::from_millis(self.last_spawn_ms))
     }

@@ -17,13 +17,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg, OFlag};
 
-use super::record::SpawnRecord;
 use super::status::log_tail;
 use crate::config::AutoStart;
 use crate::lockfile::lock_held;
 use crate::paths::DaemonPaths;
 use crate::peer::own_uid;
 use crate::probe::check_sockets_dir;
+use crate::spawn_record::SpawnRecord;
 use crate::protocol::{
     AUTO_STARTED_ENV, DAEMON_DIR_ENV, DAEMON_LOG_FILE, INHERITED_FDS_ENV, SPAWN_LOCK_FILE,
 };
@@ -78,7 +78,14 @@ impl SpawnedChild {
 /// process decides, or the backoff holds. Never creates the repository directory itself, and
 /// never starts anything when it is not ours: under `sudo`, a root-owned sockets directory
 /// would lock the user out of their own daemon.
-pub(crate) fn maybe_spawn(paths: &DaemonPaths, auto: &AutoStart) -> SpawnOutcome {
+///
+/// A command started earlier that has not taken the lifetime lock within the start timeout is
+/// stopped first ([`stop_stalled`]); `on_stopped` gets its pid.
+pub(crate) fn maybe_spawn(
+    paths: &DaemonPaths,
+    auto: &AutoStart,
+    on_stopped: impl FnOnce(u32),
+) -> SpawnOutcome {
     let Some(dir) = paths.sockets_dir.parent() else {
         return SpawnOutcome::CannotStart("the sockets directory has no parent");
     };
@@ -112,13 +119,19 @@ pub(crate) fn maybe_spawn(paths: &DaemonPaths, auto: &AutoStart) -> SpawnOutcome
     if lock_held(&paths.lock) {
         return SpawnOutcome::Locked;
     }
-    let record = SpawnRecord::read(&paths.sockets_dir).unwrap_or_default();
+    let mut record = SpawnRecord::read(&paths.sockets_dir).unwrap_or_default();
     if record.proves_pending(auto.start_timeout) {
         return SpawnOutcome::Pending("a daemon started moments ago has not served yet");
     }
     let now = SystemTime::now();
     if record.pending(now, auto.start_timeout) {
         return SpawnOutcome::NotNow("a daemon started moments ago may not have served yet");
+    }
+    // At most one started command is alive: one that never took the lock is stopped first.
+    match stop_stalled(&mut record, &paths.sockets_dir, auto.start_timeout) {
+        Some(Ok(pid)) => on_stopped(pid),
+        Some(Err(message)) => return SpawnOutcome::Failed(message),
+        None => {}
     }
     let log = paths.sockets_dir.join(DAEMON_LOG_FILE);
     if let Some(until) = record.backoff_until().filter(|until| now < *until) {
@@ -151,6 +164,7 @@ pub(crate) fn maybe_spawn(paths: &DaemonPaths, auto: &AutoStart) -> SpawnOutcome
         spawns: record.spawns + 1,
         pid: 0,
         start: None,
+        stopped: record.stopped,
     };
     if let Err(e) = next.write(&paths.sockets_dir) {
         return SpawnOutcome::Failed(format!(
@@ -172,6 +186,82 @@ pub(crate) fn maybe_spawn(paths: &DaemonPaths, auto: &AutoStart) -> SpawnOutcome
         }
         Err(e) => SpawnOutcome::Failed(format!("starting {} failed: {e}", auto.program.display())),
     }
+}
+
+/// Stops the command a record names when it never took the lifetime lock (the caller holds the
+/// spawn lock and found the lock free) and is at least `min_age` old: only once it is verified
+/// as the command started (the record's pid, with the recorded start ticks and boot id, alive)
+/// and as the leader of its own process group, as the spawner made it. SIGTERM to the group,
+/// then SIGKILL; counted in the record. `None` when there is nothing to stop; `Err` with the
+/// message for a command that outlived both signals.
+fn stop_stalled(
+    record: &mut SpawnRecord,
+    sockets_dir: &Path,
+    min_age: std::time::Duration,
+) -> Option<Result<u32, String>> {
+    use nix::sys::signal::{Signal, killpg};
+    use nix::unistd::{Pid, getpgid};
+
+    let start = record.start.clone().filter(|_| record.failures > 0)?;
+    let pid = record.pid;
+    let started = || {
+        !crate::process::exited(pid)
+            && crate::process::check_alive(pid)
+                .and_then(|info| info.start())
+                .is_ok_and(|s| s == start)
+    };
+    let old = crate::process::age(&start).is_some_and(|age| age >= min_age);
+    let group = Pid::from_raw(i32::try_from(pid).ok()?);
+    if pid == 0 || !old || !started() || getpgid(Some(group)) != Ok(group) {
+        return None;
+    }
+    for signal in [Signal::SIGTERM, Signal::SIGKILL] {
+        let _ = killpg(group, signal);
+        for _ in 0..50 {
+            if !started() {
+                tracing::warn!(pid, "stopped a started daemon command that never took the lifetime lock");
+                record.stopped += 1;
+                if let Err(e) = record.write(sockets_dir) {
+                    tracing::warn!(error = %e, "could not count the stopped command in the spawn record");
+                }
+                return Some(Ok(pid));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    Some(Err(format!(
+        "the daemon command started earlier (pid {pid}) never took the directory's lock and outlived SIGTERM and SIGKILL; nothing was started"
+    )))
+}
+
+/// In mode `require`, the call that started `child` waited its start timeout in vain: the
+/// command is stopped if it still has not taken the lifetime lock, and the message says so.
+/// `None` when it took the lock, exited, or another process is deciding a start.
+pub(crate) fn stop_own_stalled(
+    paths: &DaemonPaths,
+    child: &SpawnedChild,
+    start_timeout: std::time::Duration,
+    on_stopped: impl FnOnce(u32),
+) -> Option<String> {
+    let lock = open_private(&paths.sockets_dir.join(SPAWN_LOCK_FILE), false).ok()?;
+    let _lock = Flock::lock(lock, FlockArg::LockExclusiveNonblock).ok()?;
+    if lock_held(&paths.lock) {
+        return None;
+    }
+    let mut record = SpawnRecord::read(&paths.sockets_dir).filter(|r| r.pid == child.pid)?;
+    let outcome = stop_stalled(&mut record, &paths.sockets_dir, std::time::Duration::ZERO)?;
+    let tail = log_tail(&child.log, 5).join("\n");
+    Some(match outcome {
+        Ok(pid) => {
+            on_stopped(pid);
+            format!(
+                "the started daemon command (pid {pid}) did not take the directory's lock within the start timeout ({:.1} s), so it was stopped; its log {} ends:\n{tail}",
+                start_timeout.as_secs_f64(),
+                child.log.display()
+            )
+        }
+        Err(message) => message,
+    })
 }
 
 /// The daemon is detached: its own process group (a Ctrl-C to the command's terminal does not
@@ -291,21 +381,11 @@ fn inherited_descriptors() -> Vec<u32> {
     found
 }
 
-/// A daemon started here served: the backoff starts again from nothing. Writes only when
-/// there is something to reset, and only under the spawn lock (skipped while a spawner holds
-/// it: that one writes the record).
+/// A daemon a layer with auto-start sees serve served: the backoff starts again from nothing
+/// (skipped while a spawner holds the spawn lock: the daemon marks it too). For daemons not
+/// built with this crate, which do not mark it themselves.
 pub(crate) fn record_served(paths: &DaemonPaths) {
-    let Ok(lock) = open_private(&paths.sockets_dir.join(SPAWN_LOCK_FILE), false) else {
-        return;
-    };
-    let Ok(_lock) = Flock::lock(lock, FlockArg::LockExclusiveNonblock) else {
-        return;
-    };
-    if let Some(record) = SpawnRecord::read(&paths.sockets_dir).filter(|r| r.failures > 0) {
-        let reset = SpawnRecord {
-            failures: 0,
-            ..record
-        };
-        let _ = reset.write(&paths.sockets_dir);
+    if let Ok(lock) = open_private(&paths.sockets_dir.join(SPAWN_LOCK_FILE), false) {
+        let _ = SpawnRecord::mark_served(lock, &paths.sockets_dir);
     }
 }

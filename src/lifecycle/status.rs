@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use super::record::SpawnRecord;
 use crate::paths::DaemonPaths;
 use crate::protocol::DAEMON_LOG_FILE;
+use crate::spawn_record::SpawnRecord;
 
 /// What the last start on a miss left behind, for a tool's `status` verb.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +18,9 @@ pub struct AutoStartStatus {
     pub failures: u32,
     /// How many daemons were ever started on a miss for this directory.
     pub spawns: u64,
+    /// How many of those were stopped because they never took the directory's lifetime lock
+    /// within the start timeout (a command that hangs before it binds).
+    pub stopped: u64,
     /// The earliest moment of the next start, while backing off.
     pub backoff_until: Option<SystemTime>,
     /// The daemons' log: their standard output and error.
@@ -41,6 +44,7 @@ pub fn auto_start_status(heddle_dir: impl AsRef<Path>) -> AutoStartStatus {
         last_spawn: record.last_spawn(),
         failures: record.failures,
         spawns: record.spawns,
+        stopped: record.stopped,
         backoff_until: record.backoff_until(),
         log_tail: log_tail(&log, 10),
         log,

@@ -17,7 +17,7 @@ use super::runtimes;
 use crate::config::{AutoStart, Mode};
 use crate::connect::{establish, within};
 use crate::http2::ConnectionEnd;
-use crate::lifecycle::{SpawnOutcome, StopOutcome, maybe_spawn, stop_with};
+use crate::lifecycle::{SpawnOutcome, StopOutcome, maybe_spawn, stop_own_stalled, stop_with};
 use crate::lockfile::{lock_held, record_names};
 use crate::paths::DaemonPaths;
 use crate::pidfile::Pidfile;
@@ -106,7 +106,8 @@ impl Entry {
         let handoff = auto
             .handoff()
             .and_then(|bound| Instant::now().checked_add(bound));
-        match maybe_spawn(&self.daemon_paths, auto) {
+        let stopped = |_| self.count_stalled_stop();
+        match maybe_spawn(&self.daemon_paths, auto, stopped) {
             SpawnOutcome::Spawned(child) => {
                 let mut state = self.lock();
                 state.spawned = Some((child, Instant::now()));
@@ -173,7 +174,14 @@ impl Entry {
             // Nor does the wait go on after a definitive rejection: it is the reason to report,
             // where the last of many attempts would be a timeout's.
             let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            if remaining == Some(Duration::ZERO) || reason.is_definitive() {
+            if remaining == Some(Duration::ZERO) {
+                // A command started here that never took the lock is stopped, and named.
+                return Err(match self.stop_own_stalled() {
+                    Some(message) => FallbackReason::AutoStartFailed { message },
+                    None => reason,
+                });
+            }
+            if reason.is_definitive() {
                 return Err(reason);
             }
             let pause = Duration::from_millis(20);
@@ -243,6 +251,21 @@ impl Entry {
         if let StopOutcome::Stopped { .. } = stopped {
             let _ = self.probe_or_start();
         }
+    }
+
+    /// Stops the command started here if it never took the lifetime lock; the message says so.
+    fn stop_own_stalled(&self) -> Option<String> {
+        let auto = self.settings.auto_start.as_ref()?;
+        let child = self.lock().spawned.as_ref()?.0.clone();
+        stop_own_stalled(&self.daemon_paths, &child, auto.start_timeout, |_| {
+            self.count_stalled_stop()
+        })
+    }
+
+    fn count_stalled_stop(&self) {
+        self.counters
+            .stalled_starts_stopped
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Why a daemon started here is not coming, if it exited already. One that exited because

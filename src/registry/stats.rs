@@ -37,6 +37,11 @@ pub struct RouteStats {
     /// Of those, the calls that ran in-process after all (the start failed, or the hand-off
     /// bound passed) or met their own deadline first.
     pub start_waits_given_up: u64,
+    /// Started daemon commands this process stopped because they had not taken the directory's
+    /// lifetime lock within the start timeout (SIGTERM, then SIGKILL, to their process group,
+    /// once verified as the command started). [`AutoStartStatus::stopped`](crate::AutoStartStatus::stopped)
+    /// counts them across processes.
+    pub stalled_starts_stopped: u64,
     /// Decisions to run in-process, per reason (a decision, not a call).
     pub fallbacks: Vec<(FallbackReason, u64)>,
     /// The current decision: the daemon's target, or the reason calls run in-process; `None`
@@ -55,6 +60,7 @@ pub(super) struct Counters {
     pub(super) rerun_calls: AtomicU64,
     pub(super) start_waits: AtomicU64,
     pub(super) start_waits_given_up: AtomicU64,
+    pub(super) stalled_starts_stopped: AtomicU64,
     fallbacks: Mutex<Vec<(FallbackReason, u64)>>,
 }
 
@@ -76,6 +82,7 @@ impl Counters {
         self.rerun_calls.store(0, Ordering::Relaxed);
         self.start_waits.store(0, Ordering::Relaxed);
         self.start_waits_given_up.store(0, Ordering::Relaxed);
+        self.stalled_starts_stopped.store(0, Ordering::Relaxed);
         lock(&self.fallbacks).clear();
     }
 
@@ -92,6 +99,7 @@ impl Counters {
             rerun_calls: self.rerun_calls.load(Ordering::Relaxed),
             start_waits: self.start_waits.load(Ordering::Relaxed),
             start_waits_given_up: self.start_waits_given_up.load(Ordering::Relaxed),
+            stalled_starts_stopped: self.stalled_starts_stopped.load(Ordering::Relaxed),
             fallbacks: lock(&self.fallbacks).clone(),
             route,
         }
