@@ -43,7 +43,7 @@ pub struct DaemonPaths {
 
 impl DaemonPaths {
     /// The standard layout under a repository directory such as `.heddle`, made
-    /// [absolute](absolute) first.
+    /// absolute first ([`std::path::absolute`]: lexically, symlinks kept).
     pub fn new(dir: impl AsRef<Path>) -> Self {
         let sockets_dir = absolute(dir.as_ref()).join(SOCKETS_DIR);
         Self {

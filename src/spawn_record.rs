@@ -118,3 +118,88 @@ impl SpawnRecord {
         Ok(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// last spawn, failures, spawns, pid, and the start (ticks, boot id).
+    type OldRecord = (u64, u32, u64, u32, Option<(u64, String)>);
+
+    /// How the previous release read the record: four numbers, then the start if present.
+    fn read_as_before(text: &str) -> Option<OldRecord> {
+        let mut fields = text.split_whitespace();
+        let mut number = || fields.next()?.parse::<u64>().ok();
+        let head = (
+            number()?,
+            u32::try_from(number()?).ok()?,
+            number()?,
+            u32::try_from(number()?).ok()?,
+        );
+        let start = match (number(), fields.next()) {
+            (Some(ticks), Some(boot_id)) if !boot_id.is_empty() => Some((ticks, boot_id.into())),
+            _ => None,
+        };
+        Some((head.0, head.1, head.2, head.3, start))
+    }
+
+    fn written(record: &SpawnRecord) -> String {
+        let dir =
+            std::env::temp_dir().join(format!("tld-record-{}-{}", std::process::id(), record.pid));
+        std::fs::create_dir_all(&dir).unwrap();
+        record.write(&dir).unwrap();
+        let text = std::fs::read_to_string(dir.join(SPAWN_RECORD_FILE)).unwrap();
+        assert_eq!(SpawnRecord::read(&dir).as_ref(), Some(record));
+        std::fs::remove_dir_all(&dir).unwrap();
+        text
+    }
+
+    #[test]
+    fn an_older_client_reads_a_newer_record_and_drops_no_check() {
+        let with_start = SpawnRecord {
+            last_spawn_ms: 1_700_000_000_000,
+            failures: 2,
+            spawns: 5,
+            pid: 4242,
+            start: Some(ProcessStart {
+                ticks: 99,
+                boot_id: "b00t".into(),
+            }),
+            stopped: 3,
+        };
+        let old = read_as_before(&written(&with_start)).unwrap();
+        assert_eq!(
+            old,
+            (1_700_000_000_000, 2, 5, 4242, Some((99, "b00t".into())))
+        );
+        // No start known: the older client reads none (it then never waits, as before).
+        let without = SpawnRecord {
+            start: None,
+            pid: 4243,
+            ..with_start
+        };
+        assert_eq!(read_as_before(&written(&without)).unwrap().4, None);
+    }
+
+    #[test]
+    fn a_newer_client_reads_an_older_record() {
+        let dir = std::env::temp_dir().join(format!("tld-record-old-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (text, start) in [
+            ("1700000000000 1 1 77\n", None),
+            (
+                "1700000000000 1 1 77 12 boot\n",
+                Some(ProcessStart {
+                    ticks: 12,
+                    boot_id: "boot".into(),
+                }),
+            ),
+        ] {
+            std::fs::write(dir.join(SPAWN_RECORD_FILE), text).unwrap();
+            let record = SpawnRecord::read(&dir).unwrap();
+            assert_eq!((record.pid, record.failures, record.stopped), (77, 1, 0));
+            assert_eq!(record.start, start);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

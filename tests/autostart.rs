@@ -436,3 +436,122 @@ async fn a_fifo_planted_at_the_records_temporary_name_does_not_hang_the_start() 
         StopOutcome::Stopped { .. }
     ));
 }
+
+#[tokio::test]
+async fn a_started_daemon_marks_itself_served_whoever_calls_it() {
+    let dir = TestDir::new("auto-self-served");
+    {
+        // The starting call does not wait, and no layer with auto-start sees the daemon serve.
+        let layer = test_layer(dir.path())
+            .auto_start(test_auto_start(dir.path()).no_handoff())
+            .force_auto_start(true);
+        let response = echo(&mut EchoClient::new(layered(layer)), 1).await.unwrap();
+        assert_eq!(response.get_ref().served_by, "in-process");
+    }
+    wait_until("the started daemon serves", || {
+        matches!(probe(dir.path()).status, LocalDaemonStatus::Running { .. })
+    });
+    wait_until("the daemon marks its start served", || {
+        auto_start_status(dir.path()).failures == 0
+    });
+    assert!(matches!(
+        stop(dir.path(), Duration::from_secs(10)).await,
+        StopOutcome::Stopped { .. }
+    ));
+    // No backoff: the next call with auto-start starts a daemon at once and goes to it.
+    let layer = test_layer(dir.path())
+        .auto_start(test_auto_start(dir.path()))
+        .force_auto_start(true);
+    let response = echo(&mut EchoClient::new(layered(layer)), 2).await.unwrap();
+    assert!(
+        matches!(
+            response.extensions().get::<Route>(),
+            Some(Route::Daemon { .. })
+        ),
+        "{:?}",
+        auto_start_status(dir.path())
+    );
+    assert_eq!(auto_start_status(dir.path()).spawns, 2);
+    assert!(matches!(
+        stop(dir.path(), Duration::from_secs(10)).await,
+        StopOutcome::Stopped { .. }
+    ));
+}
+
+/// A daemon command that hangs before it binds, writing its pid to `pids` first.
+fn hanging(dir: &TestDir) -> AutoStart {
+    let pids = dir.path().join("pids");
+    AutoStart::new("/bin/sh")
+        .args([
+            "-c".into(),
+            format!("echo $$ >> {}; exec sleep 600", pids.display()),
+        ])
+        .start_timeout(Duration::from_millis(300))
+}
+
+/// The pids `hanging` commands wrote that are alive (not gone, not zombies).
+fn hanging_alive(dir: &TestDir) -> Vec<u32> {
+    std::fs::read_to_string(dir.path().join("pids"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                !stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_command_that_never_takes_the_lock_is_stopped_and_at_most_one_is_alive() {
+    let dir = TestDir::new("auto-hanging");
+    let layer = test_layer(dir.path())
+        .auto_start(hanging(&dir).no_handoff())
+        .force_auto_start(true);
+    let mut stopped = 0;
+    for id in 0..12 {
+        reset(dir.path());
+        let svc = layered(layer.clone());
+        let response = echo(&mut EchoClient::new(svc.clone()), id).await.unwrap();
+        assert_eq!(response.get_ref().served_by, "in-process");
+        stopped += svc.stats().unwrap().stalled_starts_stopped;
+        let alive = hanging_alive(&dir);
+        assert!(alive.len() <= 1, "alive: {alive:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let status = auto_start_status(dir.path());
+    assert!(status.stopped >= 1, "{status:?}");
+    assert_eq!(status.stopped, stopped, "{status:?}");
+    // The last one, if any, is stopped by the next start after its timeout.
+    for pid in hanging_alive(&dir) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+#[tokio::test]
+async fn in_require_mode_a_command_that_hangs_is_stopped_when_the_start_timeout_passes() {
+    let dir = TestDir::new("auto-hanging-require");
+    let svc = layered(
+        test_layer(dir.path())
+            .mode(Mode::Require)
+            .auto_start(hanging(&dir))
+            .force_auto_start(true),
+    );
+    let error = echo(&mut EchoClient::new(svc.clone()), 1)
+        .await
+        .unwrap_err();
+    assert!(error.message().contains("was stopped"), "{error:?}");
+    assert!(error.message().contains(DAEMON_LOG_FILE), "{error:?}");
+    assert_eq!(svc.stats().unwrap().stalled_starts_stopped, 1);
+    assert_eq!(hanging_alive(&dir), Vec::<u32>::new());
+    assert_eq!(auto_start_status(dir.path()).stopped, 1);
+}

@@ -453,3 +453,36 @@ fn a_daemon_whose_socket_is_removed_under_it_exits() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(!dir.paths().pidfile.exists());
 }
+
+/// A daemon that loads before it can build its services binds first: it holds the lock while
+/// it loads, so a second daemon process fails at once, and then it serves what it loaded.
+#[tokio::test]
+async fn a_daemon_that_binds_before_it_builds_its_services_holds_the_lock_while_it_loads() {
+    let dir = TestDir::new("daemon-bind-first");
+    let bound = tower_local_daemon::Daemon::new(dir.path())
+        .handle_signals(false)
+        .bind()
+        .unwrap();
+    // "Loading": a second daemon, another process, meets the lock.
+    let (code, output) = DaemonProcess::spawn(dir.path(), &DaemonOptions::default()).wait_exit();
+    assert_ne!(code, Some(0), "{output}");
+    assert!(output.contains("already running"), "{output}");
+    // Loaded: the services come after the bind.
+    let bound = bound.add_service(EchoServer::new(EchoService::new("daemon")));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(bound.serve(async {
+        stopped.await.ok();
+    }));
+    let pidfile = dir.paths().pidfile;
+    wait_until_async("the daemon serves", || {
+        let exists = pidfile.exists();
+        async move { exists }
+    })
+    .await;
+    let response = echo(&mut EchoClient::new(layered(test_layer(dir.path()))), 1)
+        .await
+        .unwrap();
+    assert_eq!(response.get_ref().served_by, "daemon");
+    stop.send(()).unwrap();
+    serving.await.unwrap().unwrap();
+}

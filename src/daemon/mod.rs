@@ -22,6 +22,7 @@
 //! | `<dir>/sockets/grpc.lock` | the holder's pid, its start ticks and the boot id, one a line; `flock`-ed for the daemon's life | at start |
 //! | `<dir>/sockets/grpc.sock` | the listening socket, mode `0600` from the moment it exists | after the lock |
 //! | `<dir>/sockets/grpc.pid` | the [`Pidfile`](crate::Pidfile), written atomically | once serving |
+//! | `<dir>/sockets/spawn.record` | the failures in a row set to 0, when a record of starts exists | once serving |
 //!
 //! The start, in order: close the descriptors auto-start names in [`INHERITED_FDS_ENV`], take
 //! the lock (or fail with [`DaemonError::AlreadyRunning`] naming the holder), remove leftovers
@@ -163,7 +164,7 @@ impl Daemon {
     /// A daemon for `heddle_dir`, with files under `<heddle_dir>/sockets/`. A relative
     /// `heddle_dir` is made absolute against the working directory now. A daemon started on a
     /// miss refuses, as it binds, any directory but the one it was started for
-    /// ([`DAEMON_DIR_ENV`](crate::DAEMON_DIR_ENV)).
+    /// ([`DAEMON_DIR_ENV`]).
     ///
     /// Defaults: no version, a 5 s grace period, SIGTERM and SIGINT handled, and no idle exit,
     /// except for a daemon started on a miss (its environment has

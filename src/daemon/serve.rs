@@ -1,6 +1,7 @@
 //! [`BoundDaemon::serve`]: start (health NOT_SERVING, the server, health SERVING, the
 //! pidfile), wait for a reason to stop, drain, and remove the files this daemon made.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -8,9 +9,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::HeaderValue;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
+use tonic::body::Body;
+use tonic::server::NamedService;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+use tower::Service;
 
 use super::Daemon;
 use super::counters::DaemonCounters;
@@ -51,6 +55,35 @@ impl BoundDaemon {
     /// The daemon's files.
     pub fn paths(&self) -> &DaemonPaths {
         &self.daemon.paths
+    }
+
+    /// Hosts a tonic service, as [`Daemon::add_service`] does, after the bind: a daemon that
+    /// loads its repository before it can build its services binds first, so that it holds the
+    /// lifetime lock while it loads. A second daemon then fails at once with
+    /// [`DaemonError::AlreadyRunning`] instead of after its own load, and clients with
+    /// auto-start see a daemon loading (the lock held, no pidfile yet) and wait for it.
+    ///
+    /// ```no_run
+    /// # async fn run(load: impl FnOnce() -> tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>) -> Result<(), tower_local_daemon::daemon::DaemonError> {
+    /// use tower_local_daemon::Daemon;
+    ///
+    /// let bound = Daemon::new("/repo/.heddle").bind()?; // the lock first
+    /// let service = load(); // then the repository, however long it takes
+    /// bound.add_service(service).serve(std::future::pending()).await
+    /// # }
+    /// ```
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.daemon = self.daemon.add_service(service);
+        self
     }
 
     /// Serves until `shutdown` completes, a signal arrives (unless disabled) or the idle timeout

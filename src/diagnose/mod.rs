@@ -17,7 +17,11 @@ pub use self::report::{Check, CheckOutcome, Report};
 
 /// [`Report`] for `heddle_dir` with the default options.
 pub async fn diagnose(heddle_dir: impl AsRef<Path>) -> Report {
-    run(&crate::paths::absolute(heddle_dir.as_ref()), &Settings::default()).await
+    run(
+        &crate::paths::absolute(heddle_dir.as_ref()),
+        &Settings::default(),
+    )
+    .await
 }
 
 pub(crate) async fn run(dir: &Path, settings: &Settings) -> Report {

@@ -23,10 +23,10 @@ use crate::lockfile::lock_held;
 use crate::paths::DaemonPaths;
 use crate::peer::own_uid;
 use crate::probe::check_sockets_dir;
-use crate::spawn_record::SpawnRecord;
 use crate::protocol::{
     AUTO_STARTED_ENV, DAEMON_DIR_ENV, DAEMON_LOG_FILE, INHERITED_FDS_ENV, SPAWN_LOCK_FILE,
 };
+use crate::spawn_record::SpawnRecord;
 
 /// The log is rotated (to `daemon.log.1`) when a spawn finds it over this size.
 const LOG_CAP: u64 = 1024 * 1024;
@@ -64,10 +64,16 @@ pub(crate) struct SpawnedChild {
 impl SpawnedChild {
     /// Why the daemon is not coming, if it already exited: its status and its log's last lines.
     pub(crate) fn failure(&self) -> Option<String> {
+        use std::os::unix::process::ExitStatusExt;
         let status = self.exit.get()?;
         let tail = log_tail(&self.log, 5).join("\n");
+        // A command that never took the lock is stopped with these (`stop_stalled`).
+        let ended = match status.signal() {
+            Some(15 | 9) => "was stopped",
+            _ => "exited",
+        };
         Some(format!(
-            "the started daemon (pid {}) exited ({status}) before serving; its log {} ends:\n{tail}",
+            "the started daemon (pid {}) {ended} ({status}) before serving; its log {} ends:\n{tail}",
             self.pid,
             self.log.display()
         ))
@@ -219,7 +225,10 @@ fn stop_stalled(
         let _ = killpg(group, signal);
         for _ in 0..50 {
             if !started() {
-                tracing::warn!(pid, "stopped a started daemon command that never took the lifetime lock");
+                tracing::warn!(
+                    pid,
+                    "stopped a started daemon command that never took the lifetime lock"
+                );
                 record.stopped += 1;
                 if let Err(e) = record.write(sockets_dir) {
                     tracing::warn!(error = %e, "could not count the stopped command in the spawn record");
@@ -298,6 +307,9 @@ fn spawn(auto: &AutoStart, dir: &Path, log: &Path, out: File) -> io::Result<Spaw
     if !inherited.is_empty() {
         command.env(INHERITED_FDS_ENV, inherited.join(","));
     }
+    // A verbose command must not make a verbose daemon for hours: a tool sets the daemon's
+    // own level with `AutoStart::env`, which applies after this.
+    command.env_remove("RUST_LOG");
     for name in &auto.env_remove {
         command.env_remove(name);
     }
