@@ -501,6 +501,9 @@ impl Entry {
             }
             Err(reason) => {
                 self.set_negative(&mut state, reason);
+                // A daemon started by this probe may have exited already: its failure is the
+                // reason, not the miss that started it.
+                self.end_handoff(&mut state);
                 let decision = self.current(&state);
                 Probed::Decided(self.decided(&state, decision))
             }
