@@ -284,13 +284,18 @@ impl Daemon {
     }
 }
 
-/// A daemon started on a miss serves the directory it was started for ([`DAEMON_DIR_ENV`]), or
-/// none: a relative directory in its arguments names another one from its working directory.
+/// A daemon started on a miss (the leader of the process group auto-start made) serves the
+/// directory it was started for ([`DAEMON_DIR_ENV`]), or none: a relative directory in its arguments names another one from its working directory.
 /// Two spellings of one directory (a symlink) are the same directory.
 fn started_for(dir: &Path) -> Result<(), DaemonError> {
     let Some(started_for) = std::env::var_os(DAEMON_DIR_ENV).map(PathBuf::from) else {
         return Ok(());
     };
+    // The started command leads its own process group; a process it starts in turn inherits
+    // the variable, but not the leadership, and is not bound by it.
+    if nix::unistd::getpgid(None) != Ok(nix::unistd::getpid()) {
+        return Ok(());
+    }
     let same = |a: &Path, b: &Path| match (std::fs::metadata(a), std::fs::metadata(b)) {
         (Ok(a), Ok(b)) => crate::paths::FileIdentity::of(&a) == crate::paths::FileIdentity::of(&b),
         _ => false,

@@ -134,7 +134,7 @@ pub(crate) fn maybe_spawn(
         return SpawnOutcome::NotNow("a daemon started moments ago may not have served yet");
     }
     // At most one started command is alive: one that never took the lock is stopped first.
-    match stop_stalled(&mut record, &paths.sockets_dir, auto.start_timeout) {
+    match stop_stalled(&mut record, paths, auto.start_timeout) {
         Some(Ok(pid)) => on_stopped(pid),
         Some(Err(message)) => return SpawnOutcome::Failed(message),
         None => {}
@@ -200,9 +200,12 @@ pub(crate) fn maybe_spawn(
 /// and as the leader of its own process group, as the spawner made it. SIGTERM to the group,
 /// then SIGKILL; counted in the record. `None` when there is nothing to stop; `Err` with the
 /// message for a command that outlived both signals.
+///
+/// The lifetime lock is taken here for the whole stop: a command that would take it between
+/// the caller's check and a signal then cannot, and one that has it is never signalled.
 fn stop_stalled(
     record: &mut SpawnRecord,
-    sockets_dir: &Path,
+    paths: &DaemonPaths,
     min_age: std::time::Duration,
 ) -> Option<Result<u32, String>> {
     use nix::sys::signal::{Signal, killpg};
@@ -221,6 +224,9 @@ fn stop_stalled(
     if pid == 0 || !old || !started() || getpgid(Some(group)) != Ok(group) {
         return None;
     }
+    let lifetime = open_private(&paths.lock, false).ok()?;
+    let _lifetime = Flock::lock(lifetime, FlockArg::LockExclusiveNonblock).ok()?;
+    let sockets_dir = &paths.sockets_dir;
     for signal in [Signal::SIGTERM, Signal::SIGKILL] {
         let _ = killpg(group, signal);
         for _ in 0..50 {
@@ -257,8 +263,13 @@ pub(crate) fn stop_own_stalled(
     if lock_held(&paths.lock) {
         return None;
     }
+    if child.exit.get().is_some() {
+        return None;
+    }
     let mut record = SpawnRecord::read(&paths.sockets_dir).filter(|r| r.pid == child.pid)?;
-    let outcome = stop_stalled(&mut record, &paths.sockets_dir, std::time::Duration::ZERO)?;
+    // Its own start timeout, near enough: the wait that ends here began just before the start.
+    let min_age = start_timeout.saturating_sub(start_timeout / 10);
+    let outcome = stop_stalled(&mut record, paths, min_age)?;
     let tail = log_tail(&child.log, 5).join("\n");
     Some(match outcome {
         Ok(pid) => {
