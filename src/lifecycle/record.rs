@@ -27,14 +27,24 @@ impl SpawnRecord {
     /// the start timeout by the kernel's clock. A reused pid, a record without the start, or a
     /// step of the wall clock never makes a call wait.
     pub(super) fn proves_pending(&self, start_timeout: Duration) -> bool {
+        self.started_alive()
+            && self
+                .start
+                .as_ref()
+                .and_then(process::age)
+                .is_some_and(|age| age < start_timeout)
+    }
+
+    /// The started process, not seen serving, is alive and provably the one started: its start
+    /// ticks and boot id are the recorded ones (a reused pid never is), and it is no zombie.
+    pub(super) fn started_alive(&self) -> bool {
         let Some(recorded) = self.start.as_ref().filter(|_| self.failures > 0) else {
             return false;
         };
-        let Ok(info) = process::check_alive(self.pid) else {
-            return false;
-        };
-        info.start().is_ok_and(|start| start == *recorded)
-            && process::age(recorded).is_some_and(|age| age < start_timeout)
+        !exited(self.pid)
+            && process::check_alive(self.pid)
+                .and_then(|info| info.start())
+                .is_ok_and(|start| start == *recorded)
     }
 
     /// After starts that did not serve: 1 s, 2 s, 4 s … up to five minutes after the last.

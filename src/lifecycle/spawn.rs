@@ -211,15 +211,9 @@ fn stop_stalled(
     use nix::sys::signal::{Signal, killpg};
     use nix::unistd::{Pid, getpgid};
 
-    let start = record.start.clone().filter(|_| record.failures > 0)?;
     let pid = record.pid;
-    let started = || {
-        !crate::process::exited(pid)
-            && crate::process::check_alive(pid)
-                .and_then(|info| info.start())
-                .is_ok_and(|s| s == start)
-    };
-    let old = crate::process::age(&start).is_some_and(|age| age >= min_age);
+    let started = || record.started_alive();
+    let old = (record.start.as_ref()).and_then(crate::process::age) >= Some(min_age);
     let group = Pid::from_raw(i32::try_from(pid).ok()?);
     if pid == 0 || !old || !started() || getpgid(Some(group)) != Ok(group) {
         return None;
