@@ -111,13 +111,15 @@ impl FileIdentity {
         std::fs::metadata(path).map(|m| Self::of(&m))
     }
 
-    /// Parses the `dev:ino` text form.
+    /// Parses the `dev:ino` text form, each number as the pidfile's are: no sign, no leading
+    /// zero.
     #[cfg(feature = "client")]
     pub(crate) fn parse(text: &str) -> Option<Self> {
+        use crate::pidfile::parse_canonical_decimal as number;
         let (dev, ino) = text.split_once(':')?;
         Some(Self {
-            dev: dev.parse().ok()?,
-            ino: ino.parse().ok()?,
+            dev: number(dev.as_bytes())?,
+            ino: number(ino.as_bytes())?,
         })
     }
 }

@@ -214,8 +214,9 @@ pub(crate) fn open_regular(path: &Path) -> Result<(std::fs::File, std::fs::Metad
     Ok((file, metadata))
 }
 
-/// Decimal digits with no sign and no leading zero (a lone `0` is allowed), fitting a `u64`.
-fn parse_canonical_decimal(digits: &[u8]) -> Option<u64> {
+/// Decimal digits with no sign and no leading zero (a lone `0` is allowed), fitting a `u64`:
+/// the one rule for every number the crate's files and metadata carry.
+pub(crate) fn parse_canonical_decimal(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }

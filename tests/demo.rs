@@ -151,3 +151,59 @@ fn a_relative_directory_starts_no_daemon_elsewhere_and_means_one_directory_every
     assert!(daemon.wait().unwrap().success());
     std::fs::remove_dir_all(&parent).unwrap();
 }
+
+/// The mode's variable and auto-start's switch are read by one rule in a real process: in any
+/// case, and an unknown value is named in one warning. A start that fails in mode `require`
+/// prints the daemon's log lines one per line, not as escapes.
+#[test]
+fn the_environment_is_read_in_any_case_and_a_failed_start_prints_its_log_lines() {
+    let parent = std::env::temp_dir().join(format!("tld-env-{}", std::process::id()));
+    let name = format!(".tld-env-{}", std::process::id());
+    let _ = std::fs::remove_dir_all(&parent);
+    std::fs::create_dir_all(parent.join(&name)).unwrap();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let output = Command::new(demo())
+            .args(args)
+            .current_dir(&parent)
+            .env_remove("HEDDLE_LOCAL_DAEMON")
+            .env_remove("HEDDLE_LOCAL_DAEMON_AUTO_START")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        (output.status.success(), stdout, stderr)
+    };
+    let warnings =
+        |stderr: &str, needle: &str| stderr.lines().filter(|l| l.contains(needle)).count();
+
+    // A relative directory: the started daemon refuses it and exits at once.
+    let env = [
+        ("HEDDLE_LOCAL_DAEMON", "Require"),
+        ("HEDDLE_LOCAL_DAEMON_AUTO_START", "maybe"),
+    ];
+    let (ok, out, err) = run(&["call", "--auto-start", &name], &env);
+    assert!(!ok, "{out}");
+    assert!(out.starts_with("call failed (Unavailable):\n"), "{out}");
+    assert!(!out.contains("\\n"), "{out}");
+    let refusal = format!("   error: refusing to serve /{name}: ");
+    assert!(out.lines().any(|l| l.starts_with(&refusal)), "{out}");
+    let switch = "HEDDLE_LOCAL_DAEMON_AUTO_START=\"maybe\" is not understood";
+    assert_eq!(warnings(&err, switch), 1, "{err}");
+    assert!(err.contains("auto-start stays on"), "{err}");
+
+    let (ok, out, err) = run(&["call", &name], &[("HEDDLE_LOCAL_DAEMON", "sometimes")]);
+    assert!(ok, "{out}");
+    let mode = "HEDDLE_LOCAL_DAEMON=\"sometimes\" is not understood";
+    assert_eq!(warnings(&err, mode), 1, "{err}");
+    assert!(err.contains("the mode stays auto"), "{err}");
+    assert!(out.contains("reason:  no pidfile"), "{out}");
+
+    for off in ["OFF", "False", "0"] {
+        let (ok, out, err) = run(&["call", &name], &[("HEDDLE_LOCAL_DAEMON", off)]);
+        assert!(ok, "{out}");
+        assert!(out.contains("reason:  mode off"), "{off}: {out}");
+        assert!(err.is_empty(), "{off}: {err}");
+    }
+    std::fs::remove_dir_all(&parent).unwrap();
+}

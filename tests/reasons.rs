@@ -701,6 +701,35 @@ async fn listener_that_speaks_garbage_fails_the_handshake() {
         matches!(result, Err(FallbackReason::HandshakeFailed { .. })),
         "{result:?}"
     );
+    let text = result.unwrap_err().to_string();
+    assert!(!text.contains("may have run"), "{text}");
+}
+
+/// A listener that opens HTTP/2 and at once goes away with a protocol error whose debug data
+/// is h2's own name for it: the reason says the daemon closed the connection, in words.
+#[tokio::test]
+async fn a_daemon_that_goes_away_in_the_handshake_is_told_without_h2_internals() {
+    let f = Fixture::new("r-goaway");
+    f.write_own_pidfile();
+    const DEBUG: &[u8] = b"too_many_continuations";
+    let mut frames = vec![0, 0, 0, 4, 0, 0, 0, 0, 0]; // SETTINGS, empty
+    frames.extend_from_slice(&[0, 0, 8 + DEBUG.len() as u8, 7, 0, 0, 0, 0, 0]); // GOAWAY
+    frames.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 1]); // last stream 0, PROTOCOL_ERROR
+    frames.extend_from_slice(DEBUG);
+    let _server = listen_and_answer(&f, frames.leak());
+    let reason = f.connect(Duration::from_secs(5)).await.unwrap_err();
+    let FallbackReason::HandshakeFailed { message } = &reason else {
+        panic!("{reason:?}");
+    };
+    assert_eq!(
+        message,
+        "the daemon closed the connection (unspecific protocol error detected)"
+    );
+    let text = reason.to_string();
+    assert!(
+        !text.contains("may have run") && !text.contains("b\""),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -839,4 +868,38 @@ async fn daemon_that_does_not_report_its_directory_is_refused_unless_accepted() 
     let svc = layered(test_layer(f.dir.path()).accept_unverified_directory(true));
     let response = echo(&mut EchoClient::new(svc), 1).await.unwrap();
     assert_eq!(response.get_ref().served_by, "daemon");
+}
+
+/// The directory a daemon reports is read by the pidfile's rule for numbers: a `+` sign (which
+/// Rust's integer parser would take) makes it another directory, not this one.
+#[tokio::test]
+async fn a_directory_reported_with_a_sign_is_not_this_directory() {
+    use std::os::unix::fs::MetadataExt;
+    let f = Fixture::new("r-signed-directory");
+    f.write_own_pidfile();
+    let m = std::fs::metadata(f.dir.path()).unwrap();
+    let signed = format!("+{}:+{}", m.dev(), m.ino());
+    let header = http::HeaderValue::from_str(&signed).unwrap();
+    let report = tower::util::MapResponseLayer::new(move |mut r: http::Response<_>| {
+        r.headers_mut()
+            .insert(tower_local_daemon::DIRECTORY_METADATA_KEY, header.clone());
+        r
+    });
+    let listener = tokio::net::UnixListener::bind(f.socket()).unwrap();
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(report)
+            .add_routes(tonic::service::Routes::new(health))
+            .serve_with_incoming(incoming),
+    );
+    assert_eq!(
+        f.connect(Duration::from_secs(5)).await,
+        Err(FallbackReason::DirectoryMismatch {
+            pid: std::process::id(),
+            expected: format!("{}:{}", m.dev(), m.ino()),
+            served: signed,
+        })
+    );
 }

@@ -174,10 +174,22 @@ async fn daemon_whose_sockets_directory_was_moved_to_another_directory_is_refuse
         (
             Some(Route::InProcess),
             Some(FallbackReason::DirectoryMismatch {
+                pid: repos.daemon.pid(),
                 expected: identity(repos.b.path()),
                 served: identity(repos.a.path()),
             })
         )
+    );
+    // `stop` refuses that daemon by design: the remedy names the pid to signal instead.
+    let (_, Some(reason)) = repos.call_b().await else {
+        panic!("no reason");
+    };
+    let remedy = reason.remedy();
+    let pid = repos.daemon.pid();
+    assert!(remedy.contains(&format!("`kill {pid}`")), "{remedy}");
+    assert!(
+        reason.to_string().contains(&format!("(pid {pid})")),
+        "{reason}"
     );
 }
 
@@ -193,6 +205,7 @@ async fn overrides_pointing_at_another_directorys_files_are_refused() {
         (
             Some(Route::InProcess),
             Some(FallbackReason::DirectoryMismatch {
+                pid: repos.daemon.pid(),
                 expected: identity(repos.b.path()),
                 served: identity(repos.a.path()),
             })

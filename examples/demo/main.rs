@@ -127,7 +127,11 @@ async fn call(dir: &Path, auto_start: bool, message: &str) -> ExitCode {
     let response = match result {
         Ok(response) => response,
         Err(status) => {
-            println!("call failed: {status}");
+            // The message, not the status's `Display`, which escapes its line breaks.
+            println!("call failed ({:?}):", status.code());
+            for line in status.message().lines() {
+                println!("   {line}");
+            }
             return ExitCode::FAILURE;
         }
     };

@@ -15,11 +15,13 @@ use tower::BoxError;
 
 use super::checked::connect_checked;
 use crate::config::Settings;
-use crate::http2::{ConnectionEnd, ConnectionTask, DaemonClient, open};
+use crate::http2::{
+    ConnectionBroke, ConnectionEnd, ConnectionTask, DaemonClient, open, what_broke,
+};
 use crate::paths::FileIdentity;
 use crate::probe::UdsTarget;
 use crate::protocol::{DIRECTORY_METADATA_KEY, VERSION_METADATA_KEY};
-use crate::reason::{FallbackReason, error_chain};
+use crate::reason::FallbackReason;
 
 /// A daemon connection that passed every check.
 #[derive(Debug)]
@@ -52,15 +54,18 @@ pub(crate) async fn establish(
     let result = match connected {
         Ok(stream) => {
             let end = on_end.clone();
-            within(deadline, Box::pin(handshake(stream, dir, settings, on_end)))
-                .await
-                .map(|(client, version, task)| DaemonConnection {
-                    target,
-                    client,
-                    version,
-                    task,
-                    end,
-                })
+            within(
+                deadline,
+                Box::pin(handshake(stream, target.pid, dir, settings, on_end)),
+            )
+            .await
+            .map(|(client, version, task)| DaemonConnection {
+                target,
+                client,
+                version,
+                task,
+                end,
+            })
         }
         Err(reason) => Err(reason),
     };
@@ -92,6 +97,7 @@ pub(crate) async fn within<T>(
 /// aborts the task.
 pub(crate) async fn handshake(
     stream: UnixStream,
+    pid: u32,
     dir: &Path,
     settings: &Settings,
     on_end: ConnectionEnd,
@@ -103,9 +109,9 @@ pub(crate) async fn handshake(
     )
     .await
     .map_err(|e| FallbackReason::HandshakeFailed {
-        message: error_chain(&e),
+        message: what_broke(&e, false),
     })?;
-    match check_health(client.clone(), dir, settings).await {
+    match check_health(client.clone(), pid, dir, settings).await {
         Ok(version) => Ok((client, version, task)),
         Err(reason) => {
             task.abort();
@@ -115,9 +121,10 @@ pub(crate) async fn handshake(
 }
 
 /// Asks `Health/Check` for every required service (the whole server when none is named) over
-/// `transport`; checks the directory the daemon reports; returns the daemon's version.
+/// `transport`; checks the directory the daemon (`pid`) reports; returns the daemon's version.
 pub(crate) async fn check_health<T>(
     transport: T,
+    pid: u32,
     dir: &Path,
     settings: &Settings,
 ) -> Result<Option<String>, FallbackReason>
@@ -163,7 +170,7 @@ where
                 tonic::Code::Unimplemented => return Err(FallbackReason::HealthUnimplemented),
                 _ => {
                     return Err(FallbackReason::HandshakeFailed {
-                        message: status.to_string(),
+                        message: health_failure(&status),
                     });
                 }
             },
@@ -177,8 +184,43 @@ where
             actual: version,
         });
     }
-    check_directory(served.as_deref(), dir, settings.accept_unverified_directory)?;
+    check_directory(
+        served.as_deref(),
+        pid,
+        dir,
+        settings.accept_unverified_directory,
+    )?;
     Ok(version)
+}
+
+/// Why `Health/Check` got no answer, in a check's words: what broke on the connection (a check
+/// is not a call, so never "the call may have run"), else the status the daemon answered.
+fn health_failure(status: &tonic::Status) -> String {
+    match broken_connection(status) {
+        Some(broke) => broke,
+        None => format!(
+            "Health/Check answered {:?}: {}",
+            status.code(),
+            status.message()
+        ),
+    }
+}
+
+/// What broke on the connection, when `error` (or one of its sources) says: the daemon route's
+/// own [`ConnectionBroke`], or an h2 error of tonic's `Channel`, told without h2's internal
+/// names.
+pub(crate) fn broken_connection(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(broke) = e.downcast_ref::<ConnectionBroke>() {
+            return Some(broke.to_string());
+        }
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return Some(what_broke(h2, false));
+        }
+        next = e.source();
+    }
+    None
 }
 
 /// The daemon must serve `dir`: the identity it reports is the one `dir` has now. A renamed
@@ -186,6 +228,7 @@ where
 /// directory is.
 fn check_directory(
     served: Option<&str>,
+    pid: u32,
     dir: &Path,
     accept_unreported: bool,
 ) -> Result<(), FallbackReason> {
@@ -199,6 +242,7 @@ fn check_directory(
     match (&expected, FileIdentity::parse(served)) {
         (Ok(expected), Some(served)) if *expected == served => Ok(()),
         _ => Err(FallbackReason::DirectoryMismatch {
+            pid,
             expected: match expected {
                 Ok(id) => id.to_string(),
                 Err(e) => format!("unreadable: {e}"),

@@ -13,8 +13,7 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::checked::connect_checked;
-use super::handshake::check_health;
-use super::handshake::within;
+use super::handshake::{broken_connection, check_health, within};
 use crate::config::Settings;
 use crate::paths::DaemonPaths;
 use crate::probe::{UdsTarget, probe_paths};
@@ -113,7 +112,7 @@ pub async fn try_connect_local_daemon_channel(
     let attempt = async {
         let stream = connect_checked(&target).await?;
         let channel = channel_over(stream, &settings).await?;
-        let version = check_health(channel.clone(), dir, &settings).await?;
+        let version = check_health(channel.clone(), target.pid, dir, &settings).await?;
         Ok(LocalDaemonChannel {
             target: target.clone(),
             channel,
@@ -136,7 +135,7 @@ async fn channel_over(stream: UnixStream, settings: &Settings) -> Result<Channel
         .connect_with_connector(connector)
         .await
         .map_err(|e| FallbackReason::HandshakeFailed {
-            message: error_chain(&e),
+            message: broken_connection(&e).unwrap_or_else(|| error_chain(&e)),
         })
 }
 

@@ -65,7 +65,8 @@ pub(crate) async fn run(dir: &Path, settings: &Settings) -> Report {
     };
     checks.start();
     let shaken = within(deadline, async {
-        let (_, version, task) = handshake(stream, dir, settings, ConnectionEnd::ignored()).await?;
+        let end = ConnectionEnd::ignored();
+        let (_, version, task) = handshake(stream, target.pid, dir, settings, end).await?;
         // The report keeps nothing: the connection closes.
         task.abort();
         Ok(version)

@@ -14,6 +14,8 @@ use crate::sync::lock;
 pub(crate) struct InFlight {
     calls: AtomicUsize,
     pub(super) closing: AtomicBool,
+    /// Keepalive gave up on the connection: its streams see only a broken pipe.
+    pub(super) unresponsive: AtomicBool,
     /// The connection's task, while it waits for the last call of a close.
     waker: Mutex<Option<Waker>>,
 }
@@ -68,16 +70,18 @@ impl Drop for CallClaim {
 /// gone, the deadline passed): it releases the call's claim on the connection, and ends its
 /// upload should the request body still be streaming.
 pub(super) struct CallEnd {
-    _claim: CallClaim,
+    claim: CallClaim,
     upload: Option<AbortHandle>,
 }
 
 impl CallEnd {
     pub(super) fn new(claim: CallClaim, upload: Option<AbortHandle>) -> Self {
-        Self {
-            _claim: claim,
-            upload,
-        }
+        Self { claim, upload }
+    }
+
+    /// Whether keepalive gave up on the call's connection.
+    pub(super) fn unresponsive(&self) -> bool {
+        self.claim.0.unresponsive.load(Ordering::SeqCst)
     }
 }
 

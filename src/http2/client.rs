@@ -22,13 +22,11 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Uri};
 use http_body::Body as _;
 use tonic::body::Body;
-use tonic::{Status, TimeoutExpired};
+use tonic::{Code, Status, TimeoutExpired};
 use tower::BoxError;
 
-use crate::reason::error_chain;
-
 use super::call::{CallEnd, InFlight};
-use super::response::{DaemonBody, Fate, daemon_status};
+use super::response::{DaemonBody, Fate, daemon_status, transport_status, what_broke};
 use super::upload::{KeptBody, Started, Upload};
 
 /// The user-agent of a request that names none.
@@ -66,6 +64,8 @@ pub(crate) enum SendError {
     Failed {
         error: h2::Error,
         fate: Fate,
+        /// Keepalive gave up on the connection.
+        unresponsive: bool,
         /// The request, when it was kept: it can still run elsewhere.
         request: Option<Box<KeptRequest>>,
     },
@@ -95,12 +95,19 @@ impl Unsent {
     /// The status of this request where it may not run elsewhere.
     pub(crate) fn status(&self) -> Status {
         match &self.why {
-            NotSent::Closed => Status::unavailable(
-                "the local daemon connection closed before the request was sent; it did not run",
+            NotSent::Closed => transport_status(
+                Code::Unavailable,
+                "the local daemon connection closed before the request was sent; it did not run"
+                    .to_owned(),
+                "the connection closed".to_owned(),
             ),
-            NotSent::Invalid(error) => Status::internal(format!(
-                "the request could not be sent to the local daemon ({error}); it did not run"
-            )),
+            NotSent::Invalid(error) => transport_status(
+                Code::Internal,
+                format!(
+                    "the request could not be sent to the local daemon ({error}); it did not run"
+                ),
+                format!("the request could not be sent ({error})"),
+            ),
         }
     }
 }
@@ -114,11 +121,17 @@ impl SendError {
                 error,
                 fate: Fate::NotProcessed,
                 ..
-            } => Status::unavailable(format!(
-                "the local daemon did not process the call ({}); it did not run",
-                error_chain(&error)
-            )),
-            Self::Failed { error, .. } => daemon_status(&error),
+            } => {
+                let broke = what_broke(&error, false);
+                let message =
+                    format!("the local daemon did not process the call ({broke}); it did not run");
+                transport_status(Code::Unavailable, message, broke)
+            }
+            Self::Failed {
+                error,
+                unresponsive,
+                ..
+            } => daemon_status(&error, unresponsive),
         }
     }
 }
@@ -308,6 +321,7 @@ impl Future for DaemonFuture {
                 }
                 Err(error) => Err(SendError::Failed {
                     fate: Fate::of(&error),
+                    unresponsive: this.end.as_ref().is_some_and(CallEnd::unresponsive),
                     error,
                     request: this.kept.take(),
                 }),
@@ -330,7 +344,7 @@ impl tower::Service<http::Request<Body>> for DaemonClient {
         std::pin::Pin<Box<dyn Future<Output = Result<http::Response<Body>, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        DaemonClient::poll_ready(self, cx).map_err(|e| daemon_status(&e).into())
+        DaemonClient::poll_ready(self, cx).map_err(|e| daemon_status(&e, false).into())
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {

@@ -203,6 +203,8 @@ impl<F: Future<Output = Result<(), h2::Error>>> Future for Watched<F> {
                     && keepalive.poll_unanswered(cx).is_ready()
                 {
                     tracing::debug!("local daemon did not answer a keepalive ping in time");
+                    // Before the connection drops, so that its streams' errors say why.
+                    this.in_flight.unresponsive.store(true, Ordering::SeqCst);
                     EndCause::Unresponsive
                 } else {
                     std::task::ready!(this.in_flight.poll_drained(cx, this.kept_waker));

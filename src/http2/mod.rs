@@ -25,7 +25,7 @@ pub(crate) use self::client::{
     timeout_status,
 };
 pub(crate) use self::connection::{ConnectionEnd, ConnectionTask, EndCause, open};
-pub(crate) use self::response::Fate;
+pub(crate) use self::response::{ConnectionBroke, Fate, what_broke};
 
 #[cfg(test)]
 mod tests;

@@ -10,7 +10,6 @@ use http_body::Frame;
 use tonic::{Code, Status};
 
 use super::call::CallEnd;
-use crate::reason::error_chain;
 
 /// What a stream's failure says of its request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,20 +46,65 @@ impl Fate {
 
 /// An error on the daemon route, as the caller sees it: a stream the daemon reset gets the code
 /// of its reason; anything else that broke the connection mid-call is `UNAVAILABLE`.
-pub(crate) fn daemon_status(error: &h2::Error) -> Status {
+/// `unresponsive`: keepalive gave up on the connection, which the stream sees only as a broken
+/// pipe.
+pub(crate) fn daemon_status(error: &h2::Error, unresponsive: bool) -> Status {
+    let broke = what_broke(error, unresponsive);
     if error.is_reset()
         && error.is_remote()
         && let Some(reason) = error.reason()
     {
-        return Status::new(
-            code_of_reset(reason),
-            format!("the local daemon reset the stream: {reason}"),
-        );
+        let message = format!("the local daemon reset the stream: {reason}");
+        return transport_status(code_of_reset(reason), message, broke);
     }
-    Status::unavailable(format!(
-        "local daemon connection failed; the call may have run on the daemon: {}",
-        error_chain(error)
-    ))
+    let message = format!(
+        "the local daemon connection failed, and the call may have run on the daemon: {broke}"
+    );
+    transport_status(Code::Unavailable, message, broke)
+}
+
+/// A status of the daemon route itself, not of the daemon's handler: its source is
+/// [`ConnectionBroke`], which says what broke without the call's words.
+pub(crate) fn transport_status(code: Code, message: String, broke: String) -> Status {
+    let mut status = Status::new(code, message);
+    status.set_source(std::sync::Arc::new(ConnectionBroke(broke)));
+    status
+}
+
+/// What broke on the daemon connection, as the source of the status the route gives: the
+/// handshake's health check, which is not a call, reports this rather than the status.
+#[derive(Debug)]
+pub(crate) struct ConnectionBroke(pub(crate) String);
+
+impl std::fmt::Display for ConnectionBroke {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConnectionBroke {}
+
+/// What broke, for a person: h2's reason without the debug bytes of a GOAWAY (h2's own
+/// names, such as `too_many_continuations`, mean nothing to a user), and a connection that
+/// keepalive gave up on named as such rather than by the broken pipe its streams see.
+pub(crate) fn what_broke(error: &h2::Error, unresponsive: bool) -> String {
+    if unresponsive {
+        return "the daemon stopped answering (keepalive)".to_owned();
+    }
+    match (error.reason(), error.get_io()) {
+        (Some(reason), _) if error.is_go_away() && error.is_remote() => {
+            format!("the daemon closed the connection ({reason})")
+        }
+        (Some(reason), _) if error.is_go_away() && error.is_library() => {
+            format!("the daemon broke the HTTP/2 protocol ({reason})")
+        }
+        (Some(reason), _) if error.is_reset() && error.is_remote() => {
+            format!("the daemon reset the stream ({reason})")
+        }
+        (Some(reason), _) => format!("HTTP/2 error ({reason})"),
+        (None, Some(io)) => format!("the connection broke ({io})"),
+        (None, None) => error.to_string(),
+    }
 }
 
 /// The code the gRPC spec gives a stream reset by the server (PROTOCOL-HTTP2.md, "Errors").
@@ -81,7 +125,7 @@ pub(super) struct DaemonBody {
     recv: RecvStream,
     data_done: bool,
     done: bool,
-    _end: Option<CallEnd>,
+    end: Option<CallEnd>,
 }
 
 impl DaemonBody {
@@ -90,8 +134,13 @@ impl DaemonBody {
             recv,
             data_done: false,
             done: false,
-            _end: end,
+            end,
         }
+    }
+
+    /// Whether keepalive gave up on the connection.
+    fn unresponsive(&self) -> bool {
+        self.end.as_ref().is_some_and(CallEnd::unresponsive)
     }
 }
 
@@ -114,7 +163,7 @@ impl http_body::Body for DaemonBody {
                 }
                 Some(Err(e)) => {
                     self.done = true;
-                    return Poll::Ready(Some(Err(daemon_status(&e))));
+                    return Poll::Ready(Some(Err(daemon_status(&e, self.unresponsive()))));
                 }
                 None => self.data_done = true,
             }
@@ -124,7 +173,7 @@ impl http_body::Body for DaemonBody {
         Poll::Ready(match trailers {
             Ok(Some(trailers)) => Some(Ok(Frame::trailers(trailers))),
             Ok(None) => None,
-            Err(e) => Some(Err(daemon_status(&e))),
+            Err(e) => Some(Err(daemon_status(&e, self.unresponsive()))),
         })
     }
 

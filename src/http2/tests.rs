@@ -276,7 +276,7 @@ async fn each_reset_reason_gets_the_code_the_grpc_spec_gives_it() {
             _ => Fate::Answered,
         };
         assert_eq!(fate, expected, "{reason:?}");
-        assert_eq!(daemon_status(&error).code(), code, "{reason:?}");
+        assert_eq!(daemon_status(&error, false).code(), code, "{reason:?}");
 
         // After the head: the body fails with the same code.
         let call = client.send(unary(b"reset me later"), false).unwrap();
@@ -359,6 +359,7 @@ async fn a_stream_above_the_goaways_last_stream_id_fails_as_never_processed() {
         error,
         fate,
         request,
+        ..
     }) = refused.await
     else {
         panic!("the second stream did not fail");
@@ -386,18 +387,31 @@ async fn keepalive_ends_a_connection_whose_daemon_stopped_answering() {
     assert_eq!(ended.cause(), None, "ended before a ping went unanswered");
     tokio::time::sleep(TIMEOUT + Duration::from_millis(10)).await;
     assert_eq!(ended.cause(), Some(EndCause::Unresponsive));
-    let Err(SendError::Failed {
+    let Err(failed) = call.await else {
+        panic!("the call did not fail");
+    };
+    let SendError::Failed {
         error,
         fate,
         request,
-    }) = call.await
+        unresponsive,
+    } = &failed
     else {
-        panic!("the call did not fail");
+        panic!("{failed:?}");
     };
     // A break: the request may have run, and comes back for an idempotent method's re-run.
-    assert_eq!(fate, Fate::Broken, "{error:?}");
+    assert_eq!(*fate, Fate::Broken, "{error:?}");
     assert!(request.is_some());
-    assert_eq!(daemon_status(&error).code(), Code::Unavailable);
+    assert!(*unresponsive);
+    // Its stream saw a broken pipe; the caller is told why the connection broke.
+    let status = failed.into_status();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        status
+            .message()
+            .ends_with("may have run on the daemon: the daemon stopped answering (keepalive)"),
+        "{status:?}"
+    );
     drop(server);
 }
 

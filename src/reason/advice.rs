@@ -1,6 +1,8 @@
 //! What each reason means to a person and to a program: [`FallbackReason::remedy`] and the
 //! stable [`FallbackReason::code`].
 
+use std::borrow::Cow;
+
 use super::FallbackReason;
 
 impl FallbackReason {
@@ -122,9 +124,9 @@ impl FallbackReason {
     }
 
     /// What to do about it, in one sentence for a person.
-    pub fn remedy(&self) -> &'static str {
+    pub fn remedy(&self) -> Cow<'static, str> {
         use FallbackReason::*;
-        match self {
+        Cow::Borrowed(match self {
             SymlinkedSocketsDir => {
                 "a symlinked sockets directory shares another directory's daemon; remove the link, and give each worktree its own state directory (or point the layer at the shared directory itself)"
             }
@@ -181,9 +183,6 @@ impl FallbackReason {
             ServiceNotHosted { .. } | HealthUnimplemented | VersionMismatch { .. } => {
                 "the daemon is an older or other build; stop it and start it from this build"
             }
-            DirectoryMismatch { .. } => {
-                "the daemon serves another directory (a shared, linked or moved sockets directory); stop it, remove the sockets directory here and start a daemon for this directory"
-            }
             DirectoryUnreported => {
                 "the daemon does not say which directory it serves (an older or other implementation); upgrade it, or accept it with `accept_unverified_directory`"
             }
@@ -198,6 +197,11 @@ impl FallbackReason {
             RuntimeUnusable { .. } => {
                 "call from a Tokio runtime built with `enable_all()` (I/O and time drivers)"
             }
-        }
+            DirectoryMismatch { pid, .. } => {
+                return Cow::Owned(format!(
+                    "the daemon (pid {pid}) serves another directory through a shared, linked or moved sockets directory, so `stop` here refuses it: stop it from the directory it serves, or `kill {pid}`; then remove this directory's `sockets` directory and start a daemon for this directory"
+                ));
+            }
+        })
     }
 }

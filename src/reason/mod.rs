@@ -190,6 +190,9 @@ pub enum FallbackReason {
     /// The daemon serves another directory than the one the layer was built for: its sockets
     /// directory was shared, linked or moved.
     DirectoryMismatch {
+        /// The daemon's pid: `stop` refuses a daemon of another directory, so the remedy names
+        /// it.
+        pid: u32,
         /// The identity (`dev:ino`) of the layer's directory, or why it could not be read.
         expected: String,
         /// The identity the daemon reports serving.
@@ -294,9 +297,13 @@ impl fmt::Display for FallbackReason {
                 Some(actual) => write!(f, "the daemon is version {actual}, not {expected}"),
                 None => write!(f, "the daemon reports no version; {expected} is required"),
             },
-            DirectoryMismatch { expected, served } => write!(
+            DirectoryMismatch {
+                pid,
+                expected,
+                served,
+            } => write!(
                 f,
-                "the daemon serves directory {served}, not this directory ({expected})"
+                "the daemon (pid {pid}) serves directory {served}, not this directory ({expected})"
             ),
             DirectoryUnreported => {
                 f.write_str("the daemon does not report which directory it serves")

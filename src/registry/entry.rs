@@ -387,13 +387,9 @@ impl Entry {
         let exited = state
             .spawned
             .as_ref()
-            .and_then(|(child, _)| child.exit.get().map(|status| (child, status)));
+            .and_then(|(child, _)| child.failure());
         let message = match exited {
-            Some((child, status)) => format!(
-                "the started daemon (pid {}) exited ({status}) before serving; its log is {}",
-                child.pid,
-                child.log.display()
-            ),
+            Some(failure) => failure,
             None if Instant::now() >= until => {
                 "the daemon being started did not serve within the hand-off bound; calls run in-process until it does".to_owned()
             }

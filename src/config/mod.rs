@@ -1,6 +1,12 @@
 //! The options a layer is built with: which daemon is acceptable, how the route behaves, the
 //! daemon command auto-start runs ([`AutoStart`], plain data that keys a registry entry like
-//! the rest), and the environment variables that override the mode and auto-start.
+//! the rest). The environment variables that override the mode and auto-start are read in
+//! [`env`].
+
+mod env;
+
+pub use self::env::DEFAULT_MODE_ENV;
+pub(crate) use self::env::{AutoStartSwitch, EnvOverride};
 
 use std::ffi::OsString;
 use std::fmt;
@@ -38,6 +44,7 @@ pub enum IdentityPolicy {
 /// use tower_local_daemon::Mode;
 ///
 /// assert_eq!("require".parse::<Mode>(), Ok(Mode::Require));
+/// assert_eq!("OFF".parse::<Mode>(), Ok(Mode::Off));
 /// assert!("sometimes".parse::<Mode>().is_err());
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -74,13 +81,13 @@ impl std::error::Error for InvalidMode {}
 impl FromStr for Mode {
     type Err = InvalidMode;
 
+    /// `auto`, `off` or `require`, in any case, around any whitespace.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim() {
-            "auto" => Ok(Self::Auto),
-            "off" => Ok(Self::Off),
-            "require" => Ok(Self::Require),
-            other => Err(InvalidMode(other.to_owned())),
-        }
+        let word = s.trim();
+        [Self::Auto, Self::Off, Self::Require]
+            .into_iter()
+            .find(|mode| word.eq_ignore_ascii_case(&mode.to_string()))
+            .ok_or_else(|| InvalidMode(word.to_owned()))
     }
 }
 
@@ -91,50 +98,6 @@ impl fmt::Display for Mode {
             Self::Off => "off",
             Self::Require => "require",
         })
-    }
-}
-
-/// The default environment variable that overrides the mode.
-pub const DEFAULT_MODE_ENV: &str = "HEDDLE_LOCAL_DAEMON";
-
-/// Where an environment override (the mode's, auto-start's switch) comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum EnvOverride {
-    /// Read this environment variable when the layer builds a service.
-    Var(String),
-    /// A value given as if it were the variable's (tests inject it this way).
-    Value(Option<String>),
-}
-
-impl EnvOverride {
-    /// The variable's value, or the injected one.
-    pub(crate) fn value(&self) -> Option<String> {
-        match self {
-            Self::Var(name) => std::env::var(name).ok(),
-            Self::Value(value) => value.clone(),
-        }
-    }
-
-    /// The variable's name, when it is read from the environment.
-    pub(crate) fn var(&self) -> Option<&str> {
-        match self {
-            Self::Var(name) => Some(name),
-            Self::Value(_) => None,
-        }
-    }
-
-    /// The mode after the override: the environment beats the builder, and an invalid value is
-    /// logged and ignored.
-    pub(crate) fn apply(&self, builder_mode: Mode) -> Mode {
-        let value = self.value();
-        match value.as_deref().map(str::parse::<Mode>) {
-            None => builder_mode,
-            Some(Ok(mode)) => mode,
-            Some(Err(e)) => {
-                tracing::warn!(source = ?self, "{e}; using {builder_mode}");
-                builder_mode
-            }
-        }
     }
 }
 
@@ -324,47 +287,6 @@ fn current_exe_path() -> PathBuf {
         .unwrap_or_else(|| std::env::current_exe().unwrap_or_default())
 }
 
-/// Whether auto-start is on, after the environment: resolved when a layer builds a service.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct AutoStartSwitch {
-    /// The variable that turns auto-start off (`0`, `off`, `false`, `no`), or its injected value.
-    pub(crate) env: EnvOverride,
-    /// Whether to start a daemon also under `CI`.
-    pub(crate) forced: bool,
-}
-
-impl AutoStartSwitch {
-    /// The default variable that turns auto-start off.
-    pub(crate) const DEFAULT_ENV: &'static str = "HEDDLE_LOCAL_DAEMON_AUTO_START";
-
-    pub(crate) fn new() -> Self {
-        Self {
-            env: EnvOverride::Var(Self::DEFAULT_ENV.to_owned()),
-            forced: false,
-        }
-    }
-
-    /// Whether auto-start stays on: not turned off by its variable, and not under `CI` (a
-    /// value other than empty, `0` or `false`) unless forced. Ephemeral CI machines gain
-    /// nothing from a daemon.
-    pub(crate) fn enabled(&self) -> bool {
-        enabled(
-            self.env.value().as_deref(),
-            std::env::var("CI").ok().as_deref(),
-            self.forced,
-        )
-    }
-}
-
-fn enabled(switch: Option<&str>, ci: Option<&str>, forced: bool) -> bool {
-    let off = |v: &str| matches!(v.trim(), "0" | "off" | "false" | "no");
-    if switch.is_some_and(off) {
-        return false;
-    }
-    let under_ci = ci.is_some_and(|v| !matches!(v.trim(), "" | "0" | "false"));
-    forced || !under_ci
-}
-
 /// Which gRPC methods (by path, such as `/grpc.health.v1.Health/Check`) are safe to run twice,
 /// in any order, even at once: a layer option of the service, not of the registry entry.
 #[derive(Clone)]
@@ -383,21 +305,5 @@ impl Idempotent {
 impl fmt::Debug for Idempotent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Idempotent(..)")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::enabled;
-
-    #[test]
-    fn auto_start_is_off_when_switched_off_and_under_ci_unless_forced() {
-        assert!(enabled(None, None, false));
-        assert!(enabled(Some("1"), Some(""), false));
-        assert!(enabled(None, Some("false"), false));
-        assert!(!enabled(Some("0"), None, false));
-        assert!(!enabled(Some("off"), None, true));
-        assert!(!enabled(None, Some("true"), false));
-        assert!(enabled(None, Some("true"), true));
     }
 }
