@@ -248,6 +248,36 @@ fn pidfile_without_read_permission_probed_as_nobody() {
     );
 }
 
+/// A directory on the way that `nobody` may not enter is named, with the permission, rather
+/// than reported as an unreadable pidfile.
+#[test]
+fn a_directory_nobody_may_not_enter_is_named_with_the_permission() {
+    let Some(nobody) =
+        NobodyBinary::new("a_directory_nobody_may_not_enter_is_named_with_the_permission")
+    else {
+        return;
+    };
+    let f = Fixture::new("r-dir-perm");
+    f.write_own_pidfile();
+    std::fs::set_permissions(f.dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let reason = FallbackReason::UnsearchableDirectory {
+        path: f.dir.path().to_owned(),
+    };
+    assert_eq!(
+        nobody.probe(f.dir.path()),
+        format!("{:?}", absent(reason.clone()))
+    );
+    assert_eq!(
+        reason.to_string(),
+        format!(
+            "this user may not enter {}: it lacks search (x) permission for them",
+            f.dir.path().display()
+        )
+    );
+    assert!(reason.remedy().contains("search permission"));
+    assert!(!reason.remedy().contains("pidfile"));
+}
+
 // ---- Stage 1: the process ----
 
 #[test]

@@ -2,7 +2,7 @@
 //! names, the socket. [`probe_observed`](super::probe_observed) runs them in order.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::config::IdentityPolicy;
 use crate::lockfile::LockRecord;
@@ -17,6 +17,12 @@ use crate::reason::FallbackReason;
 pub(crate) fn check_sockets_dir(dir: &Path) -> Result<(), FallbackReason> {
     let metadata = std::fs::symlink_metadata(dir).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => FallbackReason::NoPidfile,
+        std::io::ErrorKind::PermissionDenied => match unsearchable(dir) {
+            Some(path) => FallbackReason::UnsearchableDirectory { path },
+            None => FallbackReason::UnreadablePidfile {
+                error: Some(std::io::ErrorKind::PermissionDenied),
+            },
+        },
         error => FallbackReason::UnreadablePidfile { error: Some(error) },
     })?;
     if metadata.file_type().is_symlink() {
@@ -35,6 +41,18 @@ pub(crate) fn check_sockets_dir(dir: &Path) -> Result<(), FallbackReason> {
         return Err(FallbackReason::OpenSocketsDir { mode });
     }
     Ok(())
+}
+
+/// The first directory on the way to `path` (from `/` down) that this user may not enter:
+/// `stat` of its `.` needs search permission on it.
+fn unsearchable(path: &Path) -> Option<PathBuf> {
+    let mut ancestors: Vec<&Path> = path.ancestors().skip(1).collect();
+    ancestors.reverse();
+    ancestors.into_iter().find_map(|dir| {
+        let denied = std::fs::metadata(dir.join("."))
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied);
+        denied.then(|| dir.to_owned())
+    })
 }
 
 /// The pidfile stage.

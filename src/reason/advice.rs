@@ -18,6 +18,7 @@ impl FallbackReason {
     pub fn code(&self) -> &'static str {
         use FallbackReason::*;
         match self {
+            UnsearchableDirectory { .. } => "unsearchable_directory",
             SymlinkedSocketsDir => "symlinked_sockets_dir",
             SocketsDirNotADirectory => "sockets_dir_not_a_directory",
             ForeignSocketsDir { .. } => "foreign_sockets_dir",
@@ -72,7 +73,8 @@ impl FallbackReason {
     pub fn is_definitive(&self) -> bool {
         use FallbackReason::*;
         match self {
-            SymlinkedSocketsDir
+            UnsearchableDirectory { .. }
+            | SymlinkedSocketsDir
             | SocketsDirNotADirectory
             | ForeignSocketsDir { .. }
             | OpenSocketsDir { .. }
@@ -127,6 +129,9 @@ impl FallbackReason {
     pub fn remedy(&self) -> Cow<'static, str> {
         use FallbackReason::*;
         Cow::Borrowed(match self {
+            UnsearchableDirectory { .. } => {
+                "run the command as the user the directory belongs to, or give this user search permission on it (`chmod o+x`, or a group)"
+            }
             SymlinkedSocketsDir => {
                 "a symlinked sockets directory shares another directory's daemon; remove the link, and give each worktree its own state directory (or point the layer at the shared directory itself)"
             }
@@ -143,6 +148,11 @@ impl FallbackReason {
                 "a hard-linked daemon file may belong to another directory; remove the sockets directory's files and start the daemon again"
             }
             NoPidfile => "start the daemon if you want calls to use it",
+            UnreadablePidfile {
+                error: Some(std::io::ErrorKind::PermissionDenied),
+            } => {
+                "this user may not read the pidfile; run the command as the daemon's user, or fix the file's permissions"
+            }
             MalformedPidfile(_) | UnreadablePidfile { .. } => {
                 "the pidfile was not written by a daemon of this format; stop whatever wrote it and start the daemon again"
             }

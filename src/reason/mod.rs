@@ -4,6 +4,7 @@ mod advice;
 
 use std::fmt;
 use std::io;
+use std::path::PathBuf;
 
 use crate::pidfile::PidfileError;
 
@@ -17,6 +18,7 @@ use crate::pidfile::PidfileError;
 ///
 /// | stage | reason | status from [`probe`](crate::probe) |
 /// |---|---|---|
+/// | directory | [`UnsearchableDirectory`](Self::UnsearchableDirectory) (this user may not enter it) | `Absent` |
 /// | directory | [`SymlinkedSocketsDir`](Self::SymlinkedSocketsDir) | `Absent` |
 /// | directory | [`SocketsDirNotADirectory`](Self::SocketsDirNotADirectory) | `Absent` |
 /// | directory | [`ForeignSocketsDir`](Self::ForeignSocketsDir) (owned by another uid) | `Absent` |
@@ -51,6 +53,12 @@ use crate::pidfile::PidfileError;
 #[non_exhaustive]
 pub enum FallbackReason {
     // Stage 1: the sockets directory.
+    /// A directory on the way to the daemon's files may not be entered by this user: it lacks
+    /// search (`x`) permission for them.
+    UnsearchableDirectory {
+        /// The first directory on the path that this user may not enter.
+        path: PathBuf,
+    },
     /// The sockets directory is a symbolic link: it would share another directory's daemon.
     SymlinkedSocketsDir,
     /// The sockets directory is not a directory.
@@ -230,6 +238,11 @@ impl fmt::Display for FallbackReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use FallbackReason::*;
         match self {
+            UnsearchableDirectory { path } => write!(
+                f,
+                "this user may not enter {}: it lacks search (x) permission for them",
+                path.display()
+            ),
             SymlinkedSocketsDir => f.write_str("the sockets directory is a symbolic link"),
             SocketsDirNotADirectory => f.write_str("the sockets path is not a directory"),
             ForeignSocketsDir { uid } => {
