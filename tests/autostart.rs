@@ -328,6 +328,81 @@ async fn nothing_is_started_for_a_directory_of_another_user() {
     assert!(!dir.paths().sockets_dir.exists());
 }
 
+/// A state directory reached through a symlink that another user planted in a shared
+/// directory is never started in; one's own link in such a directory is refused too (anyone
+/// could have replaced it); one's own link in a private directory is followed.
+#[tokio::test]
+async fn a_symlink_another_user_planted_on_the_path_starts_nothing() {
+    if !root_or_skip("a_symlink_another_user_planted_on_the_path_starts_nothing") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TestDir::new("auto-planted-link");
+    let shared = dir.path().join("shared");
+    let private = dir.path().join("private");
+    std::fs::create_dir_all(private.join("repo")).unwrap();
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let link = shared.join(".heddle");
+    std::os::unix::fs::symlink(private.join("repo"), &link).unwrap();
+    let first_reason = |owner: Option<nix::unistd::Uid>| {
+        nix::unistd::fchownat(
+            nix::fcntl::AT_FDCWD,
+            &link,
+            owner,
+            None,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .unwrap();
+        // A new decision: the registry entry of the same settings keeps the last one a while.
+        reset(&link);
+        let svc = layered(
+            test_layer(&link)
+                .auto_start(test_auto_start(&link))
+                .force_auto_start(true),
+        );
+        async move {
+            let response = echo(&mut EchoClient::new(svc.clone()), 1).await.unwrap();
+            assert_eq!(response.get_ref().served_by, "in-process");
+            svc.stats().unwrap().route.unwrap().unwrap_err()
+        }
+    };
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let reason = first_reason(Some(nobody.uid)).await;
+    let FallbackReason::AutoStartFailed { message } = &reason else {
+        panic!("{reason:?}");
+    };
+    let expected = format!(
+        "the symlink {} on the path belongs to another user",
+        link.display()
+    );
+    assert!(message.starts_with(&expected), "{message}");
+    assert!(message.contains("nothing was started"), "{message}");
+    assert!(!private.join("repo/sockets").exists(), "followed the link");
+
+    let reason = first_reason(Some(nix::unistd::Uid::current())).await;
+    let FallbackReason::AutoStartFailed { message } = &reason else {
+        panic!("{reason:?}");
+    };
+    assert!(message.contains("no sticky bit"), "{message}");
+    assert!(!private.join("repo/sockets").exists(), "followed the link");
+
+    // A private directory: the link is a spelling of one's own directory, and is followed.
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+    reset(&link);
+    let svc = layered(
+        test_layer(&link)
+            .auto_start(test_auto_start(&link))
+            .force_auto_start(true),
+    );
+    let response = echo(&mut EchoClient::new(svc.clone()), 1).await.unwrap();
+    assert_eq!(response.get_ref().served_by, "daemon");
+    let pid = svc.stats().unwrap().route.unwrap().unwrap().pid;
+    let stopped = stop(&link, Duration::from_secs(10)).await;
+    assert_eq!(stopped, StopOutcome::Stopped { pid });
+}
+
 /// The reason a layer with auto-start records for its first call, which must run in-process.
 async fn first_call_reason(dir: &TestDir, auto: AutoStart) -> FallbackReason {
     let svc = layered(

@@ -6,6 +6,7 @@ mod record;
 mod spawn;
 mod status;
 mod stop;
+mod trusted_path;
 
 pub(crate) use self::spawn::{
     SpawnOutcome, SpawnedChild, maybe_spawn, record_served, stop_own_stalled,

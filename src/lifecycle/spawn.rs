@@ -18,6 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use nix::fcntl::{Flock, FlockArg, OFlag};
 
 use super::status::log_tail;
+use super::trusted_path::planted_link;
 use crate::config::AutoStart;
 use crate::lockfile::lock_held;
 use crate::paths::DaemonPaths;
@@ -49,6 +50,7 @@ pub(crate) enum SpawnOutcome {
     NotNow(&'static str),
     /// Starting is not allowed here (the directory is not ours, or not private).
     CannotStart(&'static str),
+
     /// The command could not be started.
     Failed(String),
 }
@@ -95,15 +97,25 @@ pub(crate) fn maybe_spawn(
     let Some(dir) = paths.sockets_dir.parent() else {
         return SpawnOutcome::CannotStart("the sockets directory has no parent");
     };
-    match std::fs::metadata(dir) {
-        Ok(m) if m.uid() == own_uid() => {}
-        Ok(_) => return SpawnOutcome::CannotStart("the directory belongs to another user"),
-        Err(_) => return SpawnOutcome::CannotStart("the directory does not exist"),
+    if let Some(why) = planted_link(dir) {
+        return SpawnOutcome::Failed(format!(
+            "{why}: another user could have planted it to send the daemon elsewhere, so nothing was started; start the daemon by hand or use the directory's real path"
+        ));
     }
-    match nix::unistd::mkdir(
-        &paths.sockets_dir,
-        nix::sys::stat::Mode::from_bits_truncate(0o700),
-    ) {
+    // The directory checked is the one `sockets/` is made in: both through one descriptor.
+    let private = nix::sys::stat::Mode::from_bits_truncate(0o700);
+    let flags = OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+    let Ok(state_dir) = nix::fcntl::open(dir, flags, nix::sys::stat::Mode::empty()) else {
+        return SpawnOutcome::CannotStart("the directory does not exist");
+    };
+    match nix::sys::stat::fstat(&state_dir) {
+        Ok(stat) if stat.st_uid == own_uid() => {}
+        _ => return SpawnOutcome::CannotStart("the directory belongs to another user"),
+    }
+    let Some(sockets) = paths.sockets_dir.file_name() else {
+        return SpawnOutcome::CannotStart("the sockets directory has no name");
+    };
+    match nix::sys::stat::mkdirat(&state_dir, sockets, private) {
         Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
         Err(_) => return SpawnOutcome::CannotStart("the sockets directory cannot be made"),
     }
