@@ -30,6 +30,11 @@ pub const SPAWN_LOCK_FILE: &str = "spawn.lock";
 pub const SPAWN_RECORD_FILE: &str = "spawn.record";
 /// An auto-started daemon's standard output and error, inside `<dir>/sockets/`.
 pub const DAEMON_LOG_FILE: &str = "daemon.log";
+/// The log moved aside when it passes [`DAEMON_LOG_CAP`]: one older log is kept.
+pub(crate) const DAEMON_LOG_OLD_FILE: &str = "daemon.log.1";
+/// The size past which the log is moved aside: by a start that finds it so, and by the daemon
+/// itself while it runs.
+pub(crate) const DAEMON_LOG_CAP: u64 = 1024 * 1024;
 /// Set in an auto-started daemon's environment: the daemon then exits after an idle timeout
 /// unless it sets its own.
 pub const AUTO_STARTED_ENV: &str = "LOCAL_DAEMON_AUTO_STARTED";

@@ -403,6 +403,51 @@ async fn a_symlink_another_user_planted_on_the_path_starts_nothing() {
     assert_eq!(stopped, StopOutcome::Stopped { pid });
 }
 
+/// A started daemon keeps its log bounded while it runs: past the cap, the log is moved aside
+/// and the daemon writes to a new one.
+#[tokio::test]
+async fn a_started_daemon_moves_its_log_aside_while_it_runs() {
+    let dir = TestDir::new("auto-log-bounded");
+    let svc = layered(
+        test_layer(dir.path())
+            .auto_start(test_auto_start(dir.path()))
+            .force_auto_start(true),
+    );
+    let response = echo(&mut EchoClient::new(svc.clone()), 1).await.unwrap();
+    assert_eq!(response.get_ref().served_by, "daemon");
+    let pid = svc.stats().unwrap().route.unwrap().unwrap().pid;
+    let log = dir.paths().sockets_dir.join(DAEMON_LOG_FILE);
+    let old = dir.paths().sockets_dir.join("daemon.log.1");
+    // Two MiB more on the file the daemon writes its stderr to.
+    let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    std::io::Write::write_all(&mut file, &vec![b'.'; 2 << 20]).unwrap();
+    drop(file);
+    // The daemon looks every 2 s.
+    for _ in 0..300 {
+        if old.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(old.exists(), "the log was not moved aside");
+    let stopped = stop(dir.path(), Duration::from_secs(10)).await;
+    assert_eq!(stopped, StopOutcome::Stopped { pid });
+    // `stop` returns once the daemon has removed its files; its last line follows.
+    let mut fresh = String::new();
+    for _ in 0..200 {
+        fresh = std::fs::read_to_string(&log).unwrap();
+        if fresh.contains("daemon stopped") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(fresh, format!("daemon stopped, pid {pid}\n"));
+    let moved = std::fs::read_to_string(&old).unwrap();
+    let started = format!("daemon starting, pid {pid}");
+    assert!(moved.contains(&started), "{}", &moved[..200]);
+    assert!(moved.len() > 2 << 20);
+}
+
 /// The reason a layer with auto-start records for its first call, which must run in-process.
 async fn first_call_reason(dir: &TestDir, auto: AutoStart) -> FallbackReason {
     let svc = layered(

@@ -100,6 +100,35 @@ impl SocketsDir {
         Ok(File::from(fd))
     }
 
+    /// Opens (creating `0600`) `name` to append to, never through a symlink, never blocking, and
+    /// only a regular file.
+    pub(super) fn open_append(&self, name: &str) -> io::Result<File> {
+        let flags = OFlag::O_WRONLY
+            | OFlag::O_APPEND
+            | OFlag::O_CREAT
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_CLOEXEC;
+        let file = File::from(nix::fcntl::openat(
+            &self.fd,
+            name,
+            flags,
+            Mode::from_bits_truncate(0o600),
+        )?);
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ));
+        }
+        Ok(file)
+    }
+
+    /// Renames `from` to `to`, both in this directory.
+    pub(super) fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        Ok(nix::fcntl::renameat(&self.fd, from, &self.fd, to)?)
+    }
+
     /// What `name` is, without following a symlink; `None` when there is nothing.
     pub(super) fn stat(&self, name: &str) -> io::Result<Option<FileStat>> {
         match nix::sys::stat::fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {

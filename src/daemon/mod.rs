@@ -73,6 +73,7 @@ mod error;
 mod files;
 mod listener;
 mod lock;
+mod log;
 mod serve;
 mod shutdown;
 mod tracked;

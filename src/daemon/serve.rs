@@ -22,6 +22,7 @@ use super::error::DaemonError;
 use super::files::SocketsDir;
 use super::listener::PeerCheckedIncoming;
 use super::lock::LifetimeLock;
+use super::log::keep_log_bounded;
 use super::shutdown::{SignalListeners, drain, stop_reason};
 use super::tracked::Tracked;
 use crate::paths::{DaemonPaths, FileIdentity};
@@ -168,6 +169,13 @@ impl BoundDaemon {
         // Served, whoever calls: a started daemon used only by layers without auto-start must
         // not leave the backoff counting it as a failure.
         let stop = async { tokio::join!(mark_served(&sockets), stop).1 };
+        // A log that auto-start gave stays bounded however long the daemon runs.
+        let stop = async {
+            tokio::select! {
+                why = stop => why,
+                never = keep_log_bounded(&sockets) => match never {},
+            }
+        };
         let result = tokio::select! {
             result = &mut server => result.map_err(DaemonError::Serve),
             why = stop => {

@@ -25,12 +25,10 @@ use crate::paths::DaemonPaths;
 use crate::peer::own_uid;
 use crate::probe::check_sockets_dir;
 use crate::protocol::{
-    AUTO_STARTED_ENV, DAEMON_DIR_ENV, DAEMON_LOG_FILE, INHERITED_FDS_ENV, SPAWN_LOCK_FILE,
+    AUTO_STARTED_ENV, DAEMON_DIR_ENV, DAEMON_LOG_CAP, DAEMON_LOG_FILE, DAEMON_LOG_OLD_FILE,
+    INHERITED_FDS_ENV, SPAWN_LOCK_FILE,
 };
 use crate::spawn_record::SpawnRecord;
-
-/// The log is rotated (to `daemon.log.1`) when a spawn finds it over this size.
-const LOG_CAP: u64 = 1024 * 1024;
 
 /// What a spawn attempt did.
 #[derive(Debug)]
@@ -377,12 +375,11 @@ fn open_private(path: &Path, append: bool) -> io::Result<File> {
     Ok(file)
 }
 
-/// Moves a log over the cap aside, keeping one older log.
+/// Moves a log over the cap aside, keeping one older log (the daemon does the same while it
+/// runs).
 fn rotate(log: &Path) {
-    if std::fs::symlink_metadata(log).is_ok_and(|m| m.len() > LOG_CAP) {
-        let mut old = log.as_os_str().to_owned();
-        old.push(".1");
-        let _ = std::fs::rename(log, old);
+    if std::fs::symlink_metadata(log).is_ok_and(|m| m.len() > DAEMON_LOG_CAP) {
+        let _ = std::fs::rename(log, log.with_file_name(DAEMON_LOG_OLD_FILE));
     }
 }
 

@@ -236,7 +236,10 @@ fn serve_daemon(dir: &Path) -> ! {
         daemon.serve(std::future::pending()).await
     });
     match result {
-        Ok(()) => std::process::exit(0),
+        Ok(()) => {
+            eprintln!("daemon stopped, pid {}", std::process::id());
+            std::process::exit(0)
+        }
         Err(e) => {
             eprintln!("daemon error: {e}");
             std::process::exit(3)
