@@ -674,4 +674,13 @@ async fn in_require_mode_a_command_that_hangs_is_stopped_when_the_start_timeout_
     assert_eq!(svc.stats().unwrap().stalled_starts_stopped, 1);
     assert_eq!(hanging_alive(&dir), Vec::<u32>::new());
     assert_eq!(auto_start_status(dir.path()).stopped, 1);
+    // A `status` verb sees it without a subscriber: the report counts and explains it.
+    let report = test_layer(dir.path()).diagnose().await;
+    assert_eq!(report.auto_start.as_ref().unwrap().stopped, 1);
+    let text = report.to_string();
+    assert!(
+        text.contains("auto-start: 1 started, the last ")
+            && text.contains("; 1 stopped for never taking the directory's lock"),
+        "{text}"
+    );
 }

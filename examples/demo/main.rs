@@ -136,9 +136,7 @@ async fn call(dir: &Path, auto_start: bool, message: &str) -> ExitCode {
         }
     };
     let route = match response.extensions().get::<Route>() {
-        Some(Route::Daemon { pid }) => format!("daemon (pid {pid})"),
-        Some(Route::InProcess) => "in-process".to_owned(),
-        Some(other) => format!("{other:?}"),
+        Some(route) => route.to_string(),
         None => "unknown".to_owned(),
     };
     let reason = match svc.stats().and_then(|s| s.route) {
@@ -166,18 +164,13 @@ async fn call(dir: &Path, auto_start: bool, message: &str) -> ExitCode {
 
 /// Stops DIR's daemon, once verified over a live connection; says what it did.
 async fn stop(dir: &Path) -> ExitCode {
-    match tower_local_daemon::stop(dir, Duration::from_secs(10)).await {
-        StopOutcome::NotRunning => println!("no daemon runs for {}", dir.display()),
-        StopOutcome::Stopped { pid } => println!("stopped the daemon (pid {pid})"),
-        StopOutcome::Refused { reason } => {
-            println!("refused: {reason}\nwhat to do: {}", reason.remedy());
-            return ExitCode::FAILURE;
-        }
-        StopOutcome::TimedOut { pid } => {
-            println!("sent SIGTERM to pid {pid}; it had not exited after 10 s");
-            return ExitCode::FAILURE;
-        }
-        other => println!("{other:?}"),
+    let outcome = tower_local_daemon::stop(dir, Duration::from_secs(10)).await;
+    println!("{outcome}");
+    if matches!(
+        outcome,
+        StopOutcome::Refused { .. } | StopOutcome::TimedOut { .. }
+    ) {
+        return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
 }
@@ -186,27 +179,6 @@ async fn stop(dir: &Path) -> ExitCode {
 async fn status(dir: &Path) -> ExitCode {
     let report = LocalDaemonLayer::new(dir).diagnose().await;
     println!("{report}");
-    let auto = tower_local_daemon::auto_start_status(dir);
-    if let Some(at) = auto.last_spawn {
-        let ago = at.elapsed().unwrap_or_default();
-        println!(
-            "auto-start: {} started, the last {:.1?} ago; {} in a row not seen serving",
-            auto.spawns, ago, auto.failures
-        );
-        if let Some(until) = auto
-            .backoff_until
-            .filter(|u| *u > std::time::SystemTime::now())
-        {
-            let left = until
-                .duration_since(std::time::SystemTime::now())
-                .unwrap_or_default();
-            println!("auto-start: backing off for {left:.1?}");
-        }
-        println!("auto-start: log {}", auto.log.display());
-        for line in &auto.log_tail {
-            println!("   | {line}");
-        }
-    }
     if report.usable() {
         ExitCode::SUCCESS
     } else {

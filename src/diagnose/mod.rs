@@ -8,6 +8,7 @@ use std::path::Path;
 use crate::config::{IdentityPolicy, Mode, Settings};
 use crate::connect::{connect_checked, handshake, within};
 use crate::http2::ConnectionEnd;
+use crate::lifecycle::auto_start_status_of;
 use crate::paths::{DaemonPaths, FileIdentity};
 use crate::probe::{Passed, probe_observed};
 use crate::reason::FallbackReason;
@@ -24,7 +25,15 @@ pub async fn diagnose(heddle_dir: impl AsRef<Path>) -> Report {
     .await
 }
 
+/// The checks, then what auto-start did here, when it ever started a daemon.
 pub(crate) async fn run(dir: &Path, settings: &Settings) -> Report {
+    let mut report = run_checks(dir, settings).await;
+    let started = auto_start_status_of(&settings.paths(dir));
+    report.auto_start = Some(started).filter(|s| s.spawns > 0);
+    report
+}
+
+async fn run_checks(dir: &Path, settings: &Settings) -> Report {
     let mut checks = Checks::new();
     let mode = match settings.mode {
         Mode::Off => Err(FallbackReason::Disabled),

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use crate::lifecycle::AutoStartStatus;
 use crate::reason::FallbackReason;
 
 /// How one check went.
@@ -53,6 +54,9 @@ pub struct Check {
 pub struct Report {
     /// The checks, in the order the client runs them.
     pub checks: Vec<Check>,
+    /// What auto-start did for the directory, when it ever started a daemon there: the
+    /// starts, the ones stopped for never taking the lock, the backoff, the log's last lines.
+    pub auto_start: Option<AutoStartStatus>,
 }
 
 impl Check {
@@ -88,7 +92,10 @@ impl Report {
     /// assert_eq!(report.reason(), Some(&FallbackReason::NoPidfile));
     /// ```
     pub fn new(checks: Vec<Check>) -> Self {
-        Self { checks }
+        Self {
+            checks,
+            auto_start: None,
+        }
     }
 
     /// Whether a client with these options would use the daemon.
@@ -127,8 +134,12 @@ impl fmt::Display for Report {
             }
         }
         match self.usable() {
-            true => write!(f, "a client with these options uses the daemon"),
-            false => write!(f, "a client with these options runs in-process"),
+            true => write!(f, "a client with these options uses the daemon")?,
+            false => write!(f, "a client with these options runs in-process")?,
+        }
+        match &self.auto_start {
+            Some(auto_start) => write!(f, "\n{auto_start}"),
+            None => Ok(()),
         }
     }
 }
@@ -200,8 +211,6 @@ impl Checks {
                 elapsed: Duration::ZERO,
             });
         }
-        Report {
-            checks: self.checks,
-        }
+        Report::new(self.checks)
     }
 }

@@ -29,6 +29,42 @@ pub struct AutoStartStatus {
     pub log_tail: Vec<String>,
 }
 
+impl std::fmt::Display for AutoStartStatus {
+    /// Lines for a `status` verb: the starts, the backoff, the log and its last lines.
+    ///
+    /// ```
+    /// let status = tower_local_daemon::auto_start_status("/no/such/repo/.heddle");
+    /// assert_eq!(status.to_string(), "auto-start: no daemon was started here");
+    /// ```
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Some(at) = self.last_spawn else {
+            return f.write_str("auto-start: no daemon was started here");
+        };
+        let ago = at.elapsed().unwrap_or_default();
+        write!(
+            f,
+            "auto-start: {} started, the last {:.1?} ago; {} in a row not seen serving",
+            self.spawns, ago, self.failures
+        )?;
+        if self.stopped > 0 {
+            write!(
+                f,
+                "; {} stopped for never taking the directory's lock",
+                self.stopped
+            )?;
+        }
+        let now = SystemTime::now();
+        if let Some(left) = self.backoff_until.and_then(|u| u.duration_since(now).ok()) {
+            write!(f, "\nauto-start: backing off for {left:.1?} more")?;
+        }
+        write!(f, "\nauto-start: log {}", self.log.display())?;
+        for line in &self.log_tail {
+            write!(f, "\n   | {line}")?;
+        }
+        Ok(())
+    }
+}
+
 /// What auto-start has done for `heddle_dir`; it reads files and changes nothing.
 ///
 /// ```
@@ -37,7 +73,11 @@ pub struct AutoStartStatus {
 /// assert!(status.log.ends_with("sockets/daemon.log"));
 /// ```
 pub fn auto_start_status(heddle_dir: impl AsRef<Path>) -> AutoStartStatus {
-    let paths = DaemonPaths::new(heddle_dir);
+    status_of(&DaemonPaths::new(heddle_dir))
+}
+
+/// [`auto_start_status`] of resolved paths.
+pub(crate) fn status_of(paths: &DaemonPaths) -> AutoStartStatus {
     let record = SpawnRecord::read(&paths.sockets_dir).unwrap_or_default();
     let log = paths.sockets_dir.join(DAEMON_LOG_FILE);
     AutoStartStatus {

@@ -42,6 +42,31 @@ pub enum StopOutcome {
     },
 }
 
+impl std::fmt::Display for StopOutcome {
+    /// What happened, for a `stop` verb to print: a refusal says what to do.
+    ///
+    /// ```
+    /// use tower_local_daemon::StopOutcome;
+    ///
+    /// assert_eq!(StopOutcome::Stopped { pid: 7 }.to_string(), "stopped the daemon (pid 7)");
+    /// ```
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotRunning => f.write_str("no daemon runs for this directory"),
+            Self::Stopped { pid } => write!(f, "stopped the daemon (pid {pid})"),
+            Self::Refused { reason } => write!(
+                f,
+                "refused to stop what the pidfile names: {reason}; what to do: {}",
+                reason.remedy()
+            ),
+            Self::TimedOut { pid } => write!(
+                f,
+                "sent SIGTERM to the daemon (pid {pid}); it had not exited when the time ran out (its grace period for calls in flight may be longer)"
+            ),
+        }
+    }
+}
+
 /// Stops `heddle_dir`'s daemon, and waits up to `timeout` for it to exit. It never starts
 /// anything. It reads the default files (heddle's pidfile marker under `<dir>/sockets/`); a tool
 /// with its own marker or paths uses [`LocalDaemonLayer::stop`](crate::LocalDaemonLayer::stop).

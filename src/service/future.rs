@@ -55,6 +55,28 @@ pub enum Route {
     },
 }
 
+impl std::fmt::Display for Route {
+    /// The route for a person: `daemon (pid 7)`, `in-process`, or `in-process again after the
+    /// daemon (pid 7) broke`.
+    ///
+    /// ```
+    /// use tower_local_daemon::Route;
+    ///
+    /// assert_eq!(Route::Daemon { pid: 7 }.to_string(), "daemon (pid 7)");
+    /// assert_eq!(Route::InProcess.to_string(), "in-process");
+    /// ```
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Daemon { pid } => write!(f, "daemon (pid {pid})"),
+            Self::InProcess => f.write_str("in-process"),
+            Self::Rerun { pid } => write!(
+                f,
+                "in-process again, after the connection to the daemon (pid {pid}) broke"
+            ),
+        }
+    }
+}
+
 type Request = http::Request<Body>;
 
 pin_project! {
