@@ -57,9 +57,8 @@ pub(crate) fn daemon_status(error: &h2::Error, unresponsive: bool) -> Status {
         let message = format!("the local daemon reset the stream: {reason}");
         return transport_status(code_of_reset(reason), message, broke);
     }
-    let message = format!(
-        "the local daemon connection failed, and the call may have run on the daemon: {broke}"
-    );
+    let message =
+        format!("local daemon connection failed; the call may have run on the daemon: {broke}");
     transport_status(Code::Unavailable, message, broke)
 }
 

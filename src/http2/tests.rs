@@ -407,9 +407,9 @@ async fn keepalive_ends_a_connection_whose_daemon_stopped_answering() {
     let status = failed.into_status();
     assert_eq!(status.code(), Code::Unavailable);
     assert!(
-        status
-            .message()
-            .ends_with("may have run on the daemon: the daemon stopped answering (keepalive)"),
+        status.message().ends_with(
+            "the call may have run on the daemon: the daemon stopped answering (keepalive)"
+        ),
         "{status:?}"
     );
     drop(server);
