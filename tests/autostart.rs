@@ -657,6 +657,37 @@ async fn a_command_that_never_takes_the_lock_is_stopped_and_at_most_one_is_alive
     }
 }
 
+/// `stop` with no daemon serving stops a started command that hangs before it takes the lock:
+/// nothing started for the directory is left alive.
+#[tokio::test]
+async fn stop_stops_a_started_command_that_never_took_the_lock() {
+    let dir = TestDir::new("auto-hanging-stop");
+    let svc = layered(
+        test_layer(dir.path())
+            .auto_start(hanging(&dir).no_handoff())
+            .force_auto_start(true),
+    );
+    let response = echo(&mut EchoClient::new(svc), 1).await.unwrap();
+    assert_eq!(response.get_ref().served_by, "in-process");
+    let mut alive = hanging_alive(&dir);
+    for _ in 0..500 {
+        if !alive.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        alive = hanging_alive(&dir);
+    }
+    let [pid] = alive[..] else {
+        panic!("alive: {alive:?}");
+    };
+    let stopped = stop(dir.path(), Duration::from_secs(10)).await;
+    assert_eq!(stopped, StopOutcome::Stopped { pid });
+    assert_eq!(hanging_alive(&dir), Vec::<u32>::new());
+    assert_eq!(auto_start_status(dir.path()).stopped, 1);
+    let again = stop(dir.path(), Duration::from_secs(10)).await;
+    assert_eq!(again, StopOutcome::NotRunning);
+}
+
 #[tokio::test]
 async fn in_require_mode_a_command_that_hangs_is_stopped_when_the_start_timeout_passes() {
     let dir = TestDir::new("auto-hanging-require");

@@ -288,6 +288,20 @@ pub(crate) fn stop_own_stalled(
     })
 }
 
+/// For `stop`, which found no daemon serving: a command auto-start started that has not taken
+/// the lifetime lock (hung, or not yet bound) is stopped too, whatever its age, once verified as
+/// [`stop_stalled`] verifies it. `None` when there is none, or another process is deciding a
+/// start. Blocks up to a second while it waits for the command to exit.
+pub(crate) fn stop_started(paths: &DaemonPaths) -> Option<Result<u32, String>> {
+    let lock = open_private(&paths.sockets_dir.join(SPAWN_LOCK_FILE), false).ok()?;
+    let _lock = Flock::lock(lock, FlockArg::LockExclusiveNonblock).ok()?;
+    if lock_held(&paths.lock) {
+        return None;
+    }
+    let mut record = SpawnRecord::read(&paths.sockets_dir)?;
+    stop_stalled(&mut record, paths, std::time::Duration::ZERO)
+}
+
 /// The daemon is detached: its own process group (a Ctrl-C to the command's terminal does not
 /// reach it), stdin null, stdout and stderr to the log (never the command's, whose `$(...)`
 /// capture would then never end). Descriptors this crate opens are close-on-exec; those the

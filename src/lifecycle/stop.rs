@@ -8,6 +8,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::time::Instant;
 
+use super::spawn::stop_started;
 use crate::config::Settings;
 use crate::connect::establish;
 use crate::http2::ConnectionEnd;
@@ -23,7 +24,9 @@ use crate::reason::FallbackReason;
 pub enum StopOutcome {
     /// No daemon runs for the directory: no pidfile, or its process is gone.
     NotRunning,
-    /// The daemon was verified, sent SIGTERM, and exited: its lifetime lock is released.
+    /// The daemon was verified, sent SIGTERM, and exited: its lifetime lock is released. Or no
+    /// daemon served, and a command auto-start started, which had not taken the lifetime lock
+    /// (hung, or not yet bound), was verified as that command and stopped.
     Stopped {
         /// The daemon's pid.
         pid: u32,
@@ -111,7 +114,19 @@ pub(crate) async fn stop_with(
         }
         // Another stop came first: this one waits for the same exit, and signals nothing.
         Verified::Stopping(pid) => pid,
-        Verified::NotRunning => return StopOutcome::NotRunning,
+        // No daemon serves; a command auto-start started may still be alive, hung before
+        // it took the lock: it is stopped too, so that nothing started for the directory lives.
+        Verified::NotRunning => {
+            let paths = paths.clone();
+            let stopped = tokio::task::spawn_blocking(move || stop_started(&paths)).await;
+            return match stopped.ok().flatten() {
+                None => StopOutcome::NotRunning,
+                Some(Ok(pid)) => StopOutcome::Stopped { pid },
+                Some(Err(message)) => StopOutcome::Refused {
+                    reason: FallbackReason::AutoStartFailed { message },
+                },
+            };
+        }
         Verified::Refused(reason) => return StopOutcome::Refused { reason },
     };
     while !exited(pid) || lock.is_some_and(|lock| lock.held()) {
