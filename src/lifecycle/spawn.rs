@@ -231,9 +231,11 @@ fn stop_stalled(
     let lifetime = open_private(&paths.lock, false).ok()?;
     let _lifetime = Flock::lock(lifetime, FlockArg::LockExclusiveNonblock).ok()?;
     let sockets_dir = &paths.sockets_dir;
+    // It holds nothing to clean up: 100 ms for SIGTERM, then SIGKILL, which ends it at once
+    // (short of an uninterruptible sleep). So the caller's thread waits 200 ms at most.
     for signal in [Signal::SIGTERM, Signal::SIGKILL] {
         let _ = killpg(group, signal);
-        for _ in 0..50 {
+        for _ in 0..10 {
             if !started() {
                 tracing::warn!(
                     pid,
@@ -291,7 +293,7 @@ pub(crate) fn stop_own_stalled(
 /// For `stop`, which found no daemon serving: a command auto-start started that has not taken
 /// the lifetime lock (hung, or not yet bound) is stopped too, whatever its age, once verified as
 /// [`stop_stalled`] verifies it. `None` when there is none, or another process is deciding a
-/// start. Blocks up to a second while it waits for the command to exit.
+/// start. Blocks up to 200 ms while it waits for the command to exit.
 pub(crate) fn stop_started(paths: &DaemonPaths) -> Option<Result<u32, String>> {
     let lock = open_private(&paths.sockets_dir.join(SPAWN_LOCK_FILE), false).ok()?;
     let _lock = Flock::lock(lock, FlockArg::LockExclusiveNonblock).ok()?;
