@@ -7,10 +7,12 @@ use std::time::Duration;
 use tower::Layer;
 
 use crate::config::{AutoStart, AutoStartSwitch};
-use crate::config::{DEFAULT_MODE_ENV, EnvOverride, Idempotent, IdentityPolicy, Mode, Settings};
+use crate::config::{EnvOverride, Idempotent, IdentityPolicy, Mode, Settings};
 use crate::diagnose::{self, Report};
 use crate::lifecycle::{StopOutcome, stop_with};
+use crate::protocol::DEFAULT_MODE_ENV;
 use crate::service::{LocalDaemon, Shared};
+use crate::tool::Tool;
 
 /// Routes each call to a repository directory's local daemon when one passes every check, and to
 /// the wrapped in-process service otherwise.
@@ -43,6 +45,9 @@ pub struct LocalDaemonLayer {
     dir: PathBuf,
     settings: Settings,
     mode_override: EnvOverride,
+    /// Whether [`identity`](Self::identity) was called: if not, a separate daemon program that
+    /// auto-start runs is the identity.
+    identity_given: bool,
     mark_route: bool,
     idempotent: Option<Idempotent>,
     auto_start: Option<AutoStart>,
@@ -50,17 +55,18 @@ pub struct LocalDaemonLayer {
 }
 
 impl LocalDaemonLayer {
-    /// A layer for the daemon of `heddle_dir`, whose files are under `<heddle_dir>/sockets/`.
+    /// A layer for the daemon of `state_dir`, whose files are under `<state_dir>/sockets/`.
     ///
     /// The defaults: mode `auto`, overridden by `HEDDLE_LOCAL_DAEMON`; a daemon running our own
     /// executable as our effective uid; 500 ms for connect plus handshake; `Health/Check` of `""`
     /// must answer SERVING; a negative decision is re-probed after a second; HTTP/2 keepalive
     /// pings every second, also while idle, with a 2 s timeout.
-    pub fn new(heddle_dir: impl AsRef<Path>) -> Self {
+    pub fn new(state_dir: impl AsRef<Path>) -> Self {
         Self {
-            dir: crate::paths::absolute(heddle_dir.as_ref()),
+            dir: crate::paths::absolute(state_dir.as_ref()),
             settings: Settings::default(),
             mode_override: EnvOverride::Var(DEFAULT_MODE_ENV.to_owned()),
+            identity_given: false,
             mark_route: false,
             idempotent: None,
             auto_start: None,
@@ -128,6 +134,26 @@ impl LocalDaemonLayer {
         self
     }
 
+    /// Takes `tool`'s settings: its pidfile marker, and its variables for the mode and the
+    /// auto-start switch (default [`Tool::heddle`]). Its [`Daemon`](crate::Daemon) is given the
+    /// same value ([`Daemon::tool`](crate::Daemon::tool)). Among `tool`,
+    /// [`pidfile_marker`](Self::pidfile_marker), [`mode_env_var`](Self::mode_env_var) and
+    /// [`auto_start_env_var`](Self::auto_start_env_var), the call made last wins.
+    ///
+    /// ```
+    /// use tower_local_daemon::{LocalDaemonLayer, Tool};
+    ///
+    /// let kv = Tool::new("kv")?;
+    /// let layer = LocalDaemonLayer::new("/repo/.kv").tool(&kv);
+    /// # let _ = layer;
+    /// # Ok::<(), tower_local_daemon::InvalidTool>(())
+    /// ```
+    pub fn tool(self, tool: &Tool) -> Self {
+        self.pidfile_marker(tool.marker())
+            .mode_env_var(tool.mode_env_var())
+            .auto_start_env_var(tool.auto_start_env_var())
+    }
+
     /// The second line of an acceptable daemon's pidfile (default `heddle-agent`), for a tool
     /// that is not heddle: its [`Daemon`](crate::Daemon) must write the same
     /// ([`Daemon::pidfile_marker`](crate::Daemon::pidfile_marker)).
@@ -136,9 +162,13 @@ impl LocalDaemonLayer {
         self
     }
 
-    /// Which executable an acceptable daemon runs (default: our own).
+    /// Which executable an acceptable daemon runs (default: our own, or, with
+    /// [auto-start](Self::auto_start) of another program such as [`AutoStart::sibling`], that
+    /// program, whether or not auto-start is switched off, so that the identity never changes
+    /// with the environment).
     pub fn identity(mut self, identity: IdentityPolicy) -> Self {
         self.settings.identity = identity;
+        self.identity_given = true;
         self
     }
 
@@ -287,7 +317,10 @@ impl LocalDaemonLayer {
     /// Runs every check a service of this layer runs, in order, without caching anything, and
     /// reports each one: for a tool's `status` verb. See [`Report`].
     pub async fn diagnose(&self) -> Report {
-        diagnose::run(&self.dir, &self.resolved_settings()).await
+        let (settings, misconfigured) = self.resolved_settings();
+        let mut report = diagnose::run(&self.dir, &settings).await;
+        report.misconfigured.splice(0..0, misconfigured);
+        report
     }
 
     /// Stops this layer's daemon as [`stop`](crate::stop) does, with the files (pidfile
@@ -309,11 +342,20 @@ impl LocalDaemonLayer {
         stop_with(&self.dir, &paths, &self.settings, timeout).await
     }
 
-    /// The settings after the environment's overrides.
-    fn resolved_settings(&self) -> Settings {
+    /// The settings after the environment's overrides, and the values of the environment that
+    /// were not understood.
+    fn resolved_settings(&self) -> (Settings, Vec<String>) {
+        let mut misconfigured = Vec::new();
         let mut settings = self.settings.clone();
-        settings.mode = self.mode_override.apply(settings.mode);
-        let enabled = settings.mode != Mode::Off && self.auto_start_switch.enabled();
+        if let Some(auto) = &self.auto_start
+            && !self.identity_given
+            && !auto.runs_this_executable()
+        {
+            settings.identity = IdentityPolicy::Executable(auto.program.clone());
+        }
+        settings.mode = self.mode_override.apply(settings.mode, &mut misconfigured);
+        let enabled =
+            settings.mode != Mode::Off && self.auto_start_switch.enabled(&mut misconfigured);
         settings.auto_start = self.auto_start.clone().filter(|_| enabled).map(|mut auto| {
             // The daemon's environment is the command's, less these switches.
             auto.env_remove = [self.mode_override.var(), self.auto_start_switch.env.var()]
@@ -323,7 +365,7 @@ impl LocalDaemonLayer {
                 .collect();
             auto
         });
-        settings
+        (settings, misconfigured)
     }
 }
 
@@ -331,12 +373,45 @@ impl<S> Layer<S> for LocalDaemonLayer {
     type Service = LocalDaemon<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        let (settings, misconfigured) = self.resolved_settings();
         let shared = Shared::new(
             self.dir.clone(),
-            self.resolved_settings(),
+            settings,
+            misconfigured,
             self.mark_route,
             self.idempotent.clone(),
         );
         LocalDaemon::new(inner, Arc::new(shared))
+    }
+}
+
+/// The tool-aware forms of a `stop` and a `status` verb: with the tool's pidfile marker and
+/// environment variables, never heddle's.
+impl Tool {
+    /// A layer for `state_dir`'s daemon with this tool's settings.
+    pub fn layer(&self, state_dir: impl AsRef<Path>) -> LocalDaemonLayer {
+        LocalDaemonLayer::new(state_dir).tool(self)
+    }
+
+    /// [`stop`](crate::stop) for this tool's daemon of `state_dir`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_local_daemon::InvalidTool> {
+    /// use std::time::Duration;
+    /// use tower_local_daemon::{StopOutcome, Tool};
+    ///
+    /// let dir = std::env::temp_dir().join("tower-local-daemon-doc-tool-stop");
+    /// let outcome = Tool::new("kv")?.stop(&dir, Duration::from_secs(5)).await;
+    /// assert_eq!(outcome, StopOutcome::NotRunning);
+    /// # Ok(()) }
+    /// ```
+    pub async fn stop(&self, state_dir: impl AsRef<Path>, timeout: Duration) -> StopOutcome {
+        self.layer(state_dir).stop(timeout).await
+    }
+
+    /// [`diagnose`](crate::diagnose) for this tool's daemon of `state_dir`, with the mode its
+    /// variable sets.
+    pub async fn diagnose(&self, state_dir: impl AsRef<Path>) -> Report {
+        self.layer(state_dir).diagnose().await
     }
 }

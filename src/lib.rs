@@ -90,6 +90,7 @@ mod pidfile;
 mod process;
 mod protocol;
 mod spawn_record;
+mod tool;
 
 // The client: built with the `client` feature.
 #[cfg(feature = "client")]
@@ -124,16 +125,17 @@ pub mod daemon;
 pub use paths::DaemonPaths;
 pub use pidfile::{MAX_PIDFILE_LEN, Pidfile, PidfileError};
 pub use protocol::{
-    AUTO_STARTED_ENV, DAEMON_DIR_ENV, DAEMON_LOG_FILE, DIRECTORY_METADATA_KEY, INHERITED_FDS_ENV,
-    LOCK_FILE, PIDFILE_FILE, PIDFILE_MARKER, SOCKET_FILE, SOCKETS_DIR, SPAWN_LOCK_FILE,
-    SPAWN_RECORD_FILE, VERSION_METADATA_KEY,
+    AUTO_STARTED_ENV, DAEMON_DIR_ENV, DAEMON_LOG_FILE, DEFAULT_MODE_ENV, DIRECTORY_METADATA_KEY,
+    INHERITED_FDS_ENV, LOCK_FILE, PIDFILE_FILE, PIDFILE_MARKER, SOCKET_FILE, SOCKETS_DIR,
+    SPAWN_LOCK_FILE, SPAWN_RECORD_FILE, VERSION_METADATA_KEY,
 };
+pub use tool::{InvalidTool, Tool};
 
 #[cfg(feature = "daemon")]
 pub use daemon::Daemon;
 
 #[cfg(feature = "client")]
-pub use config::{AutoStart, DEFAULT_MODE_ENV, IdentityPolicy, InvalidMode, Mode};
+pub use config::{AutoStart, IdentityPolicy, InvalidMode, Mode};
 #[cfg(feature = "client")]
 pub use connect::{
     LocalDaemonChannel, connect_local_daemon_channel, detect_local_daemon_with_connect_probe,
@@ -156,4 +158,4 @@ pub use reason::FallbackReason;
 #[cfg(feature = "client")]
 pub use registry::{RouteStats, reset};
 #[cfg(feature = "client")]
-pub use service::{LocalDaemon, ResponseFuture, Route};
+pub use service::{BoxLocalDaemon, LocalDaemon, ResponseFuture, Route};

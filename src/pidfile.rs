@@ -106,6 +106,12 @@ pub(crate) enum ReadError {
     },
     /// The bytes are not a pidfile.
     Malformed(PidfileError),
+    /// A pidfile in the format, whose marker (second line) is another: of another tool, or of
+    /// a daemon or client configured with another marker.
+    WrongMarker {
+        /// The marker found, lossily as UTF-8.
+        found: String,
+    },
 }
 
 impl Pidfile {
@@ -172,7 +178,16 @@ impl Pidfile {
         if links != 1 {
             return Err(ReadError::Linked { links });
         }
-        Self::parse_with_marker(&bytes, marker).map_err(ReadError::Malformed)
+        Self::parse_with_marker(&bytes, marker).map_err(|e| match e {
+            PidfileError::InvalidMarker => ReadError::WrongMarker {
+                found: bytes
+                    .split(|&b| b == b'\n')
+                    .nth(1)
+                    .map(|line| String::from_utf8_lossy(line).into_owned())
+                    .unwrap_or_default(),
+            },
+            e => ReadError::Malformed(e),
+        })
     }
 }
 

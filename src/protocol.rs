@@ -24,6 +24,11 @@ pub const VERSION_METADATA_KEY: &str = "local-daemon-version";
 /// linked and moved sockets directories, not authentication (the uid is the trust boundary).
 pub const DIRECTORY_METADATA_KEY: &str = "local-daemon-directory";
 
+/// The default environment variable that overrides the mode (heddle's).
+pub const DEFAULT_MODE_ENV: &str = "HEDDLE_LOCAL_DAEMON";
+/// The default environment variable that turns auto-start off (heddle's).
+pub(crate) const DEFAULT_AUTO_START_ENV: &str = "HEDDLE_LOCAL_DAEMON_AUTO_START";
+
 /// The lock a client holds while it decides to start a daemon, inside `<dir>/sockets/`.
 pub const SPAWN_LOCK_FILE: &str = "spawn.lock";
 /// The record of the last daemon started on a miss, inside `<dir>/sockets/`.

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use support::*;
 use tower_local_daemon::{
-    AutoStart, DAEMON_LOG_FILE, FallbackReason, LocalDaemonStatus, Mode, PidfileError, Route,
-    StopOutcome, auto_start_status, probe, reset, stop,
+    AutoStart, DAEMON_LOG_FILE, FallbackReason, LocalDaemonStatus, Mode, Route, StopOutcome,
+    auto_start_status, probe, reset, stop,
 };
 
 /// Not a test: the entry point of this binary when it is re-executed.
@@ -198,7 +198,10 @@ async fn a_tool_with_its_own_pidfile_marker_restarts_its_upgraded_daemon_too() {
     assert_eq!(
         stop(dir.path(), Duration::from_secs(1)).await,
         StopOutcome::Refused {
-            reason: FallbackReason::MalformedPidfile(PidfileError::InvalidMarker)
+            reason: FallbackReason::MarkerMismatch {
+                expected: "heddle-agent".into(),
+                found: "other-tool".into(),
+            }
         }
     );
     // The layer's `stop` reads the tool's own marker.

@@ -486,3 +486,28 @@ async fn a_daemon_that_binds_before_it_builds_its_services_holds_the_lock_while_
     stop.send(()).unwrap();
     serving.await.unwrap().unwrap();
 }
+
+/// The settings a tool gives tonic's server (`Daemon::server`) reach the server: here a
+/// per-request timeout of 200 ms, which a slow call meets and a quick one does not.
+#[tokio::test]
+async fn the_server_settings_a_tool_gives_are_applied() {
+    let dir = TestDir::new("server-settings");
+    let options = DaemonOptions {
+        server_timeout: Some(Duration::from_millis(200)),
+        ..DaemonOptions::default()
+    };
+    let _daemon = DaemonProcess::start_with(dir.path(), options);
+    let mut client = EchoClient::new(layered(test_layer(dir.path())));
+    let quick = echo(&mut client, 1).await.unwrap();
+    assert_eq!(quick.get_ref().served_by, "daemon");
+    let slow = client
+        .echo(EchoRequest {
+            message: "slow".into(),
+            id: 2,
+            delay_ms: 5_000,
+            status_code: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(slow.code(), tonic::Code::Cancelled, "{slow:?}");
+}

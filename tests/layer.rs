@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use support::*;
-use tower_local_daemon::{FallbackReason, Mode, Pidfile, Route};
+use tower_local_daemon::{
+    AutoStart, FallbackReason, IdentityPolicy, Mode, Pidfile, Route, StopOutcome, Tool,
+};
 
 /// Not a test: the entry point of this binary when it is re-executed as a daemon.
 #[test]
@@ -490,29 +492,108 @@ async fn an_endless_deadline_and_an_empty_service_list_work() {
     );
 }
 
+/// A tool is configured in one place on each side: the daemon is given `Tool::new("kv")` (in
+/// the test binary's daemon), the client the same value. A client left with heddle's marker
+/// says so loudly: both markers in its reason, its stats and its report. The tool-aware forms
+/// of the free functions use the tool's marker, never heddle's.
 #[tokio::test]
-async fn a_tool_with_its_own_pidfile_marker_finds_its_daemon_and_only_it() {
+async fn a_tool_is_configured_in_one_place_and_a_client_with_another_marker_says_so() {
     let dir = TestDir::new("marker");
+    let kv = Tool::new("kv").unwrap();
     let options = DaemonOptions {
-        marker: Some("mytool-daemon".into()),
+        marker: Some("kv".into()),
         ..DaemonOptions::default()
     };
     let daemon = DaemonProcess::start_with(dir.path(), options);
-    let svc = layered(test_layer(dir.path()).pidfile_marker("mytool-daemon"));
+    let svc = layered(test_layer(dir.path()).tool(&kv));
     let response = echo(&mut EchoClient::new(svc), 1).await.unwrap();
     assert_eq!(
         served_by(&response),
         ("daemon", Some(Route::Daemon { pid: daemon.pid() }))
     );
-    // A client that expects heddle's marker does not take it for one of its daemons.
+
+    // A client left with heddle's marker: the reason, the stats and the report name both.
     let svc = layered(test_layer(dir.path()));
     echo(&mut EchoClient::new(svc.clone()), 2).await.unwrap();
-    assert_eq!(
-        svc.stats().unwrap().route,
-        Some(Err(FallbackReason::MalformedPidfile(
-            tower_local_daemon::PidfileError::InvalidMarker
-        )))
+    let mismatch = FallbackReason::MarkerMismatch {
+        expected: "heddle-agent".into(),
+        found: "kv".into(),
+    };
+    let stats = svc.stats().unwrap();
+    assert_eq!(stats.route, Some(Err(mismatch.clone())));
+    let [misconfigured] = &stats.misconfigured[..] else {
+        panic!("{:?}", stats.misconfigured);
+    };
+    assert!(
+        misconfigured.starts_with(
+            "the pidfile's marker is \"kv\", and this client expects \"heddle-agent\": if the daemon is this tool's, give it and its clients the same `Tool`"
+        ),
+        "{misconfigured}"
     );
+    let report = test_layer(dir.path()).diagnose().await;
+    assert_eq!(report.reason(), Some(&mismatch));
+    assert!(report.to_string().contains("the same `Tool`"), "{report}");
+
+    // An environment value nobody understands is in the stats and the report too.
+    let confused = test_layer(dir.path())
+        .tool(&kv)
+        .mode_env_value(Some("Sometimes"));
+    let svc = layered(confused.clone());
+    echo(&mut EchoClient::new(svc.clone()), 3).await.unwrap();
+    let stats = svc.stats().unwrap();
+    assert_eq!(stats.route.unwrap().unwrap().pid, daemon.pid());
+    let expected = "the injected value=\"Sometimes\" is not understood";
+    assert!(
+        stats.misconfigured[0].starts_with(expected),
+        "{:?}",
+        stats.misconfigured
+    );
+    let report = confused.diagnose().await.to_string();
+    assert!(
+        report.starts_with(&format!("[WARN] misconfigured: {expected}")),
+        "{report}"
+    );
+
+    // The free functions read heddle's files; the tool's forms read the tool's.
+    assert_eq!(
+        kv.probe(dir.path()).status,
+        tower_local_daemon::LocalDaemonStatus::Running { pid: daemon.pid() }
+    );
+    assert_eq!(kv.detect(dir.path()).map(|t| t.pid), Some(daemon.pid()));
+    let refused = tower_local_daemon::stop(dir.path(), Duration::from_secs(10)).await;
+    assert_eq!(refused, StopOutcome::Refused { reason: mismatch });
+    let stopped = kv.stop(dir.path(), Duration::from_secs(10)).await;
+    assert_eq!(stopped, StopOutcome::Stopped { pid: daemon.pid() });
+}
+
+/// A daemon that is a separate program: with auto-start of that program and no identity of its
+/// own, a layer accepts only a daemon running it, also when auto-start is switched off, so the
+/// identity never changes with the environment.
+#[tokio::test]
+async fn the_identity_is_the_auto_start_program_unless_one_is_given() {
+    let dir = TestDir::new("identity-from-program");
+    let daemon = DaemonProcess::start(dir.path());
+    let other = AutoStart::sibling("kvd").arg("serve");
+    for switch in [None, Some("0")] {
+        tower_local_daemon::reset(dir.path());
+        let layer = test_layer(dir.path())
+            .auto_start(other.clone())
+            .auto_start_env_value(switch);
+        let svc = layered(layer.clone());
+        echo(&mut EchoClient::new(svc.clone()), 1).await.unwrap();
+        assert_eq!(
+            svc.stats().unwrap().route,
+            Some(Err(FallbackReason::ExecutableMismatch)),
+            "{switch:?}"
+        );
+        // An identity given explicitly wins.
+        let svc = layered(layer.identity(IdentityPolicy::SameExecutable));
+        let response = echo(&mut EchoClient::new(svc), 2).await.unwrap();
+        assert_eq!(
+            served_by(&response),
+            ("daemon", Some(Route::Daemon { pid: daemon.pid() }))
+        );
+    }
 }
 
 /// The daemon process's open connections: its socket descriptors beyond the listener's.

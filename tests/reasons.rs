@@ -140,36 +140,44 @@ fn no_pidfile() {
 fn malformed_pidfiles_each_give_their_reason() {
     use PidfileError::*;
     let now = now();
-    let cases: Vec<(Vec<u8>, PidfileError)> = vec![
-        (b"".to_vec(), MissingFinalNewline),
-        (b"\n\n\n".to_vec(), InvalidPid),
-        (b"1\r\nheddle-agent\r\n1\r\n".to_vec(), InvalidPid),
-        (b" 42 \nheddle-agent\n1\n".to_vec(), InvalidPid),
-        (b"0\nheddle-agent\n1\n".to_vec(), InvalidPid),
-        (b"-5\nheddle-agent\n1\n".to_vec(), InvalidPid),
-        (b"2147483648\nheddle-agent\n1\n".to_vec(), InvalidPid),
-        (b"007\nheddle-agent\n1\n".to_vec(), InvalidPid),
-        (b"+7\nheddle-agent\n1\n".to_vec(), InvalidPid),
-        (b"7\nheddle-daemon\n1\n".to_vec(), InvalidMarker),
+    let m = FallbackReason::MalformedPidfile;
+    let marker = |found: &str| FallbackReason::MarkerMismatch {
+        expected: "heddle-agent".into(),
+        found: found.into(),
+    };
+    let cases: Vec<(Vec<u8>, FallbackReason)> = vec![
+        (b"".to_vec(), m(MissingFinalNewline)),
+        (b"\n\n\n".to_vec(), m(InvalidPid)),
+        (b"1\r\nheddle-agent\r\n1\r\n".to_vec(), m(InvalidPid)),
+        (b" 42 \nheddle-agent\n1\n".to_vec(), m(InvalidPid)),
+        (b"0\nheddle-agent\n1\n".to_vec(), m(InvalidPid)),
+        (b"-5\nheddle-agent\n1\n".to_vec(), m(InvalidPid)),
+        (b"2147483648\nheddle-agent\n1\n".to_vec(), m(InvalidPid)),
+        (b"007\nheddle-agent\n1\n".to_vec(), m(InvalidPid)),
+        (b"+7\nheddle-agent\n1\n".to_vec(), m(InvalidPid)),
+        (b"7\nheddle-daemon\n1\n".to_vec(), marker("heddle-daemon")),
         (
             b"7\nheddle-agent\n1\nextra\n".to_vec(),
-            LineCount { found: 4 },
+            m(LineCount { found: 4 }),
         ),
         (
             format!("7\nheddle-agent\n{now}").into_bytes(),
-            MissingFinalNewline,
+            m(MissingFinalNewline),
         ),
-        (b"7\0\nheddle-agent\n1\n".to_vec(), InvalidPid),
-        (b"7\nheddle-\xffagent\n1\n".to_vec(), InvalidMarker),
-        (vec![b'7'; 10 * 1024 * 1024], TooLong),
-        (b"4242\n".to_vec(), LineCount { found: 1 }),
+        (b"7\0\nheddle-agent\n1\n".to_vec(), m(InvalidPid)),
+        (
+            b"7\nheddle-\xffagent\n1\n".to_vec(),
+            marker("heddle-\u{fffd}agent"),
+        ),
+        (vec![b'7'; 10 * 1024 * 1024], m(TooLong)),
+        (b"4242\n".to_vec(), m(LineCount { found: 1 })),
     ];
     for (bytes, expected) in cases {
         let f = Fixture::new("r-malformed");
         std::fs::write(f.pidfile(), &bytes).unwrap();
         assert_eq!(
             f.status(),
-            absent(FallbackReason::MalformedPidfile(expected)),
+            absent(expected),
             "{:?}",
             String::from_utf8_lossy(&bytes[..bytes.len().min(40)])
         );
@@ -747,19 +755,24 @@ async fn a_daemon_that_goes_away_in_the_handshake_is_told_without_h2_internals()
     frames.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 1]); // last stream 0, PROTOCOL_ERROR
     frames.extend_from_slice(DEBUG);
     let _server = listen_and_answer(&f, frames.leak());
-    let reason = f.connect(Duration::from_secs(5)).await.unwrap_err();
-    let FallbackReason::HandshakeFailed { message } = &reason else {
-        panic!("{reason:?}");
+    // Through the layer's own HTTP/2 client, whichever comes first, the request or the GOAWAY.
+    let svc = layered(test_layer(f.dir.path()));
+    echo(&mut EchoClient::new(svc.clone()), 1).await.unwrap();
+    let Some(Err(reason)) = svc.stats().unwrap().route else {
+        panic!("no reason");
     };
     assert_eq!(
-        message,
-        "the daemon closed the connection (unspecific protocol error detected)"
+        reason,
+        FallbackReason::HandshakeFailed {
+            message: "the daemon closed the connection (unspecific protocol error detected)".into()
+        }
     );
+    // Through tonic's `Channel` (the one-call functions), which may try to dial again.
+    let reason = f.connect(Duration::from_secs(5)).await.unwrap_err();
     let text = reason.to_string();
-    assert!(
-        !text.contains("may have run") && !text.contains("b\""),
-        "{text}"
-    );
+    for unwanted in ["may have run", "b\"", "too_many_continuations", "answered"] {
+        assert!(!text.contains(unwanted), "{text}");
+    }
 }
 
 #[tokio::test]

@@ -10,11 +10,9 @@
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
 
-use super::Mode;
+use super::{InvalidMode, Mode};
+use crate::protocol::DEFAULT_AUTO_START_ENV;
 use crate::sync::lock;
-
-/// The default environment variable that overrides the mode.
-pub const DEFAULT_MODE_ENV: &str = "HEDDLE_LOCAL_DAEMON";
 
 /// Where an environment override (the mode's, auto-start's switch) comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,27 +43,18 @@ impl EnvOverride {
     }
 
     /// The mode after the override: the environment beats the builder, and a value that is no
-    /// mode is ignored with a warning.
-    pub(crate) fn apply(&self, builder_mode: Mode) -> Mode {
+    /// mode is ignored with a warning, which `misconfigured` gets too.
+    pub(crate) fn apply(&self, builder_mode: Mode, misconfigured: &mut Vec<String>) -> Mode {
         let Some(word) = self.word() else {
             return builder_mode;
         };
-        let switched = |on| if on { Mode::Auto } else { Mode::Off };
-        match word
-            .parse::<Mode>()
-            .ok()
-            .or_else(|| switch(&word).map(switched))
-        {
+        match mode_of(&word) {
             Some(mode) => mode,
             None => {
                 let expected =
                     "auto, off, require, or a switch word (1, on, true, yes, 0, false, no)";
-                warn_once(
-                    self,
-                    &word,
-                    expected,
-                    &format!("the mode stays {builder_mode}"),
-                );
+                let outcome = format!("the mode stays {builder_mode}");
+                misconfigured.push(warn_once(self, &word, expected, &outcome));
                 builder_mode
             }
         }
@@ -82,27 +71,52 @@ pub(crate) struct AutoStartSwitch {
 }
 
 impl AutoStartSwitch {
-    /// The default variable that turns auto-start off.
-    pub(crate) const DEFAULT_ENV: &'static str = "HEDDLE_LOCAL_DAEMON_AUTO_START";
-
     pub(crate) fn new() -> Self {
         Self {
-            env: EnvOverride::Var(Self::DEFAULT_ENV.to_owned()),
+            env: EnvOverride::Var(DEFAULT_AUTO_START_ENV.to_owned()),
             forced: false,
         }
     }
 
     /// Whether auto-start stays on: not turned off by its variable, and not under `CI` (a
     /// value other than empty, `0` or `false`) unless forced. Ephemeral CI machines gain
-    /// nothing from a daemon.
-    pub(crate) fn enabled(&self) -> bool {
+    /// nothing from a daemon. A value that is no switch word is ignored with a warning, which
+    /// `misconfigured` gets too.
+    pub(crate) fn enabled(&self, misconfigured: &mut Vec<String>) -> bool {
         let word = self.env.word();
         let switched = word.as_deref().and_then(switch);
         if let (Some(word), None) = (&word, switched) {
             let expected = "a switch word (0, off, false, no, or 1, on, true, yes)";
-            warn_once(&self.env, word, expected, "auto-start stays on");
+            misconfigured.push(warn_once(&self.env, word, expected, "auto-start stays on"));
         }
         enabled(switched, std::env::var("CI").ok().as_deref(), self.forced)
+    }
+}
+
+/// A mode, or a switch word (on: `auto`, off: `off`), in any case.
+fn mode_of(word: &str) -> Option<Mode> {
+    let switched = |on| if on { Mode::Auto } else { Mode::Off };
+    word.parse::<Mode>()
+        .ok()
+        .or_else(|| switch(word).map(switched))
+}
+
+impl Mode {
+    /// The mode the environment variable `name` sets, by the rule both of the crate's variables
+    /// follow (see the README's options): `None` when it is unset or empty; `auto`, `off` and
+    /// `require` in any case, and the switch words (`0`, `off`, `false`, `no` for off; `1`,
+    /// `on`, `true`, `yes` for auto); an error naming the value otherwise.
+    ///
+    /// ```
+    /// use tower_local_daemon::Mode;
+    ///
+    /// assert_eq!(Mode::from_env("TOWER_LOCAL_DAEMON_DOC_UNSET"), Ok(None));
+    /// ```
+    pub fn from_env(name: &str) -> Result<Option<Self>, InvalidMode> {
+        let Some(word) = EnvOverride::Var(name.to_owned()).word() else {
+            return Ok(None);
+        };
+        mode_of(&word).map(Some).ok_or(InvalidMode(word))
     }
 }
 
@@ -125,15 +139,17 @@ fn enabled(switch: Option<bool>, ci: Option<&str>, forced: bool) -> bool {
     forced || !under_ci
 }
 
-/// Logs a value that is not understood, once per process for each variable and value: a CLI
-/// builds its layer on every run, and one line is enough to be seen.
-fn warn_once(source: &EnvOverride, word: &str, expected: &str, outcome: &str) {
+/// Logs a value that is not understood, once per process for each variable and value (a CLI
+/// may build its layer more than once, and one line is enough to be seen); returns the text.
+fn warn_once(source: &EnvOverride, word: &str, expected: &str, outcome: &str) -> String {
     static WARNED: OnceLock<Mutex<HashSet<(String, String)>>> = OnceLock::new();
     let name = source.var().unwrap_or("the injected value");
+    let text = format!("{name}={word:?} is not understood: expected {expected}; {outcome}");
     let key = (name.to_owned(), word.to_owned());
     if lock(WARNED.get_or_init(Default::default)).insert(key) {
-        tracing::warn!("{name}={word:?} is not understood: expected {expected}; {outcome}");
+        tracing::warn!("{text}");
     }
+    text
 }
 
 #[cfg(test)]
@@ -155,19 +171,27 @@ mod tests {
     fn both_variables_read_the_switch_words_in_any_case() {
         for off in ["0", "off", "OFF", "False", " no "] {
             let env = EnvOverride::Value(Some(off.to_owned()));
-            assert_eq!(env.apply(Mode::Require), Mode::Off, "{off:?}");
+            assert_eq!(
+                env.apply(Mode::Require, &mut Vec::new()),
+                Mode::Off,
+                "{off:?}"
+            );
             assert_eq!(switch(&env.word().unwrap()), Some(false), "{off:?}");
         }
         for on in ["1", "On", "TRUE", "yes"] {
             let env = EnvOverride::Value(Some(on.to_owned()));
-            assert_eq!(env.apply(Mode::Off), Mode::Auto, "{on:?}");
+            assert_eq!(env.apply(Mode::Off, &mut Vec::new()), Mode::Auto, "{on:?}");
             assert_eq!(switch(&env.word().unwrap()), Some(true), "{on:?}");
         }
         let require = EnvOverride::Value(Some("Require".to_owned()));
-        assert_eq!(require.apply(Mode::Auto), Mode::Require);
+        assert_eq!(require.apply(Mode::Auto, &mut Vec::new()), Mode::Require);
         for ignored in [None, Some(""), Some("  "), Some("sometimes")] {
             let env = EnvOverride::Value(ignored.map(str::to_owned));
-            assert_eq!(env.apply(Mode::Require), Mode::Require, "{ignored:?}");
+            assert_eq!(
+                env.apply(Mode::Require, &mut Vec::new()),
+                Mode::Require,
+                "{ignored:?}"
+            );
         }
         assert_eq!(switch("maybe"), None);
     }

@@ -5,7 +5,6 @@
 
 mod env;
 
-pub use self::env::DEFAULT_MODE_ENV;
 pub(crate) use self::env::{AutoStartSwitch, EnvOverride};
 
 use std::ffi::OsString;
@@ -17,6 +16,7 @@ use std::time::Duration;
 
 use crate::paths::DaemonPaths;
 use crate::protocol::PIDFILE_MARKER;
+use crate::tool::Tool;
 
 /// Which executable an acceptable daemon runs.
 ///
@@ -146,6 +146,15 @@ impl Default for Settings {
 }
 
 impl Settings {
+    /// The default settings with `tool`'s pidfile marker: what a tool-aware free function
+    /// checks.
+    pub(crate) fn for_tool(tool: &Tool) -> Self {
+        Self {
+            marker: tool.marker().to_owned(),
+            ..Self::default()
+        }
+    }
+
     /// The files the checks look at for `dir`: the standard layout, with the overrides applied.
     pub(crate) fn paths(&self, dir: &Path) -> DaemonPaths {
         DaemonPaths::new(dir)
@@ -206,6 +215,26 @@ impl AutoStart {
         S: Into<OsString>,
     {
         Self::new(current_exe_path()).args(args)
+    }
+
+    /// Starts the executable `name` that sits beside this one (in the directory of
+    /// `/proc/self/exe`): a tool whose daemon is a separate binary installed with its CLI, such
+    /// as `kvd` beside `kv`. A layer with no [identity](crate::LocalDaemonLayer::identity) of
+    /// its own then accepts only a daemon running that executable.
+    ///
+    /// ```
+    /// use tower_local_daemon::AutoStart;
+    ///
+    /// let kvd = AutoStart::sibling("kvd").arg("serve");
+    /// # let _ = kvd;
+    /// ```
+    pub fn sibling(name: impl AsRef<Path>) -> Self {
+        Self::new(current_exe_path().with_file_name(name.as_ref()))
+    }
+
+    /// Whether the program is this executable (as [`current_exe`](Self::current_exe) makes it).
+    pub(crate) fn runs_this_executable(&self) -> bool {
+        self.program == current_exe_path()
     }
 
     /// Adds an argument.

@@ -196,9 +196,11 @@ where
 /// Why `Health/Check` got no answer, in a check's words: what broke on the connection (a check
 /// is not a call, so never "the call may have run"), else the status the daemon answered.
 fn health_failure(status: &tonic::Status) -> String {
-    match broken_connection(status) {
-        Some(broke) => broke,
-        None => format!(
+    // The daemon's own answer has no source; a failure on the way has one.
+    match (broken_connection(status), std::error::Error::source(status)) {
+        (Some(broke), _) => broke,
+        (None, Some(_)) => format!("the connection failed ({})", status.message()),
+        (None, None) => format!(
             "Health/Check answered {:?}: {}",
             status.code(),
             status.message()

@@ -19,6 +19,7 @@ use crate::paths::DaemonPaths;
 use crate::probe::{UdsTarget, probe_paths};
 use crate::reason::{FallbackReason, error_chain};
 use crate::sync::lock;
+use crate::tool::Tool;
 
 /// A checked connection to a directory's daemon: the target that passed the probe, and a tonic
 /// [`Channel`] over the one connection that passed the peer check and the health handshake.
@@ -36,17 +37,17 @@ pub struct LocalDaemonChannel {
     pub version: Option<String>,
 }
 
-/// Probes `heddle_dir`'s daemon, connects, and checks the peer credentials: the peer's uid is our
+/// Probes `state_dir`'s daemon, connects, and checks the peer credentials: the peer's uid is our
 /// effective uid and its pid is the pidfile's. `None` when any check fails; see
 /// [`try_detect_local_daemon_with_connect_probe`] for the reason.
 ///
 /// No request is sent, so the daemon does not get to say which directory it serves: only
 /// [`connect_local_daemon_channel`] and the layer check that.
 pub async fn detect_local_daemon_with_connect_probe(
-    heddle_dir: impl AsRef<Path>,
+    state_dir: impl AsRef<Path>,
     timeout: Duration,
 ) -> Option<UdsTarget> {
-    try_detect_local_daemon_with_connect_probe(heddle_dir, timeout)
+    try_detect_local_daemon_with_connect_probe(state_dir, timeout)
         .await
         .ok()
 }
@@ -64,24 +65,21 @@ pub async fn detect_local_daemon_with_connect_probe(
 /// # }
 /// ```
 pub async fn try_detect_local_daemon_with_connect_probe(
-    heddle_dir: impl AsRef<Path>,
+    state_dir: impl AsRef<Path>,
     timeout: Duration,
 ) -> Result<UdsTarget, FallbackReason> {
-    let paths = DaemonPaths::new(heddle_dir);
-    let target = probe_paths(&paths, &Settings::default()).into_target()?;
-    tokio::time::timeout(timeout, connect_checked(&target))
+    Tool::heddle()
+        .try_detect_with_connect_probe(state_dir, timeout)
         .await
-        .map_err(|_| FallbackReason::DeadlineExceeded)??;
-    Ok(target)
 }
 
 /// Probes, connects, checks the peer, opens a channel and asks `Health/Check` for `""`, all
 /// under one deadline. `None` when any check fails; see [`try_connect_local_daemon_channel`].
 pub async fn connect_local_daemon_channel(
-    heddle_dir: impl AsRef<Path>,
+    state_dir: impl AsRef<Path>,
     timeout: Duration,
 ) -> Option<LocalDaemonChannel> {
-    try_connect_local_daemon_channel(heddle_dir, timeout)
+    try_connect_local_daemon_channel(state_dir, timeout)
         .await
         .ok()
 }
@@ -100,13 +98,47 @@ pub async fn connect_local_daemon_channel(
 /// # }
 /// ```
 pub async fn try_connect_local_daemon_channel(
-    heddle_dir: impl AsRef<Path>,
+    state_dir: impl AsRef<Path>,
     timeout: Duration,
 ) -> Result<LocalDaemonChannel, FallbackReason> {
-    let dir = &crate::paths::absolute(heddle_dir.as_ref());
+    Tool::heddle().try_connect_channel(state_dir, timeout).await
+}
+
+/// The tool-aware forms of the one-call functions: with the tool's pidfile marker, never
+/// heddle's.
+impl Tool {
+    /// [`try_detect_local_daemon_with_connect_probe`] for this tool's daemon of `state_dir`.
+    pub async fn try_detect_with_connect_probe(
+        &self,
+        state_dir: impl AsRef<Path>,
+        timeout: Duration,
+    ) -> Result<UdsTarget, FallbackReason> {
+        let paths = DaemonPaths::new(state_dir);
+        let target = probe_paths(&paths, &Settings::for_tool(self)).into_target()?;
+        tokio::time::timeout(timeout, connect_checked(&target))
+            .await
+            .map_err(|_| FallbackReason::DeadlineExceeded)??;
+        Ok(target)
+    }
+
+    /// [`try_connect_local_daemon_channel`] for this tool's daemon of `state_dir`.
+    pub async fn try_connect_channel(
+        &self,
+        state_dir: impl AsRef<Path>,
+        timeout: Duration,
+    ) -> Result<LocalDaemonChannel, FallbackReason> {
+        connect_channel(self, &crate::paths::absolute(state_dir.as_ref()), timeout).await
+    }
+}
+
+async fn connect_channel(
+    tool: &Tool,
+    dir: &Path,
+    timeout: Duration,
+) -> Result<LocalDaemonChannel, FallbackReason> {
     let settings = Settings {
         deadline: timeout,
-        ..Settings::default()
+        ..Settings::for_tool(tool)
     };
     let target = probe_paths(&DaemonPaths::new(dir), &settings).into_target()?;
     let attempt = async {

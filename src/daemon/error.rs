@@ -5,6 +5,23 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 /// Why a daemon could not start or serve.
+///
+/// Its message says what failed and where; the cause, when there is one (an I/O error, the
+/// server's error), is its [`source`](std::error::Error::source), so that an error chain
+/// prints it once.
+///
+/// ```
+/// use std::error::Error;
+/// use tower_local_daemon::daemon::DaemonError;
+///
+/// let file = std::env::temp_dir().join("tower-local-daemon-doc-daemon-error");
+/// std::fs::write(&file, "not a directory").unwrap();
+/// let error = tower_local_daemon::Daemon::new(&file).bind().unwrap_err();
+/// assert!(matches!(error, DaemonError::Io { .. }));
+/// assert_eq!(error.to_string(), format!("failed to create the directory at {}", file.display()));
+/// assert!(error.source().is_some());
+/// # std::fs::remove_file(&file).unwrap();
+/// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum DaemonError {
@@ -79,11 +96,8 @@ impl fmt::Display for DaemonError {
             Self::UnsafeDirectory { path, problem } => {
                 write!(f, "refusing to use {}: {problem}", path.display())
             }
-            Self::Io {
-                action,
-                path,
-                source,
-            } => write!(f, "failed to {action} at {}: {source}", path.display()),
+            // The cause is the source: an error chain prints it once.
+            Self::Io { action, path, .. } => write!(f, "failed to {action} at {}", path.display()),
             Self::WrongDirectory { started_for, given } => write!(
                 f,
                 "refusing to serve {}: this daemon was started for {}; a relative directory is resolved against the daemon's working directory, so pass the directory as an absolute path in the auto-start arguments",
@@ -94,7 +108,7 @@ impl fmt::Display for DaemonError {
             Self::InvalidMarker(m) => {
                 write!(f, "pidfile marker {m:?} is not one line of visible ASCII")
             }
-            Self::Serve(e) => write!(f, "the gRPC server failed: {e}"),
+            Self::Serve(_) => f.write_str("the gRPC server failed"),
         }
     }
 }

@@ -36,7 +36,8 @@ impl SocketsDir {
     pub(super) fn open(dir: &Path) -> Result<Self, DaemonError> {
         let io_error = |action, source| DaemonError::io(action, dir, source);
         if let Some(parent) = dir.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| io_error("create the directory", e))?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| DaemonError::io("create the directory", parent, e))?;
         }
         match nix::unistd::mkdir(dir, Mode::from_bits_truncate(0o700)) {
             Ok(()) | Err(nix::errno::Errno::EEXIST) => {}

@@ -147,7 +147,13 @@ pub struct Daemon {
     idle_timeout: Option<Duration>,
     handle_signals: bool,
     counters: Arc<DaemonCounters>,
+    /// The tool's settings of tonic's server, applied when it is built.
+    server: Option<ServerSettings>,
 }
+
+/// A tool's settings of tonic's [`Server`](tonic::transport::Server) builder.
+type ServerSettings =
+    Box<dyn FnOnce(tonic::transport::Server) -> tonic::transport::Server + Send + Sync>;
 
 impl fmt::Debug for Daemon {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -162,8 +168,8 @@ impl fmt::Debug for Daemon {
 }
 
 impl Daemon {
-    /// A daemon for `heddle_dir`, with files under `<heddle_dir>/sockets/`. A relative
-    /// `heddle_dir` is made absolute against the working directory now. A daemon started on a
+    /// A daemon for `state_dir`, with files under `<state_dir>/sockets/`. A relative
+    /// `state_dir` is made absolute against the working directory now. A daemon started on a
     /// miss refuses, as it binds, any directory but the one it was started for
     /// ([`DAEMON_DIR_ENV`]).
     ///
@@ -171,8 +177,8 @@ impl Daemon {
     /// except for a daemon started on a miss (its environment has
     /// [`AUTO_STARTED_ENV`]), which exits after 4 hours without calls.
     /// Any daemon exits when its socket or sockets directory is removed under it.
-    pub fn new(heddle_dir: impl AsRef<Path>) -> Self {
-        let dir = crate::paths::absolute(heddle_dir.as_ref());
+    pub fn new(state_dir: impl AsRef<Path>) -> Self {
+        let dir = crate::paths::absolute(state_dir.as_ref());
         Self {
             paths: DaemonPaths::new(&dir),
             dir,
@@ -186,7 +192,37 @@ impl Daemon {
             idle_timeout: std::env::var_os(AUTO_STARTED_ENV).map(|_| AUTO_STARTED_IDLE),
             handle_signals: true,
             counters: Arc::default(),
+            server: None,
         }
+    }
+
+    /// Applies a tool's settings to tonic's server builder, before the daemon serves: limits
+    /// (`concurrency_limit_per_connection`, `timeout`, `load_shed`), HTTP/2 settings, message
+    /// sizes. Settings that the daemon itself owns are set after these: the listener, the
+    /// routes (health, the version and directory metadata) and the graceful shutdown. A tower
+    /// layer around a service goes on that service before [`add_service`](Self::add_service)
+    /// (tonic's `InterceptedService`, or any layer whose service still names itself).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_local_daemon::Daemon;
+    ///
+    /// let daemon = Daemon::new("/repo/.heddle").server(|server| {
+    ///     server
+    ///         .concurrency_limit_per_connection(64)
+    ///         .timeout(Duration::from_secs(30))
+    /// });
+    /// # let _ = daemon;
+    /// ```
+    pub fn server(
+        mut self,
+        settings: impl FnOnce(tonic::transport::Server) -> tonic::transport::Server
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        self.server = Some(Box::new(settings));
+        self
     }
 
     /// Hosts a tonic service, such as a generated `FooServer<T>`. Its name is registered with
@@ -235,6 +271,21 @@ impl Daemon {
     pub fn handle_signals(mut self, handle: bool) -> Self {
         self.handle_signals = handle;
         self
+    }
+
+    /// Takes `tool`'s pidfile marker (default [`Tool::heddle`](crate::Tool::heddle)'s): give its
+    /// clients the same value ([`LocalDaemonLayer::tool`](crate::LocalDaemonLayer::tool)). The
+    /// call made last among this and [`pidfile_marker`](Self::pidfile_marker) wins.
+    ///
+    /// ```
+    /// use tower_local_daemon::{Daemon, Tool};
+    ///
+    /// let daemon = Daemon::new("/repo/.kv").tool(&Tool::new("kv")?);
+    /// # let _ = daemon;
+    /// # Ok::<(), tower_local_daemon::InvalidTool>(())
+    /// ```
+    pub fn tool(self, tool: &crate::Tool) -> Self {
+        self.pidfile_marker(tool.marker())
     }
 
     /// The second line of the pidfile (default `heddle-agent`), for a tool that is not heddle;

@@ -127,13 +127,14 @@ impl BoundDaemon {
             backoff: None,
         };
         let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tonic::transport::Server::builder().serve_with_incoming_shutdown(
-            routes,
-            incoming,
-            async {
-                let _ = accepting_stopped.await;
-            },
-        );
+        let builder = tonic::transport::Server::builder();
+        let builder = match daemon.server {
+            Some(settings) => settings(builder),
+            None => builder,
+        };
+        let server = builder.serve_with_incoming_shutdown(routes, incoming, async {
+            let _ = accepting_stopped.await;
+        });
         let mut server = std::pin::pin!(server);
         let signals = SignalListeners::install(daemon.handle_signals);
         set_all(&reporter, &names, ServingStatus::Serving).await;

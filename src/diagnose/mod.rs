@@ -16,10 +16,10 @@ use crate::reason::FallbackReason;
 use self::report::Checks;
 pub use self::report::{Check, CheckOutcome, Report};
 
-/// [`Report`] for `heddle_dir` with the default options.
-pub async fn diagnose(heddle_dir: impl AsRef<Path>) -> Report {
+/// [`Report`] for `state_dir` with the default options.
+pub async fn diagnose(state_dir: impl AsRef<Path>) -> Report {
     run(
-        &crate::paths::absolute(heddle_dir.as_ref()),
+        &crate::paths::absolute(state_dir.as_ref()),
         &Settings::default(),
     )
     .await

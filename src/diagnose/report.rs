@@ -57,6 +57,10 @@ pub struct Report {
     /// What auto-start did for the directory, when it ever started a daemon there: the
     /// starts, the ones stopped for never taking the lock, the backoff, the log's last lines.
     pub auto_start: Option<AutoStartStatus>,
+    /// Configuration errors, each with the expected and the found value: values of the mode's
+    /// or auto-start's variable that were not understood. (A wrong pidfile marker is the
+    /// pidfile check's reason.)
+    pub misconfigured: Vec<String>,
 }
 
 impl Check {
@@ -95,6 +99,7 @@ impl Report {
         Self {
             checks,
             auto_start: None,
+            misconfigured: Vec::new(),
         }
     }
 
@@ -116,6 +121,9 @@ impl Report {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for misconfigured in &self.misconfigured {
+            writeln!(f, "[WARN] misconfigured: {misconfigured}")?;
+        }
         for check in &self.checks {
             let mark = match check.outcome {
                 CheckOutcome::Passed => "ok  ",

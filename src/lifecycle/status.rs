@@ -65,15 +65,15 @@ impl std::fmt::Display for AutoStartStatus {
     }
 }
 
-/// What auto-start has done for `heddle_dir`; it reads files and changes nothing.
+/// What auto-start has done for `state_dir`; it reads files and changes nothing.
 ///
 /// ```
 /// let status = tower_local_daemon::auto_start_status("/no/such/repo/.heddle");
 /// assert_eq!(status.spawns, 0);
 /// assert!(status.log.ends_with("sockets/daemon.log"));
 /// ```
-pub fn auto_start_status(heddle_dir: impl AsRef<Path>) -> AutoStartStatus {
-    status_of(&DaemonPaths::new(heddle_dir))
+pub fn auto_start_status(state_dir: impl AsRef<Path>) -> AutoStartStatus {
+    status_of(&DaemonPaths::new(state_dir))
 }
 
 /// [`auto_start_status`] of resolved paths.

@@ -70,7 +70,7 @@ impl std::fmt::Display for StopOutcome {
     }
 }
 
-/// Stops `heddle_dir`'s daemon, and waits up to `timeout` for it to exit. It never starts
+/// Stops `state_dir`'s daemon, and waits up to `timeout` for it to exit. It never starts
 /// anything. It reads the default files (heddle's pidfile marker under `<dir>/sockets/`); a tool
 /// with its own marker or paths uses [`LocalDaemonLayer::stop`](crate::LocalDaemonLayer::stop).
 ///
@@ -89,8 +89,8 @@ impl std::fmt::Display for StopOutcome {
 /// assert_eq!(stop(&dir, Duration::from_secs(5)).await, StopOutcome::NotRunning);
 /// # }
 /// ```
-pub async fn stop(heddle_dir: impl AsRef<Path>, timeout: Duration) -> StopOutcome {
-    let dir = &crate::paths::absolute(heddle_dir.as_ref());
+pub async fn stop(state_dir: impl AsRef<Path>, timeout: Duration) -> StopOutcome {
+    let dir = &crate::paths::absolute(state_dir.as_ref());
     stop_with(dir, &DaemonPaths::new(dir), &Settings::default(), timeout).await
 }
 

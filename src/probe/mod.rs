@@ -21,6 +21,7 @@ use crate::paths::{DaemonPaths, DirIdentity};
 use crate::pidfile::Pidfile;
 use crate::reason::FallbackReason;
 use crate::sync::lock;
+use crate::tool::Tool;
 
 /// Where a daemon that passed the probe listens.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -151,8 +152,8 @@ impl LocalDaemonProbe {
 /// let found = probe(&dir);
 /// assert_eq!(found.status, LocalDaemonStatus::Absent { reason: FallbackReason::NoPidfile });
 /// ```
-pub fn probe(heddle_dir: impl AsRef<Path>) -> LocalDaemonProbe {
-    probe_paths(&DaemonPaths::new(heddle_dir), &Settings::default())
+pub fn probe(state_dir: impl AsRef<Path>) -> LocalDaemonProbe {
+    Tool::heddle().probe(state_dir)
 }
 
 /// [`probe`], cached per directory for [`DETECT_CACHE_TTL`]: the target when the daemon is
@@ -165,11 +166,35 @@ pub fn probe(heddle_dir: impl AsRef<Path>) -> LocalDaemonProbe {
 /// let dir = std::env::temp_dir().join("tower-local-daemon-doc-detect");
 /// assert_eq!(tower_local_daemon::detect_local_daemon(&dir), None);
 /// ```
-pub fn detect_local_daemon(heddle_dir: impl AsRef<Path>) -> Option<UdsTarget> {
-    type Cache = HashMap<DirIdentity, (Instant, Option<UdsTarget>)>;
+pub fn detect_local_daemon(state_dir: impl AsRef<Path>) -> Option<UdsTarget> {
+    Tool::heddle().detect(state_dir)
+}
+
+/// The tool-aware forms of [`probe`] and [`detect_local_daemon`]: with the tool's pidfile
+/// marker, never heddle's.
+impl Tool {
+    /// [`probe`] for this tool's daemon of `state_dir`.
+    ///
+    /// ```
+    /// let kv = tower_local_daemon::Tool::new("kv")?;
+    /// assert_eq!(kv.probe("/no/such/repo/.kv").target(), None);
+    /// # Ok::<(), tower_local_daemon::InvalidTool>(())
+    /// ```
+    pub fn probe(&self, state_dir: impl AsRef<Path>) -> LocalDaemonProbe {
+        probe_paths(&DaemonPaths::new(state_dir), &Settings::for_tool(self))
+    }
+
+    /// [`detect_local_daemon`] for this tool's daemon of `state_dir`.
+    pub fn detect(&self, state_dir: impl AsRef<Path>) -> Option<UdsTarget> {
+        detect_cached(self, state_dir.as_ref())
+    }
+}
+
+fn detect_cached(tool: &Tool, state_dir: &Path) -> Option<UdsTarget> {
+    type Cache = HashMap<(DirIdentity, String), (Instant, Option<UdsTarget>)>;
     static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
-    let dir = &crate::paths::absolute(heddle_dir.as_ref());
-    let key = DirIdentity::of(dir);
+    let dir = &crate::paths::absolute(state_dir);
+    let key = (DirIdentity::of(dir), tool.marker().to_owned());
     let cache = CACHE.get_or_init(Default::default);
     if let Some((at, target)) = lock(cache).get(&key)
         && at.elapsed() < DETECT_CACHE_TTL
@@ -177,7 +202,7 @@ pub fn detect_local_daemon(heddle_dir: impl AsRef<Path>) -> Option<UdsTarget> {
         return target.clone();
     }
     // Probed outside the lock: a slow filesystem holds up this lookup only.
-    let target = probe(dir).target();
+    let target = tool.probe(dir).target();
     let mut cache = lock(cache);
     // Bounded: a process that walks many repositories keeps only the fresh results.
     if cache.len() >= DETECT_CACHE_CAPACITY {

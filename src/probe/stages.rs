@@ -60,6 +60,10 @@ pub(crate) fn read_pidfile(pid_path: &Path, marker: &str) -> Result<Pidfile, Fal
     Pidfile::read(pid_path, marker).map_err(|e| match e {
         ReadError::Missing => FallbackReason::NoPidfile,
         ReadError::Malformed(e) => FallbackReason::MalformedPidfile(e),
+        ReadError::WrongMarker { found } => FallbackReason::MarkerMismatch {
+            expected: marker.to_owned(),
+            found,
+        },
         ReadError::NotRegularFile => FallbackReason::UnreadablePidfile { error: None },
         ReadError::Io(kind) => FallbackReason::UnreadablePidfile { error: Some(kind) },
         ReadError::Linked { links } => FallbackReason::LinkedPidfile { links },

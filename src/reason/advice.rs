@@ -25,6 +25,7 @@ impl FallbackReason {
             OpenSocketsDir { .. } => "open_sockets_dir",
             NoPidfile => "no_pidfile",
             MalformedPidfile(_) => "malformed_pidfile",
+            MarkerMismatch { .. } => "marker_mismatch",
             UnreadablePidfile { .. } => "unreadable_pidfile",
             LinkedPidfile { .. } => "linked_pidfile",
             ProcessGone => "process_gone",
@@ -79,6 +80,7 @@ impl FallbackReason {
             | ForeignSocketsDir { .. }
             | OpenSocketsDir { .. }
             | UnreadablePidfile { .. }
+            | MarkerMismatch { .. }
             | LinkedPidfile { .. }
             | ProcessUnreadable { .. }
             | ForeignProcess { .. }
@@ -117,6 +119,21 @@ impl FallbackReason {
         }
     }
 
+    /// Whether the reason is a configuration error of the daemon or its clients, rather than a
+    /// state of the daemon: a pidfile marker that is not the one expected. Logged once per
+    /// process as a warning, so that it is not mistaken for a daemon that is not there.
+    ///
+    /// ```
+    /// use tower_local_daemon::FallbackReason;
+    ///
+    /// let mismatch = FallbackReason::MarkerMismatch { expected: "kv".into(), found: "heddle-agent".into() };
+    /// assert!(mismatch.is_misconfiguration());
+    /// assert!(!FallbackReason::NoPidfile.is_misconfiguration());
+    /// ```
+    pub fn is_misconfiguration(&self) -> bool {
+        matches!(self, FallbackReason::MarkerMismatch { .. })
+    }
+
     /// Whether the probe missed only the files a daemon writes once it is ready (its pidfile
     /// and socket, or an older daemon's left behind): with the lifetime lock held, the daemon
     /// that holds it is still loading.
@@ -152,6 +169,9 @@ impl FallbackReason {
                 error: Some(std::io::ErrorKind::PermissionDenied),
             } => {
                 "this user may not read the pidfile; run the command as the daemon's user, or fix the file's permissions"
+            }
+            MarkerMismatch { .. } => {
+                "if the daemon is this tool's, give it and its clients the same `Tool` (or pidfile marker); if it belongs to another tool, give each tool its own state directory"
             }
             MalformedPidfile(_) | UnreadablePidfile { .. } => {
                 "the pidfile was not written by a daemon of this format; stop whatever wrote it and start the daemon again"

@@ -25,6 +25,7 @@ use crate::pidfile::PidfileError;
 /// | directory | [`OpenSocketsDir`](Self::OpenSocketsDir) (writable by group or others) | `Absent` |
 /// | pidfile | [`NoPidfile`](Self::NoPidfile) (no pidfile, or no sockets directory) | `Absent` |
 /// | pidfile | [`MalformedPidfile`](Self::MalformedPidfile) | `Absent` |
+/// | pidfile | [`MarkerMismatch`](Self::MarkerMismatch) (a configuration error) | `Absent` |
 /// | pidfile | [`UnreadablePidfile`](Self::UnreadablePidfile) | `Absent` |
 /// | pidfile | [`LinkedPidfile`](Self::LinkedPidfile) (more than one hard link) | `Absent` |
 /// | process | [`ProcessGone`](Self::ProcessGone) (ESRCH or a zombie) | `Stale` |
@@ -79,6 +80,16 @@ pub enum FallbackReason {
     NoPidfile,
     /// The pidfile's bytes are not in the pidfile format.
     MalformedPidfile(PidfileError),
+    /// The pidfile is in the format, and its marker (second line) is not the one this client
+    /// expects: a daemon of another tool, or a daemon and its clients configured with
+    /// different markers (see [`Tool`](crate::Tool)). A configuration error: logged once per
+    /// process as a warning.
+    MarkerMismatch {
+        /// The marker this client expects.
+        expected: String,
+        /// The marker the pidfile has.
+        found: String,
+    },
     /// The pidfile could not be read: not a regular file (a symlink, FIFO or directory), or an
     /// I/O error such as permission denied.
     UnreadablePidfile {
@@ -259,6 +270,10 @@ impl fmt::Display for FallbackReason {
             LinkedSocket { links } => write!(f, "the socket has {links} hard links, not 1"),
             NoPidfile => f.write_str("no pidfile: no daemon is running for this directory"),
             MalformedPidfile(e) => write!(f, "malformed pidfile: {e}"),
+            MarkerMismatch { expected, found } => write!(
+                f,
+                "the pidfile's marker is {found:?}, and this client expects {expected:?}"
+            ),
             UnreadablePidfile { error: None } => {
                 f.write_str("the pidfile is not a regular file (a symlink, FIFO or directory)")
             }

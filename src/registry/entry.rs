@@ -22,6 +22,7 @@
 //!
 //! The checks themselves run outside the lock, in `detect`.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -716,7 +717,19 @@ impl Entry {
 
     /// No usable daemon, for every runtime: connections close, and a re-probe is scheduled.
     fn set_negative(self: &Arc<Self>, state: &mut State, reason: FallbackReason) {
+        // A miss after a daemon started here exited is that start's failure, whichever run of
+        // the checks tells it last (a re-probe that began while the daemon was coming ends
+        // after the call that saw it exit).
+        let failed = state
+            .spawned
+            .as_ref()
+            .and_then(|(child, _)| child.failure());
+        let reason = match failed {
+            Some(message) if reason.is_loading() => FallbackReason::AutoStartFailed { message },
+            _ => reason,
+        };
         self.counters.count_fallback(&reason);
+        warn_misconfiguration_once(&reason);
         let route = match self.settings.mode {
             Mode::Require => "refused",
             _ => "in-process",
@@ -819,5 +832,17 @@ impl Drop for Unprobing<'_> {
         if std::thread::panicking() {
             drop(self.0.lock().probing.take());
         }
+    }
+}
+
+/// Logs a configuration error (a wrong pidfile marker) once per process: with no subscriber's
+/// `debug` on, it would otherwise look like a daemon that is not there. `RouteStats` and the
+/// `diagnose` report show it too.
+fn warn_misconfiguration_once(reason: &FallbackReason) {
+    static WARNED: std::sync::OnceLock<Mutex<HashSet<FallbackReason>>> = std::sync::OnceLock::new();
+    if reason.is_misconfiguration()
+        && lock(WARNED.get_or_init(Default::default)).insert(reason.clone())
+    {
+        tracing::warn!(%reason, "local daemon misconfigured: {}", reason.remedy());
     }
 }

@@ -120,8 +120,8 @@ impl Drop for Release {
 /// ```
 /// tower_local_daemon::reset("/no/such/repo/.heddle");
 /// ```
-pub fn reset(heddle_dir: impl AsRef<Path>) {
-    let dir = &crate::paths::absolute(heddle_dir.as_ref());
+pub fn reset(state_dir: impl AsRef<Path>) {
+    let dir = &crate::paths::absolute(state_dir.as_ref());
     let identity = DirIdentity::of(dir);
     let matching: Vec<Arc<Entry>> = entries()
         .iter()

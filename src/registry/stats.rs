@@ -47,6 +47,11 @@ pub struct RouteStats {
     /// The current decision: the daemon's target, or the reason calls run in-process; `None`
     /// before the first decision.
     pub route: Option<Result<UdsTarget, FallbackReason>>,
+    /// Configuration errors, for a person, each with the expected and the found value: values
+    /// of the mode's or auto-start's variable that were not understood, and a current
+    /// decision whose reason [is one](FallbackReason::is_misconfiguration) (a pidfile marker
+    /// that is not the one expected). Each is also logged once per process as a warning.
+    pub misconfigured: Vec<String>,
 }
 
 /// The counters of one entry.
@@ -101,6 +106,12 @@ impl Counters {
             start_waits_given_up: self.start_waits_given_up.load(Ordering::Relaxed),
             stalled_starts_stopped: self.stalled_starts_stopped.load(Ordering::Relaxed),
             fallbacks: lock(&self.fallbacks).clone(),
+            misconfigured: match &route {
+                Some(Err(reason)) if reason.is_misconfiguration() => {
+                    vec![format!("{reason}: {}", reason.remedy())]
+                }
+                _ => Vec::new(),
+            },
             route,
         }
     }

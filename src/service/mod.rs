@@ -85,6 +85,11 @@ impl<S> fmt::Debug for LocalDaemon<S> {
     }
 }
 
+/// A [`LocalDaemon`] [boxed](LocalDaemon::boxed): the same type whatever the in-process service
+/// is.
+pub type BoxLocalDaemon =
+    tower::util::BoxCloneSyncService<http::Request<Body>, http::Response<Body>, BoxError>;
+
 impl<S> LocalDaemon<S> {
     pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
         Self {
@@ -97,6 +102,53 @@ impl<S> LocalDaemon<S> {
     /// The in-process service.
     pub fn get_ref(&self) -> &S {
         &self.inner
+    }
+
+    /// The in-process service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The in-process service, without the layer.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// This service boxed, as a type a struct can name: a [`LazyFallback`](crate::LazyFallback)
+    /// over a closure has a type nobody can write, so a client kept in a struct holds a
+    /// `FooClient<BoxLocalDaemon>`. The box costs an allocation per call.
+    ///
+    /// ```
+    /// use tonic_health::pb::health_client::HealthClient;
+    /// use tonic_health::pb::health_server::HealthServer;
+    /// use tower::Layer;
+    /// use tower_local_daemon::{BoxLocalDaemon, LazyFallback, LocalDaemonLayer};
+    ///
+    /// struct Cli {
+    ///     health: HealthClient<BoxLocalDaemon>,
+    /// }
+    ///
+    /// let fallback = LazyFallback::new(|| async {
+    ///     let (_, health) = tonic_health::server::health_reporter();
+    ///     Ok::<_, std::convert::Infallible>(health)
+    /// });
+    /// let svc = LocalDaemonLayer::new("/repo/.heddle").layer(fallback);
+    /// let cli = Cli { health: HealthClient::new(svc.boxed()) };
+    /// # let _ = cli.health;
+    /// ```
+    pub fn boxed(self) -> BoxLocalDaemon
+    where
+        Self: Service<
+                http::Request<Body>,
+                Response = http::Response<Body>,
+                Error = BoxError,
+                Future: Send + 'static,
+            > + Clone
+            + Send
+            + Sync
+            + 'static,
+    {
+        BoxLocalDaemon::new(self)
     }
 
     /// The mode in force, after the environment override.
@@ -117,7 +169,10 @@ impl<S> LocalDaemon<S> {
     /// assert_eq!(stats.route, None);
     /// ```
     pub fn stats(&self) -> Option<RouteStats> {
-        self.shared.entry().map(|e| e.stats())
+        let mut stats = self.shared.entry()?.stats();
+        let misconfigured = self.shared.misconfigured.iter().cloned();
+        stats.misconfigured.splice(0..0, misconfigured);
+        Some(stats)
     }
 
     /// Forgets this service's registry entry's decision, connections and counters: the next

@@ -16,6 +16,8 @@ pub(crate) struct Shared {
     pub(super) dir: PathBuf,
     pub(super) settings: Settings,
     pub(crate) mark_route: bool,
+    /// The values of the environment the layer did not understand.
+    pub(crate) misconfigured: Vec<String>,
     /// The methods safe to run again in-process after a broken connection.
     idempotent: Option<Idempotent>,
     lease: OnceLock<Lease>,
@@ -25,12 +27,14 @@ impl Shared {
     pub(crate) fn new(
         dir: PathBuf,
         settings: Settings,
+        misconfigured: Vec<String>,
         mark_route: bool,
         idempotent: Option<Idempotent>,
     ) -> Self {
         Self {
             dir,
             settings,
+            misconfigured,
             mark_route,
             idempotent,
             lease: OnceLock::new(),

@@ -31,6 +31,7 @@ pub const DAEMON_VERSION_ENV: &str = "TLD_TEST_DAEMON_VERSION";
 pub const DAEMON_LOG_ENV: &str = "TLD_TEST_DAEMON_LOG";
 pub const DAEMON_GRACE_MS_ENV: &str = "TLD_TEST_DAEMON_GRACE_MS";
 pub const DAEMON_IDLE_MS_ENV: &str = "TLD_TEST_DAEMON_IDLE_MS";
+pub const DAEMON_SERVER_TIMEOUT_MS_ENV: &str = "TLD_TEST_DAEMON_SERVER_TIMEOUT_MS";
 pub const DAEMON_UMASK_ENV: &str = "TLD_TEST_DAEMON_UMASK";
 pub const DAEMON_IGNORE_SIGINT_ENV: &str = "TLD_TEST_DAEMON_IGNORE_SIGINT";
 pub const DAEMON_MARKER_ENV: &str = "TLD_TEST_DAEMON_MARKER";
@@ -230,8 +231,12 @@ fn serve_daemon(dir: &Path) -> ! {
         if let Some(ms) = env_ms(DAEMON_IDLE_MS_ENV) {
             daemon = daemon.idle_timeout(ms);
         }
+        if let Some(timeout) = env_ms(DAEMON_SERVER_TIMEOUT_MS_ENV) {
+            daemon = daemon.server(move |server| server.timeout(timeout));
+        }
         if let Ok(marker) = std::env::var(DAEMON_MARKER_ENV) {
-            daemon = daemon.pidfile_marker(marker);
+            // A tool's daemon is given its `Tool`; the name is the marker.
+            daemon = daemon.tool(&tower_local_daemon::Tool::new(&marker).unwrap());
         }
         daemon.serve(std::future::pending()).await
     });
@@ -241,7 +246,8 @@ fn serve_daemon(dir: &Path) -> ! {
             std::process::exit(0)
         }
         Err(e) => {
-            eprintln!("daemon error: {e}");
+            let cause = std::error::Error::source(&e).map(|c| format!(": {c}"));
+            eprintln!("daemon error: {e}{}", cause.unwrap_or_default());
             std::process::exit(3)
         }
     }
@@ -422,6 +428,8 @@ pub struct DaemonOptions {
     pub sigint_ignored: bool,
     /// The pidfile's marker line, for a tool that is not heddle.
     pub marker: Option<String>,
+    /// A per-request timeout of tonic's server, set through `Daemon::server`.
+    pub server_timeout: Option<Duration>,
 }
 
 /// A daemon in another process: this test binary, re-executed. Killed when dropped.
@@ -480,6 +488,12 @@ impl DaemonProcess {
         }
         if let Some(idle) = options.idle {
             command.env(DAEMON_IDLE_MS_ENV, idle.as_millis().to_string());
+        }
+        if let Some(timeout) = options.server_timeout {
+            command.env(
+                DAEMON_SERVER_TIMEOUT_MS_ENV,
+                timeout.as_millis().to_string(),
+            );
         }
         Self {
             child: spawn(&mut command),
