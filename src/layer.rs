@@ -113,7 +113,7 @@ impl LocalDaemonLayer {
     }
 
     /// Accepts a daemon that does not report which directory it serves (in
-    /// [`DIRECTORY_METADATA_KEY`](crate::DIRECTORY_METADATA_KEY)), such as a heddle 0.10 daemon
+    /// [`DIRECTORY_METADATA_KEY`](crate::protocol::DIRECTORY_METADATA_KEY)), such as a heddle 0.10 daemon
     /// or one written in another language. Off by default: such a daemon gives
     /// [`FallbackReason::DirectoryUnreported`](crate::FallbackReason::DirectoryUnreported).
     ///
@@ -128,7 +128,7 @@ impl LocalDaemonLayer {
     }
 
     /// Requires the daemon to report exactly this version in
-    /// [`VERSION_METADATA_KEY`](crate::VERSION_METADATA_KEY) (default: any version).
+    /// [`VERSION_METADATA_KEY`](crate::protocol::VERSION_METADATA_KEY) (default: any version).
     pub fn required_version(mut self, version: impl Into<String>) -> Self {
         self.settings.required_version = Some(version.into());
         self
@@ -179,7 +179,7 @@ impl LocalDaemonLayer {
     }
 
     /// Reads the mode override from this environment variable instead of
-    /// [`DEFAULT_MODE_ENV`](crate::DEFAULT_MODE_ENV). The environment beats
+    /// [`DEFAULT_MODE_ENV`](crate::protocol::DEFAULT_MODE_ENV). The environment beats
     /// [`mode`](Self::mode); an invalid value is logged and ignored.
     pub fn mode_env_var(mut self, name: impl Into<String>) -> Self {
         self.mode_override = EnvOverride::Var(name.into());

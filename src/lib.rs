@@ -79,6 +79,7 @@
 //! `/proc/locks` and `/proc/<pid>` too: elsewhere auto-start finds the lock held and starts
 //! nothing, and `stop` cannot see the daemon exit and reports `TimedOut`. Nothing is verified
 //! there.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
@@ -88,7 +89,7 @@ mod paths;
 mod peer;
 mod pidfile;
 mod process;
-mod protocol;
+pub mod protocol;
 mod spawn_record;
 mod tool;
 
@@ -120,10 +121,14 @@ mod sync;
 
 // The daemon.
 #[cfg(feature = "daemon")]
+#[cfg_attr(docsrs, doc(cfg(feature = "daemon")))]
 pub mod daemon;
 
 pub use paths::DaemonPaths;
 pub use pidfile::{MAX_PIDFILE_LEN, Pidfile, PidfileError};
+// The names both sides agree on live in `protocol`; kept at the root too, for the API of the
+// crate's first release.
+#[doc(hidden)]
 pub use protocol::{
     AUTO_STARTED_ENV, DAEMON_DIR_ENV, DAEMON_LOG_FILE, DEFAULT_MODE_ENV, DIRECTORY_METADATA_KEY,
     INHERITED_FDS_ENV, LOCK_FILE, PIDFILE_FILE, PIDFILE_MARKER, SOCKET_FILE, SOCKETS_DIR,
@@ -132,30 +137,41 @@ pub use protocol::{
 pub use tool::{InvalidTool, Tool};
 
 #[cfg(feature = "daemon")]
+#[cfg_attr(docsrs, doc(cfg(feature = "daemon")))]
 pub use daemon::Daemon;
 
 #[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub use config::{AutoStart, IdentityPolicy, InvalidMode, Mode};
-#[cfg(feature = "client")]
+#[cfg(feature = "channel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "channel")))]
 pub use connect::{
     LocalDaemonChannel, connect_local_daemon_channel, detect_local_daemon_with_connect_probe,
     try_connect_local_daemon_channel, try_detect_local_daemon_with_connect_probe,
 };
 #[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub use diagnose::{Check, CheckOutcome, Report, diagnose};
 #[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub use layer::LocalDaemonLayer;
 #[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub use lazy::{LazyFallback, LazyFuture};
 #[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub use lifecycle::{AutoStartStatus, StopOutcome, auto_start_status, stop};
 #[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub use probe::{
     DETECT_CACHE_TTL, LocalDaemonProbe, LocalDaemonStatus, UdsTarget, detect_local_daemon, probe,
 };
 #[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub use reason::FallbackReason;
 #[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub use registry::{RouteStats, reset};
 #[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub use service::{BoxLocalDaemon, LocalDaemon, ResponseFuture, Route};

@@ -9,10 +9,12 @@
 
 mod checked;
 mod handshake;
+#[cfg(feature = "channel")]
 mod upstream;
 
 pub(crate) use self::checked::connect_checked;
 pub(crate) use self::handshake::{DaemonConnection, establish, handshake, within};
+#[cfg(feature = "channel")]
 pub use self::upstream::{
     LocalDaemonChannel, connect_local_daemon_channel, detect_local_daemon_with_connect_probe,
     try_connect_local_daemon_channel, try_detect_local_daemon_with_connect_probe,

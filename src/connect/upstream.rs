@@ -17,7 +17,7 @@ use super::handshake::{broken_connection, check_health, within};
 use crate::config::Settings;
 use crate::paths::DaemonPaths;
 use crate::probe::{UdsTarget, probe_paths};
-use crate::reason::{FallbackReason, error_chain};
+use crate::reason::FallbackReason;
 use crate::sync::lock;
 use crate::tool::Tool;
 
@@ -33,7 +33,7 @@ pub struct LocalDaemonChannel {
     pub target: UdsTarget,
     /// The channel over the checked connection.
     pub channel: Channel,
-    /// The version the daemon reported in [`VERSION_METADATA_KEY`](crate::VERSION_METADATA_KEY), if any.
+    /// The version the daemon reported in [`VERSION_METADATA_KEY`](crate::protocol::VERSION_METADATA_KEY), if any.
     pub version: Option<String>,
 }
 
@@ -196,4 +196,16 @@ impl tower::Service<Uri> for OneShotConnector {
             )),
         })
     }
+}
+
+/// An error and its sources, joined for a person to read.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(e) = source {
+        message.push_str(": ");
+        message.push_str(&e.to_string());
+        source = e.source();
+    }
+    message
 }

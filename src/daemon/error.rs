@@ -54,7 +54,7 @@ pub enum DaemonError {
     /// The daemon was started on a miss for one directory and given another: a relative
     /// directory in its arguments, resolved against its working directory.
     WrongDirectory {
-        /// The directory it was started for, from [`DAEMON_DIR_ENV`](crate::DAEMON_DIR_ENV).
+        /// The directory it was started for, from [`DAEMON_DIR_ENV`](crate::protocol::DAEMON_DIR_ENV).
         started_for: PathBuf,
         /// The directory it was given, made absolute.
         given: PathBuf,

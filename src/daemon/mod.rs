@@ -43,9 +43,9 @@
 //! # Version and directory
 //!
 //! Every response, `Health/Check` included, carries the daemon's version in the metadata key
-//! [`VERSION_METADATA_KEY`](crate::VERSION_METADATA_KEY) (`local-daemon-version`), and the
+//! [`VERSION_METADATA_KEY`](crate::protocol::VERSION_METADATA_KEY) (`local-daemon-version`), and the
 //! identity of the directory it serves, decimal `<device>:<inode>`, in
-//! [`DIRECTORY_METADATA_KEY`](crate::DIRECTORY_METADATA_KEY) (`local-daemon-directory`). A
+//! [`DIRECTORY_METADATA_KEY`](crate::protocol::DIRECTORY_METADATA_KEY) (`local-daemon-directory`). A
 //! client compares the latter with the directory it was built for.
 //!
 //! # The sockets directory
@@ -245,7 +245,7 @@ impl Daemon {
         self
     }
 
-    /// The version reported in [`VERSION_METADATA_KEY`](crate::VERSION_METADATA_KEY), for
+    /// The version reported in [`VERSION_METADATA_KEY`](crate::protocol::VERSION_METADATA_KEY), for
     /// clients that [require](crate::LocalDaemonLayer::required_version) one.
     pub fn version(mut self, version: impl Into<String>) -> Self {
         self.version = Some(version.into());

@@ -346,15 +346,3 @@ impl fmt::Display for FallbackReason {
 }
 
 impl std::error::Error for FallbackReason {}
-
-/// An error and its sources, joined for a person to read.
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(e) = source {
-        message.push_str(": ");
-        message.push_str(&e.to_string());
-        source = e.source();
-    }
-    message
-}
