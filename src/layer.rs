@@ -134,8 +134,9 @@ impl LocalDaemonLayer {
         self
     }
 
-    /// Takes `tool`'s settings: its pidfile marker, and its variables for the mode and the
-    /// auto-start switch (default [`Tool::heddle`]). Its [`Daemon`](crate::Daemon) is given the
+    /// Takes `tool`'s settings: its pidfile marker, its variables for the mode and the
+    /// auto-start switch (default [`Tool::heddle`]), and its daemon program as the
+    /// [identity](Self::identity) when it has one. Its [`Daemon`](crate::Daemon) is given the
     /// same value ([`Daemon::tool`](crate::Daemon::tool)). Among `tool`,
     /// [`pidfile_marker`](Self::pidfile_marker), [`mode_env_var`](Self::mode_env_var) and
     /// [`auto_start_env_var`](Self::auto_start_env_var), the call made last wins.
@@ -149,14 +150,21 @@ impl LocalDaemonLayer {
     /// # Ok::<(), tower_local_daemon::InvalidTool>(())
     /// ```
     pub fn tool(self, tool: &Tool) -> Self {
-        self.pidfile_marker(tool.marker())
+        let layer = self
+            .pidfile_marker(tool.marker())
             .mode_env_var(tool.mode_env_var())
-            .auto_start_env_var(tool.auto_start_env_var())
+            .auto_start_env_var(tool.auto_start_env_var());
+        match tool.daemon_program() {
+            Some(program) => layer.identity(IdentityPolicy::Executable(program.to_owned())),
+            None => layer,
+        }
     }
 
     /// The second line of an acceptable daemon's pidfile (default `heddle-agent`), for a tool
     /// that is not heddle: its [`Daemon`](crate::Daemon) must write the same
-    /// ([`Daemon::pidfile_marker`](crate::Daemon::pidfile_marker)).
+    /// ([`Daemon::pidfile_marker`](crate::Daemon::pidfile_marker)). A marker that is not 1 to 64
+    /// visible ASCII characters matches no daemon, whose `bind` refuses it; [`Tool`] checks it
+    /// where it is made.
     pub fn pidfile_marker(mut self, marker: impl Into<String>) -> Self {
         self.settings.marker = marker.into();
         self

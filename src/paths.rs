@@ -105,6 +105,15 @@ impl FileIdentity {
         }
     }
 
+    /// The identity in an `fstat`'s result.
+    #[cfg(feature = "client")]
+    pub(crate) fn of_stat(stat: &nix::sys::stat::FileStat) -> Self {
+        Self {
+            dev: stat.st_dev,
+            ino: stat.st_ino,
+        }
+    }
+
     /// The identity of what `path` names, following symlinks.
     #[cfg(feature = "client")]
     pub(crate) fn following(path: &Path) -> io::Result<Self> {

@@ -178,15 +178,19 @@ impl Pidfile {
         if links != 1 {
             return Err(ReadError::Linked { links });
         }
-        Self::parse_with_marker(&bytes, marker).map_err(|e| match e {
-            PidfileError::InvalidMarker => ReadError::WrongMarker {
-                found: bytes
-                    .split(|&b| b == b'\n')
-                    .nth(1)
-                    .map(|line| String::from_utf8_lossy(line).into_owned())
-                    .unwrap_or_default(),
-            },
-            e => ReadError::Malformed(e),
+        Self::parse_with_marker(&bytes, marker).map_err(|e| {
+            let line = bytes.split(|&b| b == b'\n').nth(1).unwrap_or_default();
+            let found = String::from_utf8_lossy(line);
+            // Another marker only when the file is a whole pidfile with it: a corrupt one is
+            // malformed, not a configuration error.
+            match e {
+                PidfileError::InvalidMarker if Self::parse_with_marker(&bytes, &found).is_ok() => {
+                    ReadError::WrongMarker {
+                        found: found.into_owned(),
+                    }
+                }
+                e => ReadError::Malformed(e),
+            }
         })
     }
 }

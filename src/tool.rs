@@ -2,6 +2,7 @@
 //! are given.
 
 use std::fmt;
+use std::path::PathBuf;
 
 use crate::protocol::{DEFAULT_AUTO_START_ENV, DEFAULT_MODE_ENV, PIDFILE_MARKER};
 
@@ -36,14 +37,18 @@ pub struct Tool {
     marker: String,
     mode_env_var: String,
     auto_start_env_var: String,
+    /// The daemon's executable, when it is not the client's own.
+    daemon_program: Option<PathBuf>,
 }
 
-/// A tool setting that cannot be used: a marker that is not visible ASCII, or an environment
-/// variable name that is not `[A-Z0-9_]` (not starting with a digit).
+/// A tool setting that cannot be used: a marker that is not 1 to 64 visible ASCII characters,
+/// or an environment variable name that is not `[A-Z0-9_]` (not starting with a digit).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidTool {
     setting: &'static str,
     value: String,
+    /// The tool name it was derived from, if it was.
+    name: Option<String>,
 }
 
 impl fmt::Display for InvalidTool {
@@ -52,9 +57,12 @@ impl fmt::Display for InvalidTool {
             "pidfile marker" => "1 to 64 visible ASCII characters (no space)",
             _ => "uppercase ASCII letters, digits and `_`, not starting with a digit",
         };
+        if let Some(name) = &self.name {
+            write!(f, "invalid tool name {name:?}: ")?;
+        }
         write!(
             f,
-            "invalid {} {:?}: expected {expected}",
+            "its {} would be {:?}; expected {expected}",
             self.setting, self.value
         )
     }
@@ -73,10 +81,16 @@ impl Tool {
                 c => c.to_ascii_uppercase(),
             })
             .collect();
-        Self::heddle()
-            .with_marker(name)?
-            .with_mode_env_var(format!("{prefix}_LOCAL_DAEMON"))?
-            .with_auto_start_env_var(format!("{prefix}_LOCAL_DAEMON_AUTO_START"))
+        let derived = || -> Result<Self, InvalidTool> {
+            Self::heddle()
+                .with_marker(name)?
+                .with_mode_env_var(format!("{prefix}_LOCAL_DAEMON"))?
+                .with_auto_start_env_var(format!("{prefix}_LOCAL_DAEMON_AUTO_START"))
+        };
+        derived().map_err(|e| InvalidTool {
+            name: Some(name.to_owned()),
+            ..e
+        })
     }
 
     /// heddle's settings, the default of every builder and free function: the marker
@@ -87,7 +101,33 @@ impl Tool {
             marker: PIDFILE_MARKER.to_owned(),
             mode_env_var: DEFAULT_MODE_ENV.to_owned(),
             auto_start_env_var: DEFAULT_AUTO_START_ENV.to_owned(),
+            daemon_program: None,
         }
+    }
+
+    /// With a daemon that is this executable (default: the client's own executable, as a CLI
+    /// whose `agent serve` verb is the daemon). A client then accepts only a daemon running
+    /// it: the layer's identity, and that of the tool-aware free functions.
+    pub fn with_daemon_program(mut self, program: impl Into<PathBuf>) -> Self {
+        self.daemon_program = Some(program.into());
+        self
+    }
+
+    /// With a daemon that is the executable `name` beside the running one, as `kvd` beside
+    /// `kv` ([`with_daemon_program`](Self::with_daemon_program)). Start it with
+    /// `AutoStart::sibling`.
+    #[cfg(feature = "client")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+    pub fn with_sibling_daemon(self, name: &str) -> Self {
+        let own = crate::process::own_executable_path()
+            .or_else(|| std::env::current_exe().ok())
+            .unwrap_or_default();
+        self.with_daemon_program(own.with_file_name(name))
+    }
+
+    /// The daemon's executable, when it is not the client's own.
+    pub fn daemon_program(&self) -> Option<&std::path::Path> {
+        self.daemon_program.as_deref()
     }
 
     /// With this pidfile marker (the pidfile's second line) instead.
@@ -130,13 +170,19 @@ impl Default for Tool {
     }
 }
 
+/// The one rule for a pidfile marker, on both sides: 1 to 64 visible ASCII characters, so that
+/// a pidfile stays far below its read bound.
+pub(crate) fn valid_marker(marker: &str) -> bool {
+    marker.bytes().all(|b| b.is_ascii_graphic()) && (1..=64).contains(&marker.len())
+}
+
 fn check_marker(marker: String) -> Result<String, InvalidTool> {
-    let visible = marker.bytes().all(|b| b.is_ascii_graphic());
-    match visible && (1..=64).contains(&marker.len()) {
+    match valid_marker(&marker) {
         true => Ok(marker),
         false => Err(InvalidTool {
             setting: "pidfile marker",
             value: marker,
+            name: None,
         }),
     }
 }
@@ -150,6 +196,7 @@ fn check_env_name(setting: &'static str, name: String) -> Result<String, Invalid
         false => Err(InvalidTool {
             setting,
             value: name,
+            name: None,
         }),
     }
 }
@@ -175,7 +222,14 @@ mod tests {
         let error = Tool::heddle().with_mode_env_var("lower").unwrap_err();
         assert_eq!(
             error.to_string(),
-            "invalid mode variable \"lower\": expected uppercase ASCII letters, digits and `_`, not starting with a digit"
+            "its mode variable would be \"lower\"; expected uppercase ASCII letters, digits and `_`, not starting with a digit"
+        );
+        let error = Tool::new("a+b").unwrap_err().to_string();
+        assert!(
+            error.starts_with(
+                "invalid tool name \"a+b\": its mode variable would be \"A+B_LOCAL_DAEMON\""
+            ),
+            "{error}"
         );
         assert!(Tool::heddle().with_marker("x".repeat(65)).is_err());
     }

@@ -388,7 +388,10 @@ async fn a_symlink_another_user_planted_on_the_path_starts_nothing() {
     let FallbackReason::AutoStartFailed { message } = &reason else {
         panic!("{reason:?}");
     };
-    assert!(message.contains("no sticky bit"), "{message}");
+    assert!(
+        message.contains("which another user can change"),
+        "{message}"
+    );
     assert!(!private.join("repo/sockets").exists(), "followed the link");
 
     // A private directory: the link is a spelling of one's own directory, and is followed.

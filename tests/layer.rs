@@ -566,6 +566,40 @@ async fn a_tool_is_configured_in_one_place_and_a_client_with_another_marker_says
     assert_eq!(stopped, StopOutcome::Stopped { pid: daemon.pid() });
 }
 
+/// A tool whose daemon is another executable names it once, in its `Tool`: the layer and the
+/// tool-aware functions then accept that daemon, and refuse one running the client's own.
+#[tokio::test]
+async fn a_tool_whose_daemon_is_another_executable_accepts_that_one_only() {
+    let dir = TestDir::new("tool-daemon-program");
+    let kvd = dir.path().join("kvd");
+    copy_of_this_binary(&kvd);
+    let options = DaemonOptions {
+        program: Some(kvd.clone()),
+        marker: Some("kv".into()),
+        ..DaemonOptions::default()
+    };
+    let daemon = DaemonProcess::start_with(dir.path(), options);
+    let kv = Tool::new("kv").unwrap().with_daemon_program(&kvd);
+    let running = tower_local_daemon::LocalDaemonStatus::Running { pid: daemon.pid() };
+    assert_eq!(kv.probe(dir.path()).status, running);
+    let report = kv.diagnose(dir.path()).await;
+    assert!(report.usable(), "{report}");
+    let svc = layered(test_layer(dir.path()).tool(&kv));
+    let response = echo(&mut EchoClient::new(svc), 1).await.unwrap();
+    assert_eq!(
+        served_by(&response),
+        ("daemon", Some(Route::Daemon { pid: daemon.pid() }))
+    );
+    // Without the daemon's program, the client's own executable is expected.
+    let same = Tool::new("kv").unwrap();
+    assert_eq!(
+        same.probe(dir.path()).status.reason(),
+        Some(&FallbackReason::ExecutableMismatch)
+    );
+    let stopped = kv.stop(dir.path(), Duration::from_secs(10)).await;
+    assert_eq!(stopped, StopOutcome::Stopped { pid: daemon.pid() });
+}
+
 /// A daemon that is a separate program: with auto-start of that program and no identity of its
 /// own, a layer accepts only a daemon running it, also when auto-start is switched off, so the
 /// identity never changes with the environment.

@@ -70,7 +70,7 @@ impl fmt::Display for InvalidMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "invalid local daemon mode {:?}: expected auto, off or require",
+            "invalid local daemon mode {:?}: expected auto, off or require (or, from the environment, a switch word: 1, on, true, yes, 0, false, no)",
             self.0
         )
     }
@@ -146,11 +146,15 @@ impl Default for Settings {
 }
 
 impl Settings {
-    /// The default settings with `tool`'s pidfile marker: what a tool-aware free function
-    /// checks.
+    /// The default settings with `tool`'s pidfile marker and daemon program: what a tool-aware
+    /// free function checks.
     pub(crate) fn for_tool(tool: &Tool) -> Self {
         Self {
             marker: tool.marker().to_owned(),
+            identity: match tool.daemon_program() {
+                Some(program) => IdentityPolicy::Executable(program.to_owned()),
+                None => IdentityPolicy::SameExecutable,
+            },
             ..Self::default()
         }
     }

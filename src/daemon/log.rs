@@ -33,19 +33,31 @@ pub(super) async fn keep_log_bounded(sockets: &SocketsDir) -> Infallible {
     }
 }
 
-/// Moves the log aside when stderr is this directory's `daemon.log` and it has passed the cap.
+/// Moves the log aside when stderr is this directory's `daemon.log` and it has passed the cap;
+/// stdout follows when it is the same file.
 fn rotate_if_over(sockets: &SocketsDir) -> io::Result<()> {
     let Some(log) = sockets.stat(DAEMON_LOG_FILE)? else {
         return Ok(());
     };
+    let is_log =
+        |stat: &nix::sys::stat::FileStat| (stat.st_dev, stat.st_ino) == (log.st_dev, log.st_ino);
     let stderr = nix::sys::stat::fstat(std::io::stderr())?;
-    let same = (stderr.st_dev, stderr.st_ino) == (log.st_dev, log.st_ino);
-    if !same || u64::try_from(stderr.st_size).unwrap_or(0) <= DAEMON_LOG_CAP {
+    if !is_log(&stderr) || u64::try_from(stderr.st_size).unwrap_or(0) <= DAEMON_LOG_CAP {
         return Ok(());
     }
+    let stdout_too = nix::sys::stat::fstat(std::io::stdout()).is_ok_and(|s| is_log(&s));
     sockets.rename(DAEMON_LOG_FILE, DAEMON_LOG_OLD_FILE)?;
-    let fresh = sockets.open_append(DAEMON_LOG_FILE)?;
-    nix::unistd::dup2_stdout(&fresh)?;
+    let fresh = match sockets.open_append(DAEMON_LOG_FILE) {
+        Ok(fresh) => fresh,
+        Err(e) => {
+            // Back where it was: the next look tries again, rather than the old log growing.
+            let _ = sockets.rename(DAEMON_LOG_OLD_FILE, DAEMON_LOG_FILE);
+            return Err(e);
+        }
+    };
+    if stdout_too {
+        nix::unistd::dup2_stdout(&fresh)?;
+    }
     nix::unistd::dup2_stderr(&fresh)?;
     Ok(())
 }

@@ -305,7 +305,7 @@ impl Daemon {
             .as_deref()
             .map(|v| HeaderValue::from_str(v).map_err(|_| DaemonError::InvalidVersion(v.into())))
             .transpose()?;
-        if self.marker.is_empty() || !self.marker.bytes().all(|b| b.is_ascii_graphic()) {
+        if !crate::tool::valid_marker(&self.marker) {
             return Err(DaemonError::InvalidMarker(self.marker));
         }
         started_for(&self.dir)?;

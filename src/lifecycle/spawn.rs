@@ -18,10 +18,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use nix::fcntl::{Flock, FlockArg, OFlag};
 
 use super::status::log_tail;
-use super::trusted_path::planted_link;
+use super::trusted_path::trusted_directory;
 use crate::config::AutoStart;
 use crate::lockfile::lock_held;
-use crate::paths::DaemonPaths;
+use crate::paths::{DaemonPaths, FileIdentity};
 use crate::peer::own_uid;
 use crate::probe::check_sockets_dir;
 use crate::protocol::{
@@ -48,7 +48,6 @@ pub(crate) enum SpawnOutcome {
     NotNow(&'static str),
     /// Starting is not allowed here (the directory is not ours, or not private).
     CannotStart(&'static str),
-
     /// The command could not be started.
     Failed(String),
 }
@@ -95,11 +94,14 @@ pub(crate) fn maybe_spawn(
     let Some(dir) = paths.sockets_dir.parent() else {
         return SpawnOutcome::CannotStart("the sockets directory has no parent");
     };
-    if let Some(why) = planted_link(dir) {
-        return SpawnOutcome::Failed(format!(
-            "{why}: another user could have planted it to send the daemon elsewhere, so nothing was started; start the daemon by hand or use the directory's real path"
-        ));
-    }
+    let walked = match trusted_directory(dir) {
+        Ok(walked) => walked,
+        Err(why) => {
+            return SpawnOutcome::Failed(format!(
+                "{why}: another user could have put it there to send the daemon elsewhere, so nothing was started; start the daemon by hand or use the directory's real path"
+            ));
+        }
+    };
     // The directory checked is the one `sockets/` is made in: both through one descriptor.
     let private = nix::sys::stat::Mode::from_bits_truncate(0o700);
     let flags = OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
@@ -107,6 +109,9 @@ pub(crate) fn maybe_spawn(
         return SpawnOutcome::CannotStart("the directory does not exist");
     };
     match nix::sys::stat::fstat(&state_dir) {
+        Ok(stat) if walked != Some(FileIdentity::of_stat(&stat)) => {
+            return SpawnOutcome::CannotStart("the directory changed while it was checked");
+        }
         Ok(stat) if stat.st_uid == own_uid() => {}
         _ => return SpawnOutcome::CannotStart("the directory belongs to another user"),
     }
@@ -295,6 +300,10 @@ pub(crate) fn stop_own_stalled(
 /// [`stop_stalled`] verifies it. `None` when there is none, or another process is deciding a
 /// start. Blocks up to 200 ms while it waits for the command to exit.
 pub(crate) fn stop_started(paths: &DaemonPaths) -> Option<Result<u32, String>> {
+    // Nothing is written (not even the spawn lock) unless a started command is alive.
+    if !SpawnRecord::read(&paths.sockets_dir).is_some_and(|r| r.pid != 0 && r.started_alive()) {
+        return None;
+    }
     let lock = open_private(&paths.sockets_dir.join(SPAWN_LOCK_FILE), false).ok()?;
     let _lock = Flock::lock(lock, FlockArg::LockExclusiveNonblock).ok()?;
     if lock_held(&paths.lock) {

@@ -39,6 +39,7 @@ use crate::config::{Mode, Settings};
 use crate::connect::DaemonConnection;
 use crate::http2::{ConnectionTask, DaemonClient, EndCause};
 use crate::lifecycle::{SpawnedChild, record_served};
+use crate::lockfile::lock_held;
 use crate::paths::DaemonPaths;
 use crate::probe::UdsTarget;
 use crate::reason::FallbackReason;
@@ -390,6 +391,12 @@ impl Entry {
             .as_ref()
             .and_then(|(child, _)| child.failure());
         let message = match exited {
+            // It lost the race to a daemon that holds the lock (`AlreadyRunning`): that one is
+            // coming, and the calls go on waiting for it.
+            Some(_) if lock_held(&self.daemon_paths.lock) => {
+                state.spawned = None;
+                return;
+            }
             Some(failure) => failure,
             None if Instant::now() >= until => {
                 "the daemon being started did not serve within the hand-off bound; calls run in-process until it does".to_owned()
@@ -717,15 +724,13 @@ impl Entry {
 
     /// No usable daemon, for every runtime: connections close, and a re-probe is scheduled.
     fn set_negative(self: &Arc<Self>, state: &mut State, reason: FallbackReason) {
-        // A miss after a daemon started here exited is that start's failure, whichever run of
-        // the checks tells it last (a re-probe that began while the daemon was coming ends
-        // after the call that saw it exit).
-        let failed = state
-            .spawned
-            .as_ref()
-            .and_then(|(child, _)| child.failure());
-        let reason = match failed {
-            Some(message) if reason.is_loading() => FallbackReason::AutoStartFailed { message },
+        // A miss does not replace the failure of the start it followed: a re-probe that began
+        // while the daemon was coming can end after the call that saw the daemon exit.
+        let reason = match &state.verdict {
+            Verdict::Negative {
+                reason: failed @ FallbackReason::AutoStartFailed { .. },
+                ..
+            } if reason.is_loading() && state.spawned.is_some() => failed.clone(),
             _ => reason,
         };
         self.counters.count_fallback(&reason);

@@ -56,8 +56,8 @@ pub enum Route {
 }
 
 impl std::fmt::Display for Route {
-    /// The route for a person: `daemon (pid 7)`, `in-process`, or `in-process again after the
-    /// daemon (pid 7) broke`.
+    /// The route for a person: `daemon (pid 7)`, `in-process`, or `in-process again, after the
+    /// connection to the daemon (pid 7) broke`.
     ///
     /// ```
     /// use tower_local_daemon::Route;

@@ -8,6 +8,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tonic::{Request, Response, Status};
 
@@ -88,7 +89,12 @@ impl kv_server::Kv for Store {
         let failed = |e: std::io::Error| Status::internal(format!("{}: {e}", file.display()));
         std::fs::create_dir_all(&self.data).map_err(failed)?;
         // A new file renamed over the old: a reader sees the old value or the new, whole.
-        let tmp = self.data.join(format!(".{key}.{}", std::process::id()));
+        // A name of its own for each put, in the daemon's many tasks as across processes.
+        static PUTS: AtomicU64 = AtomicU64::new(0);
+        let put = PUTS.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .data
+            .join(format!(".{key}.{}.{put}", std::process::id()));
         let mut out = std::fs::File::create(&tmp).map_err(failed)?;
         out.write_all(value.as_bytes()).map_err(failed)?;
         std::fs::rename(&tmp, &file).map_err(failed)?;

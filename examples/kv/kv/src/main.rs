@@ -12,9 +12,7 @@ use kv_core::kv_client::KvClient;
 use kv_core::kv_server::KvServer;
 use kv_core::{GetRequest, PutRequest, Store};
 use tower::ServiceBuilder;
-use tower_local_daemon::{
-    AutoStart, BoxLocalDaemon, LazyFallback, LocalDaemonLayer, Route, StopOutcome, Tool,
-};
+use tower_local_daemon::{AutoStart, BoxLocalDaemon, LazyFallback, Route, StopOutcome, Tool};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -39,14 +37,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let tool = Tool::new("kv").expect("a valid tool name");
+    let tool = Tool::new("kv")
+        .expect("a valid tool name")
+        .with_sibling_daemon("kvd");
     let verb: Vec<&str> = verb.iter().map(String::as_str).collect();
     runtime.block_on(async {
         match verb[..] {
             ["get", key] => get(&tool, &dir, key).await,
             ["put", key, value] => put(&tool, &dir, key, value).await,
             ["status"] => {
-                let report = layer(&tool, &dir).diagnose().await;
+                let report = tool.diagnose(&dir).await;
                 println!("{report}");
                 match report.usable() {
                     true => ExitCode::SUCCESS,
@@ -71,19 +71,16 @@ fn usage() -> ExitCode {
     ExitCode::from(2)
 }
 
-/// The layer for DIR: the tool's settings, and `kvd serve DIR` from beside this executable as
-/// the daemon (and so as the identity a daemon must have), started under `CI` too, so that this
-/// example's test shows it.
-fn layer(tool: &Tool, dir: &Path) -> LocalDaemonLayer {
-    tool.layer(dir)
-        .auto_start(AutoStart::sibling("kvd").arg("serve").arg(dir))
-        .force_auto_start(true)
-}
-
-/// A client of DIR's store: the daemon's, or the same store in-process.
+/// A client of DIR's store: the daemon's, or the same store in-process. The tool's settings say
+/// which daemon is acceptable (`kvd`); `kvd serve DIR` is started on a miss, under `CI` too, so
+/// that this example's test shows it.
 fn client(tool: &Tool, dir: &Path) -> KvClient<BoxLocalDaemon> {
     let store_dir: PathBuf = dir.to_owned();
-    let layer = layer(tool, dir).mark_route(true);
+    let layer = tool
+        .layer(dir)
+        .auto_start(AutoStart::sibling("kvd").arg("serve").arg(dir))
+        .force_auto_start(true)
+        .mark_route(true);
     let svc = ServiceBuilder::new()
         .layer(layer)
         .service(LazyFallback::new(move || {
