@@ -149,16 +149,21 @@ pub(crate) fn maybe_spawn(
         return SpawnOutcome::NotNow("a daemon started moments ago may not have served yet");
     }
     // At most one started command is alive: one that never took the lock is stopped first.
-    match stop_stalled(&mut record, paths, auto.start_timeout) {
-        Some(Ok(pid)) => on_stopped(pid),
+    let stopped = match stop_stalled(&mut record, paths, auto.start_timeout) {
+        Some(Ok(pid)) => {
+            on_stopped(pid);
+            format!(
+                "the daemon command started earlier (pid {pid}) did not take the directory's lock within the start timeout, so it was stopped; "
+            )
+        }
         Some(Err(message)) => return SpawnOutcome::Failed(message),
-        None => {}
-    }
+        None => String::new(),
+    };
     let log = paths.sockets_dir.join(DAEMON_LOG_FILE);
     if let Some(until) = record.backoff_until().filter(|until| now < *until) {
         let wait = until.duration_since(now).unwrap_or_default();
         return SpawnOutcome::Failed(format!(
-            "backing off for {:.1} s more after {} started daemons that did not serve; their log {} ends:\n{}",
+            "{stopped}backing off for {:.1} s more after {} started daemons that did not serve; their log {} ends:\n{}",
             wait.as_secs_f64(),
             record.failures,
             log.display(),
