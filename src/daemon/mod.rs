@@ -284,7 +284,7 @@ impl Daemon {
     /// # let _ = daemon;
     /// # Ok::<(), tower_local_daemon::InvalidTool>(())
     /// ```
-    pub fn tool(self, tool: &crate::Tool) -> Self {
+    pub fn tool(self, tool: &crate::tool::Tool) -> Self {
         self.pidfile_marker(tool.marker())
     }
 
