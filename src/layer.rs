@@ -155,7 +155,7 @@ impl LocalDaemonLayer {
             .mode_env_var(tool.mode_env_var())
             .auto_start_env_var(tool.auto_start_env_var());
         match tool.daemon_program() {
-            Some(program) => layer.identity(IdentityPolicy::Executable(program.to_owned())),
+            Some(_) => layer.identity(tool.identity()),
             None => layer,
         }
     }

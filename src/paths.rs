@@ -106,7 +106,6 @@ impl FileIdentity {
     }
 
     /// The identity in an `fstat`'s result.
-    #[cfg(feature = "client")]
     pub(crate) fn of_stat(stat: &nix::sys::stat::FileStat) -> Self {
         Self {
             dev: stat.st_dev,

@@ -13,6 +13,16 @@ use std::task::{Context, Poll, Waker};
 
 use pin_project_lite::pin_project;
 
+/// Logs `text` as a warning once per process: a CLI may build its layer, or meet the same
+/// misconfiguration, more than once, and one line is enough to be seen.
+pub(crate) fn warn_once(text: &str) {
+    static WARNED: std::sync::OnceLock<Mutex<std::collections::HashSet<String>>> =
+        std::sync::OnceLock::new();
+    if lock(WARNED.get_or_init(Default::default)).insert(text.to_owned()) {
+        tracing::warn!("{text}");
+    }
+}
+
 /// Locks `mutex`, taking over its state when a panicking holder poisoned it: every state this
 /// crate guards is valid between its statements, and a poisoned lock must not turn one panic
 /// into a panic on every later call.

@@ -47,23 +47,20 @@ pub struct Tool {
 pub struct InvalidTool {
     setting: &'static str,
     value: String,
+    expected: &'static str,
     /// The tool name it was derived from, if it was.
     name: Option<String>,
 }
 
 impl fmt::Display for InvalidTool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let expected = match self.setting {
-            "pidfile marker" => "1 to 64 visible ASCII characters (no space)",
-            _ => "uppercase ASCII letters, digits and `_`, not starting with a digit",
-        };
         if let Some(name) = &self.name {
             write!(f, "invalid tool name {name:?}: ")?;
         }
         write!(
             f,
-            "its {} would be {:?}; expected {expected}",
-            self.setting, self.value
+            "its {} would be {:?}; expected {}",
+            self.setting, self.value, self.expected
         )
     }
 }
@@ -130,6 +127,16 @@ impl Tool {
         self.daemon_program.as_deref()
     }
 
+    /// Which executable an acceptable daemon runs: the daemon program, or the client's own.
+    #[cfg(feature = "client")]
+    pub(crate) fn identity(&self) -> crate::config::IdentityPolicy {
+        use crate::config::IdentityPolicy;
+        match &self.daemon_program {
+            Some(program) => IdentityPolicy::Executable(program.clone()),
+            None => IdentityPolicy::SameExecutable,
+        }
+    }
+
     /// With this pidfile marker (the pidfile's second line) instead.
     pub fn with_marker(mut self, marker: impl Into<String>) -> Result<Self, InvalidTool> {
         self.marker = check_marker(marker.into())?;
@@ -182,6 +189,7 @@ fn check_marker(marker: String) -> Result<String, InvalidTool> {
         false => Err(InvalidTool {
             setting: "pidfile marker",
             value: marker,
+            expected: "1 to 64 visible ASCII characters (no space)",
             name: None,
         }),
     }
@@ -196,6 +204,7 @@ fn check_env_name(setting: &'static str, name: String) -> Result<String, Invalid
         false => Err(InvalidTool {
             setting,
             value: name,
+            expected: "uppercase ASCII letters, digits and `_`, not starting with a digit",
             name: None,
         }),
     }

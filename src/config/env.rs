@@ -7,12 +7,9 @@
 //! also takes `auto`, `off` and `require`. Any other value is ignored, with one warning per
 //! process that names the variable, the value and what is used instead.
 
-use std::collections::HashSet;
-use std::sync::{Mutex, OnceLock};
-
 use super::{InvalidMode, Mode};
 use crate::protocol::DEFAULT_AUTO_START_ENV;
-use crate::sync::lock;
+use crate::sync::warn_once;
 
 /// Where an environment override (the mode's, auto-start's switch) comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +51,7 @@ impl EnvOverride {
                 let expected =
                     "auto, off, require, or a switch word (1, on, true, yes, 0, false, no)";
                 let outcome = format!("the mode stays {builder_mode}");
-                misconfigured.push(warn_once(self, &word, expected, &outcome));
+                misconfigured.push(not_understood(self, &word, expected, &outcome));
                 builder_mode
             }
         }
@@ -87,7 +84,12 @@ impl AutoStartSwitch {
         let switched = word.as_deref().and_then(switch);
         if let (Some(word), None) = (&word, switched) {
             let expected = "a switch word (0, off, false, no, or 1, on, true, yes)";
-            misconfigured.push(warn_once(&self.env, word, expected, "auto-start stays on"));
+            misconfigured.push(not_understood(
+                &self.env,
+                word,
+                expected,
+                "auto-start stays on",
+            ));
         }
         enabled(switched, std::env::var("CI").ok().as_deref(), self.forced)
     }
@@ -139,16 +141,11 @@ fn enabled(switch: Option<bool>, ci: Option<&str>, forced: bool) -> bool {
     forced || !under_ci
 }
 
-/// Logs a value that is not understood, once per process for each variable and value (a CLI
-/// may build its layer more than once, and one line is enough to be seen); returns the text.
-fn warn_once(source: &EnvOverride, word: &str, expected: &str, outcome: &str) -> String {
-    static WARNED: OnceLock<Mutex<HashSet<(String, String)>>> = OnceLock::new();
+/// Logs a value that is not understood, once per process; returns the text.
+fn not_understood(source: &EnvOverride, word: &str, expected: &str, outcome: &str) -> String {
     let name = source.var().unwrap_or("the injected value");
     let text = format!("{name}={word:?} is not understood: expected {expected}; {outcome}");
-    let key = (name.to_owned(), word.to_owned());
-    if lock(WARNED.get_or_init(Default::default)).insert(key) {
-        tracing::warn!("{text}");
-    }
+    warn_once(&text);
     text
 }
 

@@ -151,10 +151,7 @@ impl Settings {
     pub(crate) fn for_tool(tool: &Tool) -> Self {
         Self {
             marker: tool.marker().to_owned(),
-            identity: match tool.daemon_program() {
-                Some(program) => IdentityPolicy::Executable(program.to_owned()),
-                None => IdentityPolicy::SameExecutable,
-            },
+            identity: tool.identity(),
             ..Self::default()
         }
     }

@@ -143,10 +143,7 @@ impl SocketsDir {
     /// daemon serves, as the descriptor sees it (a path could name another by now).
     pub(super) fn parent_identity(&self) -> io::Result<FileIdentity> {
         let stat = nix::sys::stat::fstatat(&self.fd, "..", AtFlags::empty())?;
-        Ok(FileIdentity {
-            dev: stat.st_dev,
-            ino: stat.st_ino,
-        })
+        Ok(FileIdentity::of_stat(&stat))
     }
 
     /// Marks in the spawn record, if there is one, that this daemon serves
@@ -166,10 +163,7 @@ impl SocketsDir {
 
     /// [`identity`](Self::identity), telling a failed `stat` from a missing file.
     pub(super) fn try_identity(&self, name: &str) -> io::Result<Option<FileIdentity>> {
-        Ok(self.stat(name)?.map(|stat| FileIdentity {
-            dev: stat.st_dev,
-            ino: stat.st_ino,
-        }))
+        Ok(self.stat(name)?.as_ref().map(FileIdentity::of_stat))
     }
 
     /// Whether `stat` is a socket's.

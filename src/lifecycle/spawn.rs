@@ -79,6 +79,17 @@ impl SpawnedChild {
     }
 }
 
+impl SpawnedChild {
+    /// Why the daemon is not coming: [`failure`](Self::failure), unless a daemon holds the
+    /// directory's lifetime lock. One that exited because another holds it lost a race
+    /// (`AlreadyRunning`): that one is coming. Reads the log and `/proc/locks`: not under a
+    /// lock others wait on, and only once the child exited.
+    pub(crate) fn failed_start(&self, paths: &DaemonPaths) -> Option<String> {
+        let failure = self.failure()?;
+        (!lock_held(&paths.lock)).then_some(failure)
+    }
+}
+
 /// Starts `auto`'s daemon for `paths`, unless a daemon holds the lock, one is pending, another
 /// process decides, or the backoff holds. Never creates the repository directory itself, and
 /// never starts anything when it is not ours: under `sudo`, a root-owned sockets directory

@@ -268,13 +268,12 @@ impl Entry {
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Why a daemon started here is not coming, if it exited already. One that exited because
-    /// another daemon holds the lock lost a race (`AlreadyRunning`): that one is coming.
+    /// Why a daemon started here is not coming, if it exited already
+    /// ([`SpawnedChild::failed_start`]).
     fn spawn_failure(&self) -> Option<String> {
         // The log is read after the entry's lock is let go.
         let child = self.lock().spawned.as_ref()?.0.clone();
-        let failure = child.failure()?;
-        (!lock_held(&self.daemon_paths.lock)).then_some(failure)
+        child.failed_start(&self.daemon_paths)
     }
 }
 

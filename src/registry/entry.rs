@@ -22,7 +22,6 @@
 //!
 //! The checks themselves run outside the lock, in `detect`.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -39,11 +38,10 @@ use crate::config::{Mode, Settings};
 use crate::connect::DaemonConnection;
 use crate::http2::{ConnectionTask, DaemonClient, EndCause};
 use crate::lifecycle::{SpawnedChild, record_served};
-use crate::lockfile::lock_held;
 use crate::paths::DaemonPaths;
 use crate::probe::UdsTarget;
 use crate::reason::FallbackReason;
-use crate::sync::{Waiters, lock};
+use crate::sync::{Waiters, lock, warn_once};
 
 /// One directory's route, shared process-wide.
 #[derive(Debug)]
@@ -386,22 +384,21 @@ impl Entry {
         let Some(until) = state.handoff else {
             return;
         };
-        let exited = state
-            .spawned
-            .as_ref()
-            .and_then(|(child, _)| child.failure());
-        let message = match exited {
-            // It lost the race to a daemon that holds the lock (`AlreadyRunning`): that one is
-            // coming, and the calls go on waiting for it.
-            Some(_) if lock_held(&self.daemon_paths.lock) => {
-                state.spawned = None;
-                return;
-            }
+        let child = state.spawned.as_ref().map(|(child, _)| child);
+        let exited = child.is_some_and(|child| child.exit.get().is_some());
+        let message = match child.and_then(|child| child.failed_start(&self.daemon_paths)) {
             Some(failure) => failure,
-            None if Instant::now() >= until => {
+            None => {
+                // One that exited lost the race to a daemon that holds the lock: the calls go
+                // on waiting, for that one.
+                if exited {
+                    state.spawned = None;
+                }
+                if Instant::now() < until {
+                    return;
+                }
                 "the daemon being started did not serve within the hand-off bound; calls run in-process until it does".to_owned()
             }
-            None => return,
         };
         state.handoff = None;
         self.set_negative(state, FallbackReason::AutoStartFailed { message });
@@ -844,10 +841,10 @@ impl Drop for Unprobing<'_> {
 /// `debug` on, it would otherwise look like a daemon that is not there. `RouteStats` and the
 /// `diagnose` report show it too.
 fn warn_misconfiguration_once(reason: &FallbackReason) {
-    static WARNED: std::sync::OnceLock<Mutex<HashSet<FallbackReason>>> = std::sync::OnceLock::new();
-    if reason.is_misconfiguration()
-        && lock(WARNED.get_or_init(Default::default)).insert(reason.clone())
-    {
-        tracing::warn!(%reason, "local daemon misconfigured: {}", reason.remedy());
+    if reason.is_misconfiguration() {
+        warn_once(&format!(
+            "local daemon misconfigured: {reason}: {}",
+            reason.remedy()
+        ));
     }
 }
