@@ -127,6 +127,48 @@ impl LocalDaemonLayer {
         self
     }
 
+    /// Asks `grpc.health.v1.Health/Check` on every new connection, also of a daemon that
+    /// attests itself (off by default).
+    ///
+    /// A daemon built with this crate writes an attestation
+    /// ([`ATTESTATION_FILE`](crate::protocol::ATTESTATION_FILE), see
+    /// [the daemon's docs](crate::daemon#the-attestation)) that states what `Health/Check`
+    /// answers: its pid and start, the directory it serves, its version and its services. For
+    /// the process that wrote it (its pid is the pidfile's and its start the kernel's), the
+    /// first call then skips the `Health/Check` round trip: after the peer-checked connect it
+    /// waits, within the [deadline](Self::deadline), only for the daemon's HTTP/2 SETTINGS
+    /// frame, and sends the call. The directory, version and service checks are the same, with
+    /// the same [`FallbackReason`](crate::FallbackReason)s. What it gives up, and what this
+    /// option keeps:
+    ///
+    /// - **Serving now** means: the attestation is there (a daemon removes it first when it
+    ///   begins to stop), its process is alive with the attested start, and the daemon sent its
+    ///   SETTINGS. A service a daemon switches to NOT_SERVING at run time (through a health
+    ///   reporter of its own) is not seen; [`Daemon`](crate::Daemon) switches health only as it
+    ///   starts and stops.
+    /// - **An overloaded daemon**: one too slow to answer `Health/Check` within the deadline
+    ///   gives [`DeadlineExceeded`](crate::FallbackReason::DeadlineExceeded) and the call runs
+    ///   in-process. Attested, a daemon that sends its SETTINGS (its accept loop runs) gets the
+    ///   first call, which only the call's own deadline bounds. A paused daemon sends no
+    ///   SETTINGS: `DeadlineExceeded`, and the call runs in-process, as before.
+    /// - **A stopping daemon** removed its attestation first, so a client that probes it asks
+    ///   `Health/Check`. One that read the attestation just before sends its call to a daemon
+    ///   that then finishes it within its grace period, or refuses it unprocessed (GOAWAY), and
+    ///   the call runs in-process.
+    ///
+    /// A daemon that writes no attestation (heddle 0.10, another language) is always asked.
+    ///
+    /// ```
+    /// use tower_local_daemon::LocalDaemonLayer;
+    ///
+    /// let layer = LocalDaemonLayer::new("/repo/.heddle").require_health_check(true);
+    /// # let _ = layer;
+    /// ```
+    pub fn require_health_check(mut self, require: bool) -> Self {
+        self.settings.require_health_check = require;
+        self
+    }
+
     /// Requires the daemon to report exactly this version in
     /// [`VERSION_METADATA_KEY`](crate::protocol::VERSION_METADATA_KEY) (default: any version).
     pub fn required_version(mut self, version: impl Into<String>) -> Self {

@@ -84,6 +84,7 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 // Both sides.
+mod attestation;
 mod lockfile;
 mod paths;
 mod peer;

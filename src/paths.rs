@@ -54,6 +54,12 @@ impl DaemonPaths {
         }
     }
 
+    /// The daemon's attestation, beside its lock file.
+    #[cfg(feature = "client")]
+    pub(crate) fn attestation(&self) -> PathBuf {
+        self.lock.with_file_name(crate::protocol::ATTESTATION_FILE)
+    }
+
     #[cfg(feature = "client")]
     /// These paths with a socket or pidfile elsewhere. The socket's directory is then the one
     /// the checks require to be private, and the lock file is looked for beside the pidfile.

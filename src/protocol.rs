@@ -10,6 +10,10 @@ pub const SOCKET_FILE: &str = "grpc.sock";
 pub const PIDFILE_FILE: &str = "grpc.pid";
 /// The lifetime lock's file name inside `<dir>/sockets/`.
 pub const LOCK_FILE: &str = "grpc.lock";
+/// The serving daemon's attestation inside `<dir>/sockets/`: its pid and start, the directory it
+/// serves, its version and its services, which a client trusts in place of a `Health/Check`
+/// round trip. The format is in the [`Daemon`](crate::Daemon)'s docs.
+pub const ATTESTATION_FILE: &str = "grpc.attest";
 
 /// The fixed second line of a pidfile.
 pub const PIDFILE_MARKER: &str = "heddle-agent";

@@ -75,7 +75,7 @@ fn sigterm_stops_the_daemon_and_leaves_no_files() {
     let daemon = DaemonProcess::start(dir.path());
     assert_eq!(
         listing(&dir.paths().sockets_dir),
-        ["grpc.lock", "grpc.pid", "grpc.sock"]
+        ["grpc.attest", "grpc.lock", "grpc.pid", "grpc.sock"]
     );
     daemon.signal(Signal::SIGTERM);
     let (code, stderr) = daemon.wait_exit();
@@ -100,7 +100,7 @@ fn a_stopping_daemon_leaves_alone_the_files_of_a_daemon_that_replaced_its_direct
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(
         listing(&dir.paths().sockets_dir),
-        ["grpc.lock", "grpc.pid", "grpc.sock"]
+        ["grpc.attest", "grpc.lock", "grpc.pid", "grpc.sock"]
     );
     assert_eq!(
         probe(dir.path()).status,

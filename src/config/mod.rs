@@ -112,6 +112,8 @@ pub(crate) struct Settings {
     pub(crate) required_services: Vec<String>,
     pub(crate) accept_unimplemented_health: bool,
     pub(crate) accept_unverified_directory: bool,
+    /// Ask `Health/Check` on every new connection, even of a daemon that attests itself.
+    pub(crate) require_health_check: bool,
     pub(crate) required_version: Option<String>,
     pub(crate) mode: Mode,
     pub(crate) deadline: Duration,
@@ -133,6 +135,7 @@ impl Default for Settings {
             required_services: vec![String::new()],
             accept_unimplemented_health: false,
             accept_unverified_directory: false,
+            require_health_check: false,
             required_version: None,
             mode: Mode::Auto,
             deadline: Duration::from_millis(500),

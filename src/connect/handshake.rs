@@ -1,5 +1,7 @@
 //! The third check: HTTP/2 over the checked connection, then `grpc.health.v1.Health/Check`
-//! for every required service, the directory the daemon serves and its version.
+//! for every required service, the directory the daemon serves and its version; or, for a
+//! daemon that attests itself, the same checks of its [`Attestation`] once its HTTP/2
+//! SETTINGS frame has arrived, and no round trip of its own.
 
 use std::future::Future;
 use std::path::Path;
@@ -14,6 +16,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tower::BoxError;
 
 use super::checked::connect_checked;
+use crate::attestation::{Attestation, Attested};
 use crate::config::Settings;
 use crate::http2::{
     ConnectionBroke, ConnectionEnd, ConnectionTask, DaemonClient, open, what_broke,
@@ -23,6 +26,15 @@ use crate::probe::UdsTarget;
 use crate::protocol::{DIRECTORY_METADATA_KEY, VERSION_METADATA_KEY};
 use crate::reason::FallbackReason;
 
+/// What proved a daemon serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Proof {
+    /// Its attestation, for its process, and its HTTP/2 SETTINGS frame.
+    Attestation,
+    /// `Health/Check` over the connection.
+    HealthCheck,
+}
+
 /// A daemon connection that passed every check.
 #[derive(Debug)]
 pub(crate) struct DaemonConnection {
@@ -30,16 +42,20 @@ pub(crate) struct DaemonConnection {
     pub(crate) client: DaemonClient,
     /// The version the daemon reported, if any.
     pub(crate) version: Option<String>,
+    pub(crate) proof: Proof,
     /// The task that drives the connection.
     pub(crate) task: ConnectionTask,
     /// Fires once when the connection ends.
     pub(crate) end: ConnectionEnd,
 }
 
-/// Connect, peer check, HTTP/2 and the health handshake under the one deadline of `settings`;
-/// the daemon must serve `dir`. `on_end` fires once when the connection ends.
+/// Connect, peer check, HTTP/2 and the handshake under the one deadline of `settings`; the
+/// daemon must serve `dir`. `attestation` is where the daemon's attestation is, when `settings`
+/// trust one: it is read once the connect is under way, while the daemon wakes to accept it.
+/// `on_end` fires once when the connection ends.
 pub(crate) async fn establish(
     target: UdsTarget,
+    attestation: Option<&Path>,
     dir: &Path,
     settings: &Settings,
     on_end: ConnectionEnd,
@@ -54,24 +70,25 @@ pub(crate) async fn establish(
     let result = match connected {
         Ok(stream) => {
             let end = on_end.clone();
-            within(
-                deadline,
-                Box::pin(handshake(stream, target.pid, dir, settings, on_end)),
-            )
-            .await
-            .map(|(client, version, task)| DaemonConnection {
-                target,
-                client,
-                version,
-                task,
-                end,
-            })
+            let pid = target.pid;
+            let attested = attestation.and_then(|at| Attested::read(at, pid, &target.socket_path));
+            let shaken = handshake(stream, pid, attested.as_ref(), dir, settings, on_end);
+            within(deadline, Box::pin(shaken))
+                .await
+                .map(|shaken| DaemonConnection {
+                    target,
+                    client: shaken.client,
+                    version: shaken.version,
+                    proof: shaken.proof,
+                    task: shaken.task,
+                    end,
+                })
         }
         Err(reason) => Err(reason),
     };
     tracing::debug!(
         dir = %dir.display(),
-        outcome = ?result.as_ref().map(|c| (c.target.pid, &c.version)),
+        outcome = ?result.as_ref().map(|c| (c.target.pid, &c.version, c.proof)),
         connect_us = (connected_at - start).as_micros() as u64,
         handshake_us = connected_at.elapsed().as_micros() as u64,
         "local daemon connection checks"
@@ -92,32 +109,133 @@ pub(crate) async fn within<T>(
     }
 }
 
-/// HTTP/2 over a checked connection, its driving task spawned on the current runtime, then the
-/// health handshake; returns the client, the daemon's version and the task. A failed handshake
-/// aborts the task.
+/// What a handshake leaves: the route's client, the daemon's version, the connection's task.
+#[derive(Debug)]
+pub(crate) struct Shaken {
+    pub(crate) client: DaemonClient,
+    pub(crate) version: Option<String>,
+    pub(crate) proof: Proof,
+    pub(crate) task: ConnectionTask,
+}
+
+/// The handshake over a checked connection to the daemon `pid`. With its attestation: the
+/// daemon's SETTINGS frame, then the attestation's checks, unless the daemon withdrew it
+/// meanwhile (it is stopping). Otherwise: HTTP/2, then `Health/Check`. The connection's task is
+/// spawned on the current runtime; a failed handshake aborts it.
 pub(crate) async fn handshake(
     stream: UnixStream,
     pid: u32,
+    attested: Option<&Attested>,
     dir: &Path,
     settings: &Settings,
     on_end: ConnectionEnd,
-) -> Result<(DaemonClient, Option<String>, ConnectionTask), FallbackReason> {
-    let (client, task) = open(
-        stream,
-        (settings.keepalive_interval, settings.keepalive_timeout),
-        on_end,
-    )
-    .await
-    .map_err(|e| FallbackReason::HandshakeFailed {
+) -> Result<Shaken, FallbackReason> {
+    let keepalive = (settings.keepalive_interval, settings.keepalive_timeout);
+    let handshake_failed = |e: h2::Error| FallbackReason::HandshakeFailed {
         message: what_broke(&e, false),
-    })?;
+    };
+    if attested.is_some() {
+        settings_frame_arrived(&stream).await?;
+    }
+    // A daemon that began to stop after the attestation was read is asked, and says so.
+    if let Some(attested) = attested.filter(|a| !a.withdrawn()) {
+        let version = check_attestation(&attested.attestation, dir, settings)?;
+        let (client, task) = open(stream, keepalive, on_end)
+            .await
+            .map_err(handshake_failed)?;
+        let proof = Proof::Attestation;
+        return Ok(Shaken {
+            client,
+            version,
+            proof,
+            task,
+        });
+    }
+    let (client, task) = open(stream, keepalive, on_end)
+        .await
+        .map_err(handshake_failed)?;
     match check_health(client.clone(), pid, dir, settings).await {
-        Ok(version) => Ok((client, version, task)),
+        Ok(version) => Ok(Shaken {
+            client,
+            version,
+            proof: Proof::HealthCheck,
+            task,
+        }),
         Err(reason) => {
             task.abort();
             Err(reason)
         }
     }
+}
+
+/// Waits for the daemon's first bytes on the connection, and checks that they begin an HTTP/2
+/// SETTINGS frame (type 4, not an ACK, on stream 0), without reading them: h2 reads them next.
+/// A server sends its SETTINGS as soon as it accepts, so their arrival proves the daemon's
+/// accept loop runs; a paused or wedged daemon sends none, and the caller's deadline ends the
+/// wait before any call was written.
+async fn settings_frame_arrived(stream: &UnixStream) -> Result<(), FallbackReason> {
+    use nix::sys::socket::{MsgFlags, recv};
+    use std::os::fd::AsRawFd;
+    const FRAME_HEADER: usize = 9;
+    const SETTINGS: u8 = 0x4;
+    let failed = |message: String| FallbackReason::HandshakeFailed { message };
+    let mut header = [0u8; FRAME_HEADER];
+    loop {
+        stream
+            .readable()
+            .await
+            .map_err(|e| failed(format!("the connection failed ({e})")))?;
+        let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
+            let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+            recv(stream.as_raw_fd(), &mut header, flags).map_err(std::io::Error::from)
+        });
+        match peeked {
+            Ok(0) => {
+                return Err(failed(
+                    "the daemon closed the connection before its HTTP/2 SETTINGS".to_owned(),
+                ));
+            }
+            Ok(n) if n < FRAME_HEADER => tokio::task::yield_now().await,
+            Ok(_) => {
+                let (kind, flags, stream_id) = (header[3], header[4], &header[5..]);
+                return match kind == SETTINGS && flags & 0x1 == 0 && stream_id == [0; 4] {
+                    true => Ok(()),
+                    false => Err(failed(
+                        "the daemon's first bytes are not an HTTP/2 SETTINGS frame".to_owned(),
+                    )),
+                };
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(failed(format!("the connection failed ({e})"))),
+        }
+    }
+}
+
+/// The checks `Health/Check`'s answer gets, of what `attestation` says instead, in the same
+/// order with the same reasons: every required service hosted (the whole server, `""`, is the
+/// attestation itself), the version, the directory. Returns the daemon's version.
+fn check_attestation(
+    attestation: &Attestation,
+    dir: &Path,
+    settings: &Settings,
+) -> Result<Option<String>, FallbackReason> {
+    let missing = settings
+        .required_services
+        .iter()
+        .find(|s| !s.is_empty() && !attestation.services.contains(s));
+    if let Some(service) = missing {
+        return Err(FallbackReason::ServiceNotHosted {
+            service: service.clone(),
+        });
+    }
+    let served = attestation.directory.to_string();
+    check_answer(
+        attestation.version.clone(),
+        Some(&served),
+        attestation.pid,
+        dir,
+        settings,
+    )
 }
 
 /// Asks `Health/Check` for every required service (the whole server when none is named) over
@@ -176,6 +294,18 @@ where
             },
         }
     }
+    check_answer(version, served.as_deref(), pid, dir, settings)
+}
+
+/// The daemon `pid`'s answer, however it came: its version must be the required one, and the
+/// directory it serves (`served`) must be `dir`. Returns the version.
+fn check_answer(
+    version: Option<String>,
+    served: Option<&str>,
+    pid: u32,
+    dir: &Path,
+    settings: &Settings,
+) -> Result<Option<String>, FallbackReason> {
     if let Some(expected) = &settings.required_version
         && version.as_ref() != Some(expected)
     {
@@ -184,12 +314,7 @@ where
             actual: version,
         });
     }
-    check_directory(
-        served.as_deref(),
-        pid,
-        dir,
-        settings.accept_unverified_directory,
-    )?;
+    check_directory(served, pid, dir, settings.accept_unverified_directory)?;
     Ok(version)
 }
 

@@ -19,7 +19,9 @@ use nix::unistd::UnlinkatFlags;
 use super::error::DaemonError;
 use crate::paths::{FileIdentity, SocketAddrPath};
 use crate::peer::own_uid;
-use crate::protocol::{PIDFILE_FILE, SOCKET_FILE, SPAWN_LOCK_FILE, SPAWN_RECORD_FILE};
+use crate::protocol::{
+    ATTESTATION_FILE, PIDFILE_FILE, SOCKET_FILE, SPAWN_LOCK_FILE, SPAWN_RECORD_FILE,
+};
 use crate::spawn_record::SpawnRecord;
 
 /// The open sockets directory.
@@ -190,18 +192,22 @@ impl SocketsDir {
         }
     }
 
-    /// Writes the pidfile atomically: a temporary file beside it, then a rename over it.
-    /// Returns the identity of the file written.
-    pub(super) fn write_pidfile(&self, contents: &str) -> io::Result<Option<FileIdentity>> {
-        let tmp = format!("{PIDFILE_FILE}.tmp.{}", std::process::id());
+    /// Writes `name` atomically: a temporary file beside it, then a rename over it. Returns the
+    /// identity of the file written.
+    pub(super) fn write_atomically(
+        &self,
+        name: &str,
+        contents: &str,
+    ) -> io::Result<Option<FileIdentity>> {
+        let tmp = format!("{name}.tmp.{}", std::process::id());
         let result = (|| {
             // A crashed daemon with the same pid may have left the temporary file behind; the
             // directory is the daemon's own (0700), so truncating it is safe.
             let mut file = self.open_file(&tmp, true)?;
             file.write_all(contents.as_bytes())?;
             file.sync_all()?;
-            nix::fcntl::renameat(&self.fd, tmp.as_str(), &self.fd, PIDFILE_FILE)?;
-            Ok(self.identity(PIDFILE_FILE))
+            nix::fcntl::renameat(&self.fd, tmp.as_str(), &self.fd, name)?;
+            Ok(self.identity(name))
         })();
         if result.is_err() {
             let _ = self.remove(&tmp);
@@ -209,7 +215,7 @@ impl SocketsDir {
         result
     }
 
-    /// Removes a crashed daemon's pidfile and socket. Called only by the lock holder. A socket
+    /// Removes a crashed daemon's pidfile, attestation and socket. Called only by the lock holder. A socket
     /// that still answers belongs to a live daemon that takes no lock: it is left alone.
     pub(super) fn remove_leftovers(&self) -> Result<(), DaemonError> {
         let socket = self.display_path(SOCKET_FILE);
@@ -224,11 +230,16 @@ impl SocketsDir {
                 .map_err(|e| DaemonError::io("remove the leftover socket", &socket, e))?;
             tracing::info!(socket = %socket.display(), "removed a leftover socket");
         }
-        let pidfile = self.display_path(PIDFILE_FILE);
-        match self.remove(PIDFILE_FILE) {
-            Ok(()) => tracing::info!(pidfile = %pidfile.display(), "removed a leftover pidfile"),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(DaemonError::io("remove the leftover pidfile", &pidfile, e)),
+        for (name, action) in [
+            (PIDFILE_FILE, "remove the leftover pidfile"),
+            (ATTESTATION_FILE, "remove the leftover attestation"),
+        ] {
+            let path = self.display_path(name);
+            match self.remove(name) {
+                Ok(()) => tracing::info!(path = %path.display(), "removed a leftover file"),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(DaemonError::io(action, &path, e)),
+            }
         }
         Ok(())
     }

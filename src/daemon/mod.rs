@@ -21,6 +21,7 @@
 //! | `<dir>/sockets/` | directory, mode `0700`, owned by the daemon's effective uid | created at start |
 //! | `<dir>/sockets/grpc.lock` | the holder's pid, its start ticks and the boot id, one a line; `flock`-ed for the daemon's life | at start |
 //! | `<dir>/sockets/grpc.sock` | the listening socket, mode `0600` from the moment it exists | after the lock |
+//! | `<dir>/sockets/grpc.attest` | the daemon's attestation: its pid and start, the directory it serves, its version and services (format below) | once serving, before the pidfile |
 //! | `<dir>/sockets/grpc.pid` | the [`Pidfile`](crate::Pidfile), written atomically | once serving |
 //! | `<dir>/sockets/spawn.record` | the failures in a row set to 0, when a record of starts exists | once serving |
 //!
@@ -28,10 +29,11 @@
 //! the lock (or fail with [`DaemonError::AlreadyRunning`] naming the holder), remove leftovers
 //! of a crashed daemon (never a socket someone still answers on), bind and listen, register
 //! `grpc.health.v1` with `""` and every hosted service as NOT_SERVING, start serving, mark them
-//! SERVING, then write the pidfile. A client that sees the pidfile can connect.
+//! SERVING, write the attestation, then write the pidfile. A client that sees the pidfile can
+//! connect.
 //!
 //! The stop, on SIGTERM, SIGINT, the shutdown future, the idle timeout, or its socket gone
-//! (removed, or replaced by another daemon's): health goes
+//! (removed, or replaced by another daemon's): the attestation is removed, health goes
 //! NOT_SERVING (Watch subscribers see it), the listener closes, in-flight calls get the grace
 //! period, remaining connections are aborted, then the pidfile, socket and lock file are
 //! removed while the lock is still held. A daemon killed with SIGKILL leaves files that the
@@ -47,6 +49,34 @@
 //! identity of the directory it serves, decimal `<device>:<inode>`, in
 //! [`DIRECTORY_METADATA_KEY`](crate::protocol::DIRECTORY_METADATA_KEY) (`local-daemon-directory`). A
 //! client compares the latter with the directory it was built for.
+//!
+//! # The attestation
+//!
+//! `grpc.attest` says in a file what `Health/Check` says over the connection: that this
+//! process (its pid and start) serves, which directory (device and inode), at which version and
+//! with which services. A client trusts it for the process that wrote it, and its first call
+//! then needs no `Health/Check` round trip; only the daemon's HTTP/2 SETTINGS frame, which
+//! proves that the daemon answers. The format:
+//!
+//! ```text
+//! tower-local-daemon attestation 1
+//! pid <pid>
+//! start <start ticks> <boot id>
+//! directory <device>:<inode>
+//! socket <device>:<inode>
+//! version <version>
+//! service <name>
+//! ```
+//!
+//! One `key value` a line, each ending in `\n`. The first line names the format; `pid`,
+//! `start` (field 22 of `/proc/<pid>/stat` and `/proc/sys/kernel/random/boot_id`), `directory`
+//! (the directory served) and `socket` (the listening socket) come once each, `version` at
+//! most once, `service` once for each hosted service (the health service's own name is not
+//! one, as `Health/Check` does not know it); a client skips keys it does not know. A daemon of
+//! another implementation may write it too: under its lifetime lock, after it serves and before
+//! its pidfile, removed first when it begins to stop, and only if its server sends its HTTP/2
+//! SETTINGS as it accepts a connection, without waiting for the client's preface. See [`LocalDaemonLayer::require_health_check`](crate::LocalDaemonLayer::require_health_check)
+//! for what a client gives up by trusting it.
 //!
 //! # The sockets directory
 //!
@@ -198,8 +228,9 @@ impl Daemon {
 
     /// Applies a tool's settings to tonic's server builder, before the daemon serves: limits
     /// (`concurrency_limit_per_connection`, `timeout`, `load_shed`), HTTP/2 settings, message
-    /// sizes. Settings that the daemon itself owns are set after these: the listener, the
-    /// routes (health, the version and directory metadata) and the graceful shutdown. A tower
+    /// sizes. Settings that the daemon itself owns are set after these: the listener, HTTP/2
+    /// only (`accept_http1(false)`, so that its SETTINGS go out as it accepts), the routes
+    /// (health, the version and directory metadata) and the graceful shutdown. A tower
     /// layer around a service goes on that service before [`add_service`](Self::add_service)
     /// (tonic's `InterceptedService`, or any layer whose service still names itself).
     ///
@@ -321,8 +352,7 @@ impl Daemon {
         Ok(BoundDaemon {
             daemon: self,
             version,
-            directory: HeaderValue::from_str(&directory.to_string())
-                .expect("decimal digits and a colon are a valid header value"),
+            directory,
             sockets,
             lock,
             listener,

@@ -25,16 +25,18 @@ use super::lock::LifetimeLock;
 use super::log::keep_log_bounded;
 use super::shutdown::{SignalListeners, drain, stop_reason};
 use super::tracked::Tracked;
+use crate::attestation::Attestation;
 use crate::paths::{DaemonPaths, FileIdentity};
 use crate::pidfile::Pidfile;
-use crate::protocol::{PIDFILE_FILE, SOCKET_FILE};
+use crate::protocol::{ATTESTATION_FILE, PIDFILE_FILE, SOCKET_FILE};
 
 /// A daemon that holds the lock and listens, ready to serve.
 #[derive(Debug)]
 pub struct BoundDaemon {
     pub(super) daemon: Daemon,
     pub(super) version: Option<HeaderValue>,
-    pub(super) directory: HeaderValue,
+    /// The identity of the directory served.
+    pub(super) directory: FileIdentity,
     pub(super) sockets: SocketsDir,
     pub(super) lock: LifetimeLock,
     pub(super) listener: UnixListener,
@@ -44,6 +46,7 @@ pub struct BoundDaemon {
 #[derive(Debug, Default)]
 struct OurFiles {
     socket: Option<FileIdentity>,
+    attestation: Option<FileIdentity>,
     pidfile: Option<FileIdentity>,
 }
 
@@ -100,7 +103,7 @@ impl BoundDaemon {
         } = self;
         let mut files = OurFiles {
             socket: sockets.identity(SOCKET_FILE),
-            pidfile: None,
+            ..OurFiles::default()
         };
 
         // Start: health NOT_SERVING, the server running, health SERVING, then the pidfile.
@@ -116,7 +119,8 @@ impl BoundDaemon {
         let routes = Tracked {
             inner: routes.prepare(),
             version,
-            directory,
+            directory: HeaderValue::from_str(&directory.to_string())
+                .expect("decimal digits and a colon are a valid header value"),
             counters: daemon.counters.clone(),
         };
         let (abort_tx, abort_rx) = watch::channel(false);
@@ -132,17 +136,29 @@ impl BoundDaemon {
             Some(settings) => settings(builder),
             None => builder,
         };
+        // HTTP/2 only, so that the server sends its SETTINGS as it accepts, before the client's
+        // preface: an attested first call waits for them.
+        let builder = builder.accept_http1(false);
         let server = builder.serve_with_incoming_shutdown(routes, incoming, async {
             let _ = accepting_stopped.await;
         });
         let mut server = std::pin::pin!(server);
         let signals = SignalListeners::install(daemon.handle_signals);
         set_all(&reporter, &names, ServingStatus::Serving).await;
+        // The attestation before the pidfile: a client that sees the pidfile sees it too.
+        files.attestation = files.socket.and_then(|socket| {
+            write_attestation(
+                &sockets,
+                daemon.version.as_deref(),
+                &daemon.services,
+                [directory, socket],
+            )
+        });
         let started_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let pidfile = Pidfile::new(std::process::id(), started_at);
-        match sockets.write_pidfile(&pidfile.render_with_marker(&daemon.marker)) {
+        match sockets.write_atomically(PIDFILE_FILE, &pidfile.render_with_marker(&daemon.marker)) {
             Ok(id) => files.pidfile = id,
             Err(source) => {
                 remove_files(&sockets, &files, lock);
@@ -181,6 +197,9 @@ impl BoundDaemon {
             result = &mut server => result.map_err(DaemonError::Serve),
             why = stop => {
                 tracing::info!(why, "local daemon stopping");
+                // The attestation goes first: a client that probes from now on asks
+                // `Health/Check`, and hears NOT_SERVING.
+                sockets.remove_if_ours(ATTESTATION_FILE, files.attestation.take());
                 // Drain: health NOT_SERVING, carried to Watch subscribers before the listener
                 // closes; then the grace period for in-flight calls.
                 set_all(&reporter, &names, ServingStatus::NotServing).await;
@@ -218,8 +237,41 @@ async fn set_all(reporter: &HealthReporter, names: &[&str], status: ServingStatu
     }
 }
 
-/// Removes the pidfile, the socket and the lock file, in that order, while the lock is held.
+/// Writes the daemon's [`Attestation`]; returns the identity of the file written. A daemon that
+/// cannot attest (its start unreadable, a version with a line break, too many services) writes
+/// none, and its clients ask `Health/Check`.
+fn write_attestation(
+    sockets: &SocketsDir,
+    version: Option<&str>,
+    services: &[&str],
+    [directory, socket]: [FileIdentity; 2],
+) -> Option<FileIdentity> {
+    let attestation = Attestation {
+        pid: std::process::id(),
+        start: crate::process::own_start().ok()?,
+        directory,
+        socket,
+        version: version.map(str::to_owned),
+        services: services.iter().map(|s| s.to_string()).collect(),
+    };
+    let Some(text) = attestation.render() else {
+        tracing::warn!("the attestation does not fit its file; clients will ask Health/Check");
+        return None;
+    };
+    sockets
+        .write_atomically(ATTESTATION_FILE, &text)
+        .inspect_err(|e| {
+            let path = sockets.display_path(ATTESTATION_FILE);
+            tracing::warn!(path = %path.display(), error = %e, "could not write the attestation");
+        })
+        .ok()
+        .flatten()
+}
+
+/// Removes the attestation, the pidfile, the socket and the lock file, in that order, while
+/// the lock is held.
 fn remove_files(sockets: &SocketsDir, files: &OurFiles, lock: LifetimeLock) {
+    sockets.remove_if_ours(ATTESTATION_FILE, files.attestation);
     sockets.remove_if_ours(PIDFILE_FILE, files.pidfile);
     sockets.remove_if_ours(SOCKET_FILE, files.socket);
     lock.remove(sockets);

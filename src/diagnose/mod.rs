@@ -5,8 +5,9 @@ mod report;
 
 use std::path::Path;
 
+use crate::attestation::Attested;
 use crate::config::{IdentityPolicy, Mode, Settings};
-use crate::connect::{connect_checked, handshake, within};
+use crate::connect::{Proof, connect_checked, handshake, within};
 use crate::http2::ConnectionEnd;
 use crate::lifecycle::auto_start_status_of;
 use crate::paths::{DaemonPaths, FileIdentity};
@@ -73,12 +74,16 @@ async fn run_checks(dir: &Path, settings: &Settings) -> Report {
         return checks.finish();
     };
     checks.start();
+    let attestation = (!settings.require_health_check)
+        .then(|| Attested::read(&paths.attestation(), target.pid, &target.socket_path))
+        .flatten();
     let shaken = within(deadline, async {
         let end = ConnectionEnd::ignored();
-        let (_, version, task) = handshake(stream, target.pid, dir, settings, end).await?;
+        let shaken = handshake(stream, target.pid, attestation.as_ref(), dir, settings, end);
+        let shaken = shaken.await?;
         // The report keeps nothing: the connection closes.
-        task.abort();
-        Ok(version)
+        shaken.task.abort();
+        Ok((shaken.proof, shaken.version))
     })
     .await;
     let served = match FileIdentity::following(dir) {
@@ -86,8 +91,17 @@ async fn run_checks(dir: &Path, settings: &Settings) -> Report {
         _ => "serves this directory, or does not say (accepted by option)".to_owned(),
     };
     let detail = match &shaken {
-        Ok(Some(version)) => format!("Health/Check SERVING; {served}; version {version}"),
-        Ok(None) => format!("Health/Check SERVING; {served}; no version reported"),
+        Ok((proof, version)) => {
+            let proof = match proof {
+                Proof::Attestation => "attested by its process, HTTP/2 SETTINGS received",
+                Proof::HealthCheck => "Health/Check SERVING",
+            };
+            let version = match version {
+                Some(version) => format!("version {version}"),
+                None => "no version reported".to_owned(),
+            };
+            format!("{proof}; {served}; {version}")
+        }
         Err(reason) => reason.to_string(),
     };
     checks.record(detail, shaken.as_ref().map(|_| ()));

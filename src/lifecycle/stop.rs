@@ -177,7 +177,8 @@ async fn verify(
         return Verified::NotRunning;
     }
     let target = UdsTarget::new(&paths.socket, pid);
-    match establish(target, dir, &settings, ConnectionEnd::ignored()).await {
+    // Asked, never attested: a signal goes only to a daemon that answers now.
+    match establish(target, None, dir, &settings, ConnectionEnd::ignored()).await {
         Ok(connection) => {
             connection.task.abort();
             Verified::Serving(pid)

@@ -211,7 +211,9 @@ impl Entry {
         let id = self.ids.connection();
         let end = self.connection_end(id, runtime);
         let pid = target.pid;
-        match establish(target, &self.dir, &self.settings, end).await {
+        let attestation = (!self.settings.require_health_check).then(|| self.paths.attestation());
+        let attestation = attestation.as_deref();
+        match establish(target, attestation, &self.dir, &self.settings, end).await {
             Ok(connection) => Ok((id, connection)),
             // A copy of another directory's files, whose daemon holds no lock here: a miss.
             Err(FallbackReason::ConnectionRefused)

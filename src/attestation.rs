@@ -1,0 +1,253 @@
+//! The daemon's attestation: what `grpc.health.v1.Health/Check` tells a client, written down by
+//! the daemon once it serves, so that a client's first call needs no round trip of its own.
+//!
+//! A daemon built with this crate writes `<dir>/sockets/grpc.attest`
+//! ([`ATTESTATION_FILE`](crate::protocol::ATTESTATION_FILE)) while it holds the lifetime lock,
+//! once it serves and before its pidfile, and removes it first when it begins to stop. Its
+//! format is public, in the [daemon's docs](crate::daemon#the-attestation); here is the one
+//! place that renders and parses it. A file that breaks a rule of the format, or is longer than
+//! [`MAX_ATTESTATION_LEN`], is no attestation: the client asks `Health/Check` instead, as it
+//! does of a daemon that writes none (heddle's own, or one of another language).
+//!
+//! A client uses an attestation only for the process that wrote it: its `pid` is the pidfile's,
+//! and its `start` (ticks since boot and boot id, as the lock record's) is that process's start
+//! as the kernel tells it now. A file left by a daemon that was killed is then never taken for a
+//! later daemon's, even one that reuses its pid.
+//!
+//! The lock record ([`lockfile`](crate::lockfile)) is unchanged beside it: a client that knows
+//! nothing of attestations keeps every check it had.
+
+use crate::paths::FileIdentity;
+use crate::process::ProcessStart;
+
+/// The first line of an attestation of the format this crate reads and writes.
+const FORMAT_LINE: &str = "tower-local-daemon attestation 1";
+
+/// The longest attestation a client reads; a daemon whose attestation would be longer (a great
+/// many services) writes none, and its clients ask `Health/Check`.
+pub(crate) const MAX_ATTESTATION_LEN: usize = 16 * 1024;
+
+/// What a serving daemon attests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Attestation {
+    pub(crate) pid: u32,
+    pub(crate) start: ProcessStart,
+    /// The identity of the directory the daemon serves.
+    pub(crate) directory: FileIdentity,
+    /// The identity of the socket the daemon listens on.
+    pub(crate) socket: FileIdentity,
+    pub(crate) version: Option<String>,
+    /// The services the daemon hosts, as their health names them.
+    pub(crate) services: Vec<String>,
+}
+
+impl Attestation {
+    /// The file's contents, or `None` when they would not fit [`MAX_ATTESTATION_LEN`] or a
+    /// value would break its line (a version or service name with a line break).
+    #[cfg(feature = "daemon")]
+    pub(crate) fn render(&self) -> Option<String> {
+        use std::fmt::Write;
+        let mut text = String::new();
+        let mut line = |key: &str, value: &dyn std::fmt::Display| {
+            writeln!(text, "{key} {value}").expect("writing to a String");
+        };
+        line("pid", &self.pid);
+        line(
+            "start",
+            &format_args!("{} {}", self.start.ticks, self.start.boot_id),
+        );
+        line("directory", &self.directory);
+        line("socket", &self.socket);
+        if let Some(version) = &self.version {
+            line("version", version);
+        }
+        for service in &self.services {
+            line("service", service);
+        }
+        let text = format!("{FORMAT_LINE}\n{text}");
+        let lines = 5 + usize::from(self.version.is_some()) + self.services.len();
+        (text.len() <= MAX_ATTESTATION_LEN && text.lines().count() == lines).then_some(text)
+    }
+
+    /// Parses an attestation; `None` for anything that breaks a rule of the format.
+    #[cfg(feature = "client")]
+    pub(crate) fn parse(bytes: &[u8]) -> Option<Self> {
+        use crate::pidfile::parse_canonical_decimal as number;
+        if bytes.len() > MAX_ATTESTATION_LEN {
+            return None;
+        }
+        let text = std::str::from_utf8(bytes).ok()?.strip_suffix('\n')?;
+        let mut lines = text.split('\n');
+        if lines.next()? != FORMAT_LINE {
+            return None;
+        }
+        let (mut pid, mut start, mut directory, mut socket, mut version) =
+            (None, None, None, None, None);
+        let mut services = Vec::new();
+        // A key given twice makes the file no attestation: which one the daemon meant is unknown.
+        fn once<T>(slot: &mut Option<T>, value: Option<T>) -> Option<()> {
+            match slot.replace(value?) {
+                None => Some(()),
+                Some(_) => None,
+            }
+        }
+        for line in lines {
+            let (key, value) = line.split_once(' ')?;
+            match key {
+                "pid" => once(
+                    &mut pid,
+                    number(value.as_bytes()).and_then(|p| u32::try_from(p).ok()),
+                )?,
+                "start" => {
+                    let parsed = value.split_once(' ').and_then(|(ticks, boot_id)| {
+                        let graphic =
+                            !boot_id.is_empty() && boot_id.bytes().all(|b| b.is_ascii_graphic());
+                        graphic.then_some(())?;
+                        Some(ProcessStart {
+                            ticks: number(ticks.as_bytes())?,
+                            boot_id: boot_id.to_owned(),
+                        })
+                    });
+                    once(&mut start, parsed)?
+                }
+                "directory" => once(&mut directory, FileIdentity::parse(value))?,
+                "socket" => once(&mut socket, FileIdentity::parse(value))?,
+                "version" => once(&mut version, Some(value.to_owned()))?,
+                "service" => services.push(value.to_owned()),
+                _ => {}
+            }
+        }
+        Some(Self {
+            pid: pid?,
+            start: start?,
+            directory: directory?,
+            socket: socket?,
+            version,
+            services,
+        })
+    }
+}
+
+/// An attestation read for one daemon, with its file kept open: the daemon removes the file
+/// when it begins to stop, which the open file then shows ([`withdrawn`](Self::withdrawn)).
+#[cfg(feature = "client")]
+#[derive(Debug)]
+pub(crate) struct Attested {
+    pub(crate) attestation: Attestation,
+    file: std::fs::File,
+}
+
+#[cfg(feature = "client")]
+impl Attested {
+    /// The attestation at `path` of the live process `pid` listening on `socket`: its pid, its
+    /// start as the kernel tells it now, and the socket's identity are the attested ones. `None`
+    /// for no file, a file that is not a regular file of ours with one link, one that does not
+    /// parse, or one of another process or socket (a daemon killed before it could remove it).
+    pub(crate) fn read(path: &std::path::Path, pid: u32, socket: &std::path::Path) -> Option<Self> {
+        use std::io::Read;
+        use std::os::unix::fs::MetadataExt;
+        let (file, metadata) = crate::pidfile::open_regular(path).ok()?;
+        if metadata.nlink() != 1 || metadata.uid() != crate::peer::own_uid() {
+            return None;
+        }
+        let capacity = metadata.len().min(MAX_ATTESTATION_LEN as u64 + 1) as usize;
+        let mut bytes = Vec::with_capacity(capacity);
+        (&file)
+            .take(MAX_ATTESTATION_LEN as u64 + 1)
+            .read_to_end(&mut bytes)
+            .ok()?;
+        let attestation = Attestation::parse(&bytes).filter(|a| a.pid == pid)?;
+        let socket = std::fs::symlink_metadata(socket).ok()?;
+        if FileIdentity::of(&socket) != attestation.socket {
+            return None;
+        }
+        let start = crate::process::check_alive(pid).ok()?.start().ok()?;
+        (start == attestation.start).then_some(Self { attestation, file })
+    }
+
+    /// Whether the daemon withdrew its attestation since it was read: the file has no name left
+    /// (removed, or replaced by a rename).
+    pub(crate) fn withdrawn(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().map_or(true, |m| m.nlink() == 0)
+    }
+}
+
+#[cfg(all(test, feature = "client", feature = "daemon"))]
+mod tests {
+    use super::*;
+
+    fn attestation() -> Attestation {
+        Attestation {
+            pid: 42,
+            start: ProcessStart {
+                ticks: 12345,
+                boot_id: "0f1e-aa".into(),
+            },
+            directory: FileIdentity { dev: 2049, ino: 77 },
+            socket: FileIdentity { dev: 2049, ino: 78 },
+            version: Some("1.2.3 (abc)".into()),
+            services: vec!["echo.Echo".into(), "kv.Kv".into()],
+        }
+    }
+
+    #[test]
+    fn an_attestation_round_trips() {
+        let text = attestation().render().unwrap();
+        assert_eq!(
+            text,
+            "tower-local-daemon attestation 1\npid 42\nstart 12345 0f1e-aa\n\
+             directory 2049:77\nsocket 2049:78\nversion 1.2.3 (abc)\nservice echo.Echo\nservice kv.Kv\n"
+        );
+        assert_eq!(Attestation::parse(text.as_bytes()), Some(attestation()));
+        let bare = Attestation {
+            version: None,
+            services: Vec::new(),
+            ..attestation()
+        };
+        assert_eq!(
+            Attestation::parse(bare.render().unwrap().as_bytes()),
+            Some(bare)
+        );
+    }
+
+    #[test]
+    fn a_value_that_would_break_its_line_or_the_bound_renders_nothing() {
+        let broken = Attestation {
+            version: Some("1.0\npid 7".into()),
+            ..attestation()
+        };
+        assert_eq!(broken.render(), None);
+        let huge = Attestation {
+            services: vec!["s".repeat(100); 200],
+            ..attestation()
+        };
+        assert_eq!(huge.render(), None);
+    }
+
+    #[test]
+    fn unknown_keys_are_skipped_and_every_broken_rule_is_no_attestation() {
+        let text = attestation().render().unwrap();
+        let newer = format!("{text}listens-also tcp:1234\n");
+        assert_eq!(Attestation::parse(newer.as_bytes()), Some(attestation()));
+        let broken = [
+            String::new(),
+            text.replace(" attestation 1\n", " attestation 2\n"),
+            text.trim_end().to_owned(),
+            text.replace("pid 42\n", ""),
+            text.replace("pid 42\n", "pid 042\n"),
+            text.replace("pid 42\n", "pid 42\npid 43\n"),
+            text.replace("start 12345 0f1e-aa\n", "start 12345\n"),
+            text.replace("start 12345 0f1e-aa\n", "start 12345 \n"),
+            text.replace("directory 2049:77\n", "directory 2049\n"),
+            text.replace("socket 2049:78\n", ""),
+            text.replace("version 1.2.3 (abc)\n", "version 1\nversion 2\n"),
+            format!("{text}no-space-here\n"),
+            format!("{text}{}\n", "x ".repeat(MAX_ATTESTATION_LEN)),
+        ];
+        for text in broken {
+            assert_eq!(Attestation::parse(text.as_bytes()), None, "{text:?}");
+        }
+        assert_eq!(Attestation::parse(b"\xff\xfe\n"), None);
+    }
+}
