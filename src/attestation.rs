@@ -251,3 +251,45 @@ mod tests {
         assert_eq!(Attestation::parse(b"\xff\xfe\n"), None);
     }
 }
+
+#[cfg(all(test, feature = "client", feature = "daemon", target_os = "linux"))]
+mod read_tests {
+    use super::*;
+
+    #[test]
+    fn an_attestation_is_read_for_its_own_process_and_socket_and_seen_withdrawn() {
+        let dir = std::env::temp_dir().join(format!("tld-attested-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("grpc.sock");
+        let _ = std::fs::remove_file(&socket);
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let pid = std::process::id();
+        let attestation = Attestation {
+            pid,
+            start: crate::process::own_start().unwrap(),
+            directory: FileIdentity::following(&dir).unwrap(),
+            socket: FileIdentity::of(&std::fs::symlink_metadata(&socket).unwrap()),
+            version: None,
+            services: Vec::new(),
+        };
+        let path = dir.join("grpc.attest");
+        std::fs::write(&path, attestation.render().unwrap()).unwrap();
+        assert!(Attested::read(&path, pid + 1, &socket).is_none());
+        assert!(
+            Attested::read(&path, pid, &path).is_none(),
+            "another socket"
+        );
+        let attested = Attested::read(&path, pid, &socket).unwrap();
+        assert_eq!(attested.attestation, attestation);
+        assert!(!attested.withdrawn());
+        // A stopping daemon removes it; a restarted one renames a new one over it.
+        std::fs::remove_file(&path).unwrap();
+        assert!(attested.withdrawn());
+        std::fs::write(&path, attestation.render().unwrap()).unwrap();
+        let attested = Attested::read(&path, pid, &socket).unwrap();
+        std::fs::write(dir.join("next"), "").unwrap();
+        std::fs::rename(dir.join("next"), &path).unwrap();
+        assert!(attested.withdrawn());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
