@@ -140,7 +140,8 @@ pub(crate) async fn handshake(
     // A daemon that began to stop after the attestation was read is asked, and says so.
     if let Some(attested) = attested.filter(|a| !a.withdrawn()) {
         let version = check_attestation(&attested.attestation, dir, settings)?;
-        let (client, task) = open(stream, keepalive, on_end)
+        // The call joins HTTP/2's preface: the daemon wakes once for both.
+        let (client, task) = open(stream, keepalive, on_end, true)
             .await
             .map_err(handshake_failed)?;
         let proof = Proof::Attestation;
@@ -151,7 +152,7 @@ pub(crate) async fn handshake(
             task,
         });
     }
-    let (client, task) = open(stream, keepalive, on_end)
+    let (client, task) = open(stream, keepalive, on_end, false)
         .await
         .map_err(handshake_failed)?;
     match check_health(client.clone(), pid, dir, settings).await {

@@ -26,6 +26,7 @@ use tonic::{Code, Status, TimeoutExpired};
 use tower::BoxError;
 
 use super::call::{CallEnd, InFlight};
+use super::io::Cork;
 use super::response::{DaemonBody, Fate, daemon_status, transport_status, what_broke};
 use super::upload::{KeptBody, Started, Upload};
 
@@ -37,6 +38,8 @@ const CRATE_USER_AGENT: &str = concat!("tower-local-daemon/", env!("CARGO_PKG_VE
 pub(crate) struct DaemonClient {
     sender: SendRequest<Bytes>,
     in_flight: Arc<InFlight>,
+    /// Released by the first request, which takes HTTP/2's preface along.
+    cork: Arc<Cork>,
 }
 
 /// A request that did not leave this process, and why.
@@ -142,8 +145,16 @@ pub(crate) fn timeout_status() -> Status {
 }
 
 impl DaemonClient {
-    pub(crate) fn new(sender: SendRequest<Bytes>, in_flight: Arc<InFlight>) -> Self {
-        Self { sender, in_flight }
+    pub(crate) fn new(
+        sender: SendRequest<Bytes>,
+        in_flight: Arc<InFlight>,
+        cork: Arc<Cork>,
+    ) -> Self {
+        Self {
+            sender,
+            in_flight,
+            cork,
+        }
     }
 
     /// `Ready(Err)` once the connection is closed or going away: nothing can be sent any more.
@@ -179,6 +190,7 @@ impl DaemonClient {
         *head.headers_mut() = request.headers().clone();
         strip_connection_headers(head.headers_mut());
         let end_of_stream = request.body().is_end_stream();
+        self.cork.release();
         let (response, stream) = match self.sender.send_request(head, end_of_stream) {
             Ok(sent) => sent,
             Err(error) => {

@@ -16,7 +16,7 @@ use tokio::task::AbortHandle;
 
 use super::call::InFlight;
 use super::client::DaemonClient;
-use super::io::ReadToTheEnd;
+use super::io::{Cork, Corked, ReadToTheEnd};
 use super::keepalive::Keepalive;
 
 /// The HTTP/2 settings hyper's client gives tonic's `Channel`: windows, send buffer, the
@@ -31,15 +31,22 @@ const MAX_FRAME: u32 = 16 * 1024;
 /// HTTP/2 over `io`, with the settings above and a keepalive ping every `keepalive_interval`
 /// that must be answered within `keepalive_timeout`: the connection's task is spawned on the
 /// current runtime. Returns the client that sends calls over it, and the registry's handle on
-/// the task. `on_end` fires once when the connection ends.
+/// the task. `on_end` fires once when the connection ends. With `corked`, nothing is written
+/// until the first request (or keepalive ping), which then leaves with HTTP/2's preface.
 pub(crate) async fn open<T>(
     io: T,
     (keepalive_interval, keepalive_timeout): (Duration, Duration),
     on_end: ConnectionEnd,
+    corked: bool,
 ) -> Result<(DaemonClient, ConnectionTask), h2::Error>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let cork = Cork::new(corked);
+    let io = Corked::new(
+        tokio::io::BufWriter::new(ReadToTheEnd::new(io)),
+        cork.clone(),
+    );
     let (sender, mut connection) = h2::client::Builder::new()
         .enable_push(false)
         .initial_window_size(STREAM_WINDOW)
@@ -50,15 +57,20 @@ where
         .max_frame_size(MAX_FRAME)
         // h2 writes its preface without a flush: buffered, it joins the first frames (our
         // SETTINGS and the first request) in one write, and the daemon wakes once for them.
-        .handshake::<_, Bytes>(tokio::io::BufWriter::new(ReadToTheEnd::new(io)))
+        .handshake::<_, Bytes>(io)
         .await?;
-    let keepalive = connection
-        .ping_pong()
-        .map(|ping_pong| Keepalive::new(ping_pong, keepalive_interval, keepalive_timeout));
+    let keepalive = connection.ping_pong().map(|ping_pong| {
+        Keepalive::new(
+            ping_pong,
+            keepalive_interval,
+            keepalive_timeout,
+            cork.clone(),
+        )
+    });
     let in_flight = Arc::new(InFlight::default());
     let watched = Watched::new(connection, keepalive, in_flight.clone(), on_end);
     let task = ConnectionTask::new(tokio::spawn(watched).abort_handle(), in_flight.clone());
-    Ok((DaemonClient::new(sender, in_flight), task))
+    Ok((DaemonClient::new(sender, in_flight, cork), task))
 }
 
 /// How a daemon connection ended.

@@ -9,9 +9,13 @@
 //! peer reads nothing more anyway. Reads go on to the end of what the daemon sent, and the end
 //! of the stream then ends the connection, failing any stream still open as before. A peer
 //! that stops reading but never closes is found by keepalive, whose pings go unanswered.
+//!
+//! And a new connection's first bytes wait for its first request ([`Corked`]).
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
@@ -118,6 +122,88 @@ impl<T: AsyncWrite> AsyncWrite for ReadToTheEnd<T> {
     }
 }
 
+/// Holds a new connection's first bytes (HTTP/2's preface and SETTINGS) back until the first
+/// request joins them, so that the daemon wakes once for all of them; released by the first
+/// request, or by the first keepalive ping of a connection that no request used.
+#[derive(Debug)]
+pub(crate) struct Cork(AtomicBool);
+
+impl Cork {
+    /// A cork that holds (`held`), or one already released.
+    pub(crate) fn new(held: bool) -> Arc<Self> {
+        Arc::new(Self(AtomicBool::new(held)))
+    }
+
+    pub(crate) fn release(&self) {
+        self.0.store(false, Ordering::Release);
+    }
+
+    fn held(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+pin_project! {
+    /// An I/O whose flushes do nothing while its [`Cork`] holds: what was written stays in the
+    /// buffered writer below.
+    #[derive(Debug)]
+    pub(crate) struct Corked<T> {
+        #[pin]
+        inner: T,
+        cork: Arc<Cork>,
+    }
+}
+
+impl<T> Corked<T> {
+    pub(crate) fn new(inner: T, cork: Arc<Cork>) -> Self {
+        Self { inner, cork }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Corked<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.project().inner.poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Corked<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        match this.cork.held() {
+            true => Poll::Ready(Ok(())),
+            false => this.inner.poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +224,26 @@ mod tests {
         ours.read_to_end(&mut read).await.unwrap();
         assert_eq!(read, b"the last response");
         assert!(ours.peer_gone);
+    }
+
+    #[tokio::test]
+    async fn a_corked_write_waits_for_the_release_and_goes_out_with_the_next() {
+        let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+        let cork = Cork::new(true);
+        let mut ours = Corked::new(tokio::io::BufWriter::new(ours), cork.clone());
+        ours.write_all(b"preface ").await.unwrap();
+        ours.flush().await.unwrap();
+        let mut read = [0; 8];
+        assert!(
+            theirs.try_read(&mut read).is_err(),
+            "nothing left while corked"
+        );
+        cork.release();
+        ours.write_all(b"request").await.unwrap();
+        ours.flush().await.unwrap();
+        let mut read = [0; 15];
+        theirs.read_exact(&mut read).await.unwrap();
+        assert_eq!(&read, b"preface request");
     }
 
     #[tokio::test]

@@ -2,8 +2,11 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+use super::io::Cork;
 
 /// HTTP/2 keepalive: a ping every `interval`, also while idle; a ping unanswered for `timeout`
 /// means the daemon is gone (or stopped, or its runtime hung).
@@ -13,16 +16,24 @@ pub(crate) struct Keepalive {
     timeout: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
     awaiting_pong: bool,
+    /// Released by the first ping, which must leave even if no request ever did.
+    cork: Arc<Cork>,
 }
 
 impl Keepalive {
-    pub(crate) fn new(ping_pong: h2::PingPong, interval: Duration, timeout: Duration) -> Self {
+    pub(crate) fn new(
+        ping_pong: h2::PingPong,
+        interval: Duration,
+        timeout: Duration,
+        cork: Arc<Cork>,
+    ) -> Self {
         Self {
             ping_pong,
             interval,
             timeout,
             timer: Box::pin(tokio::time::sleep(interval)),
             awaiting_pong: false,
+            cork,
         }
     }
 
@@ -43,6 +54,7 @@ impl Keepalive {
                 return self.timer.as_mut().poll(cx);
             }
             std::task::ready!(self.timer.as_mut().poll(cx));
+            self.cork.release();
             if self.ping_pong.send_ping(h2::Ping::opaque()).is_err() {
                 return Poll::Pending;
             }

@@ -49,7 +49,9 @@ impl Ended {
 async fn pair(server: h2::server::Builder) -> (DaemonClient, ConnectionTask, Ended, Server) {
     let (ours, theirs) = tokio::io::duplex(1 << 20);
     let ended = Ended::default();
-    let (client, task) = open(ours, keepalive(), ended.signal()).await.unwrap();
+    let (client, task) = open(ours, keepalive(), ended.signal(), false)
+        .await
+        .unwrap();
     let server = server.handshake(theirs).await.unwrap();
     (client, task, ended, server)
 }
@@ -475,7 +477,9 @@ async fn a_response_that_arrived_before_the_daemon_closed_is_read_though_a_write
         held: held.clone(),
     };
     let ended = Ended::default();
-    let (mut client, _task) = open(ours, keepalive(), ended.signal()).await.unwrap();
+    let (mut client, _task) = open(ours, keepalive(), ended.signal(), false)
+        .await
+        .unwrap();
     let mut server: Server = h2::server::handshake(theirs).await.unwrap();
     let call = client.send(unary(b"last call"), false).unwrap();
     let (_req, mut answer) = accept(&mut server).await;
