@@ -553,24 +553,33 @@ fn first_call_with_daemon(c: &mut Criterion, fixture: &Fixture) {
     let rt = current_thread();
     let dir = &fixture.dir;
     let mut group = baseline_group(c, "5 first call, daemon", "warm call");
-    group.bench_function("fresh layer (checks + call)", |b| {
-        b.iter_custom(|iters| {
-            time_each(
-                &rt,
-                iters,
-                || reset(dir),
-                || async {
-                    // No linger: the entry goes with the service, and each run makes its own,
-                    // as a one-shot process does.
-                    let svc = ServiceBuilder::new()
-                        .layer(layer(dir).linger(Duration::ZERO))
-                        .service(in_process());
-                    let reply = EchoClient::new(svc).echo(request()).await.unwrap();
-                    assert_eq!(reply.get_ref().served_by, "daemon");
-                },
-            )
-        })
-    });
+    // The daemon attests itself: the first call trusts its attestation and waits only for its
+    // HTTP/2 SETTINGS; asked, it pays a `Health/Check` round trip too. The attested side runs
+    // twice, the second time as the A/A control.
+    let sides = [
+        ("fresh layer, attested (checks + call)", false),
+        ("fresh layer, Health/Check asked", true),
+        ("fresh layer, attested, A/A", false),
+    ];
+    for (name, ask) in sides {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                time_each(
+                    &rt,
+                    iters,
+                    || reset(dir),
+                    || async {
+                        // No linger: the entry goes with the service, and each run makes its
+                        // own, as a one-shot process does.
+                        let layer = layer(dir).linger(Duration::ZERO).require_health_check(ask);
+                        let svc = ServiceBuilder::new().layer(layer).service(in_process());
+                        let reply = EchoClient::new(svc).echo(request()).await.unwrap();
+                        assert_eq!(reply.get_ref().served_by, "daemon");
+                    },
+                )
+            })
+        });
+    }
     // What this machine allows a first call: a new Unix-socket connection to the daemon
     // process and two round trips of raw bytes (the check, then the call), no HTTP/2 and no
     // gRPC on either side.
