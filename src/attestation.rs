@@ -10,9 +10,10 @@
 //! does of a daemon that writes none (heddle's own, or one of another language).
 //!
 //! A client uses an attestation only for the process that wrote it: its `pid` is the pidfile's,
-//! and its `start` (ticks since boot and boot id, as the lock record's) is that process's start
-//! as the kernel tells it now. A file left by a daemon that was killed is then never taken for a
-//! later daemon's, even one that reuses its pid.
+//! its `start` (ticks since boot and boot id) is the lock record's, which the probe has just
+//! compared with what the kernel says of that pid, and its `socket` is the socket's identity.
+//! A file left by a daemon that was killed is then never taken for a later daemon's, even one
+//! that reuses its pid.
 //!
 //! The lock record ([`lockfile`](crate::lockfile)) is unchanged beside it: a client that knows
 //! nothing of attestations keeps every check it had.
@@ -139,30 +140,38 @@ pub(crate) struct Attested {
 
 #[cfg(feature = "client")]
 impl Attested {
-    /// The attestation at `path` of the live process `pid` listening on `socket`: its pid, its
-    /// start as the kernel tells it now, and the socket's identity are the attested ones. `None`
-    /// for no file, a file that is not a regular file of ours with one link, one that does not
-    /// parse, or one of another process or socket (a daemon killed before it could remove it).
-    pub(crate) fn read(path: &std::path::Path, pid: u32, socket: &std::path::Path) -> Option<Self> {
-        use std::io::Read;
+    /// The attestation at `path` of the daemon `pid` listening on `socket`, when its pid and
+    /// start are those of the lock record at `lock`: the record that the probe, just before,
+    /// found to be `pid`'s own (its start is the one the kernel tells), so that no `/proc` read
+    /// is needed again. `None` for no file, a file that is not a regular file of ours with one
+    /// link, one that does not parse, or one of another process or socket (a daemon killed
+    /// before it could remove it).
+    pub(crate) fn read(
+        path: &std::path::Path,
+        pid: u32,
+        socket: &std::path::Path,
+        lock: &std::path::Path,
+    ) -> Option<Self> {
         use std::os::unix::fs::MetadataExt;
         let (file, metadata) = crate::pidfile::open_regular(path).ok()?;
         if metadata.nlink() != 1 || metadata.uid() != crate::peer::own_uid() {
             return None;
         }
-        let capacity = metadata.len().min(MAX_ATTESTATION_LEN as u64 + 1) as usize;
-        let mut bytes = Vec::with_capacity(capacity);
-        (&file)
-            .take(MAX_ATTESTATION_LEN as u64 + 1)
-            .read_to_end(&mut bytes)
-            .ok()?;
-        let attestation = Attestation::parse(&bytes).filter(|a| a.pid == pid)?;
-        let socket = std::fs::symlink_metadata(socket).ok()?;
-        if FileIdentity::of(&socket) != attestation.socket {
+        // A daemon renames a whole new file into place and never writes to one in place: one
+        // read of the size `stat` gave is the whole file.
+        let len = usize::try_from(metadata.len()).ok()?;
+        if len > MAX_ATTESTATION_LEN {
             return None;
         }
-        let start = crate::process::check_alive(pid).ok()?.start().ok()?;
-        (start == attestation.start).then_some(Self { attestation, file })
+        let mut bytes = vec![0; len];
+        std::io::Read::read_exact(&mut &file, &mut bytes).ok()?;
+        let attestation = Attestation::parse(&bytes).filter(|a| a.pid == pid)?;
+        let record = crate::lockfile::LockRecord::read(lock)?;
+        if record.pid != pid || record.start != attestation.start {
+            return None;
+        }
+        let socket = std::fs::symlink_metadata(socket).ok()?;
+        (FileIdentity::of(&socket) == attestation.socket).then_some(Self { attestation, file })
     }
 
     /// Whether the daemon withdrew its attestation since it was read: the file has no name left
@@ -274,19 +283,26 @@ mod read_tests {
         };
         let path = dir.join("grpc.attest");
         std::fs::write(&path, attestation.render().unwrap()).unwrap();
-        assert!(Attested::read(&path, pid + 1, &socket).is_none());
-        assert!(
-            Attested::read(&path, pid, &path).is_none(),
-            "another socket"
-        );
-        let attested = Attested::read(&path, pid, &socket).unwrap();
+        let lock = dir.join("grpc.lock");
+        let _ = std::fs::remove_file(&lock);
+        let no_record = Attested::read(&path, pid, &socket, &lock);
+        assert!(no_record.is_none(), "no lock record");
+        let record = crate::lockfile::LockRecord {
+            pid,
+            start: attestation.start.clone(),
+        };
+        std::fs::write(&lock, record.render()).unwrap();
+        assert!(Attested::read(&path, pid + 1, &socket, &lock).is_none());
+        let other_socket = Attested::read(&path, pid, &path, &lock);
+        assert!(other_socket.is_none(), "another socket");
+        let attested = Attested::read(&path, pid, &socket, &lock).unwrap();
         assert_eq!(attested.attestation, attestation);
         assert!(!attested.withdrawn());
         // A stopping daemon removes it; a restarted one renames a new one over it.
         std::fs::remove_file(&path).unwrap();
         assert!(attested.withdrawn());
         std::fs::write(&path, attestation.render().unwrap()).unwrap();
-        let attested = Attested::read(&path, pid, &socket).unwrap();
+        let attested = Attested::read(&path, pid, &socket, &lock).unwrap();
         std::fs::write(dir.join("next"), "").unwrap();
         std::fs::rename(dir.join("next"), &path).unwrap();
         assert!(attested.withdrawn());

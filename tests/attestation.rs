@@ -56,6 +56,18 @@ async fn echo_only_daemon(dir: &Path) {
     );
     let pidfile = Pidfile::new(std::process::id(), 1).render();
     std::fs::write(&paths.pidfile, pidfile).unwrap();
+    write_lock_record(dir);
+}
+
+/// The lock record of this process, as a daemon writes it under its lock: pid, start ticks,
+/// boot id, one a line. An attestation is trusted only for the process it names.
+fn write_lock_record(dir: &Path) {
+    let record = format!(
+        "{}\n{}\n",
+        std::process::id(),
+        own_start().replace(' ', "\n")
+    );
+    std::fs::write(DaemonPaths::new(dir).lock, record).unwrap();
 }
 
 /// The attestation of this process for `dir`, with `edit` applied to its text.
@@ -204,6 +216,17 @@ async fn an_attestation_of_another_process_socket_or_format_is_not_trusted() {
         );
     }
 
+    // Nor is one beside a lock record of another process.
+    attest(dir.path(), |text| text);
+    let record = std::fs::read_to_string(&paths.lock).unwrap();
+    let other = record.replacen(&std::process::id().to_string(), "1", 1);
+    std::fs::write(&paths.lock, other).unwrap();
+    assert_eq!(
+        first_call(test_layer(dir.path())).await.1,
+        Some(Err(FallbackReason::HealthUnimplemented))
+    );
+    std::fs::write(&paths.lock, record).unwrap();
+
     // A second link, or a symlink, is no attestation either.
     attest(dir.path(), |text| text);
     let attestation = paths.sockets_dir.join(ATTESTATION_FILE);
@@ -236,6 +259,7 @@ async fn an_attested_daemon_that_never_sends_its_settings_hits_the_deadline() {
         read
     });
     std::fs::write(&paths.pidfile, Pidfile::new(std::process::id(), 1).render()).unwrap();
+    write_lock_record(dir.path());
     attest(dir.path(), |text| text);
     let layer = test_layer(dir.path()).deadline(Duration::from_millis(300));
     assert_eq!(
@@ -339,8 +363,14 @@ async fn a_stopping_daemon_is_asked_and_refused_as_before() {
         ..DaemonOptions::default()
     };
     let daemon = DaemonProcess::start_with(dir.path(), options);
-    // A slow call keeps the daemon draining.
-    let mut client = EchoClient::new(layered(test_layer(dir.path())));
+    // A slow call keeps the daemon draining. Its layer differs from the ones below (its
+    // deadline), so that they do not share its entry; a first call makes its connection.
+    let svc = layered(test_layer(dir.path()).deadline(Duration::from_secs(6)));
+    let mut client = EchoClient::new(svc);
+    assert_eq!(
+        echo(&mut client, 0).await.unwrap().get_ref().served_by,
+        "daemon"
+    );
     let slow = tokio::spawn(async move {
         client
             .echo(EchoRequest {
@@ -352,7 +382,7 @@ async fn a_stopping_daemon_is_asked_and_refused_as_before() {
             .await
     });
     let attestation = dir.paths().sockets_dir.join(ATTESTATION_FILE);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     daemon.signal(Signal::SIGTERM);
     wait_until_async("the daemon withdraws its attestation", || async {
         !attestation.exists()
@@ -364,11 +394,14 @@ async fn a_stopping_daemon_is_asked_and_refused_as_before() {
     ] {
         let (served_by, route) = first_call(layer).await;
         assert_eq!(served_by, "in-process");
+        // NOT_SERVING while the listener is open, refused once it closed; a connect at the very
+        // moment it closes finds its backlog reset.
         assert!(
             matches!(
-                route,
+                &route,
                 Some(Err(FallbackReason::NotServing { .. }))
                     | Some(Err(FallbackReason::ConnectionRefused))
+                    | Some(Err(FallbackReason::HandshakeFailed { .. }))
             ),
             "{route:?}"
         );

@@ -49,13 +49,20 @@ pub(crate) struct DaemonConnection {
     pub(crate) end: ConnectionEnd,
 }
 
+/// Where a daemon's attestation is, and the lock file whose record it must match.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AttestationFiles<'a> {
+    pub(crate) attestation: &'a Path,
+    pub(crate) lock: &'a Path,
+}
+
 /// Connect, peer check, HTTP/2 and the handshake under the one deadline of `settings`; the
-/// daemon must serve `dir`. `attestation` is where the daemon's attestation is, when `settings`
-/// trust one: it is read once the connect is under way, while the daemon wakes to accept it.
+/// daemon must serve `dir`. `attestation` names the daemon's files when `settings` trust an
+/// attestation: it is read once the connect is under way, while the daemon wakes to accept it.
 /// `on_end` fires once when the connection ends.
 pub(crate) async fn establish(
     target: UdsTarget,
-    attestation: Option<&Path>,
+    attestation: Option<AttestationFiles<'_>>,
     dir: &Path,
     settings: &Settings,
     on_end: ConnectionEnd,
@@ -71,7 +78,9 @@ pub(crate) async fn establish(
         Ok(stream) => {
             let end = on_end.clone();
             let pid = target.pid;
-            let attested = attestation.and_then(|at| Attested::read(at, pid, &target.socket_path));
+            let attested = attestation.and_then(|files| {
+                Attested::read(files.attestation, pid, &target.socket_path, files.lock)
+            });
             let shaken = handshake(stream, pid, attested.as_ref(), dir, settings, on_end);
             within(deadline, Box::pin(shaken))
                 .await

@@ -13,7 +13,9 @@ mod handshake;
 mod upstream;
 
 pub(crate) use self::checked::connect_checked;
-pub(crate) use self::handshake::{DaemonConnection, Proof, establish, handshake, within};
+pub(crate) use self::handshake::{
+    AttestationFiles, DaemonConnection, Proof, establish, handshake, within,
+};
 #[cfg(feature = "channel")]
 pub use self::upstream::{
     LocalDaemonChannel, connect_local_daemon_channel, detect_local_daemon_with_connect_probe,

@@ -54,9 +54,10 @@
 //!
 //! `grpc.attest` says in a file what `Health/Check` says over the connection: that this
 //! process (its pid and start) serves, which directory (device and inode), at which version and
-//! with which services. A client trusts it for the process that wrote it, and its first call
-//! then needs no `Health/Check` round trip; only the daemon's HTTP/2 SETTINGS frame, which
-//! proves that the daemon answers. The format:
+//! with which services. A client trusts it for the process that wrote it (its pid and start are
+//! those of the lock record, which the probe checks against the kernel, and its socket is the
+//! one in place), and its first call then needs no `Health/Check` round trip; only the
+//! daemon's HTTP/2 SETTINGS frame, which proves that the daemon answers. The format:
 //!
 //! ```text
 //! tower-local-daemon attestation 1

@@ -201,13 +201,20 @@ impl BoundDaemon {
                 // `Health/Check`, and hears NOT_SERVING.
                 sockets.remove_if_ours(ATTESTATION_FILE, files.attestation.take());
                 // Drain: health NOT_SERVING, carried to Watch subscribers before the listener
-                // closes; then the grace period for in-flight calls.
+                // closes, while the server still accepts (a client that connects meanwhile
+                // hears NOT_SERVING, where one left in the backlog would see a reset); then the
+                // grace period for in-flight calls.
                 set_all(&reporter, &names, ServingStatus::NotServing).await;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                let _ = stop_accepting.send(());
-                drain(&mut server, daemon.grace_period, &abort_tx)
-                    .await
-                    .map_err(DaemonError::Serve)
+                let settle = Duration::from_millis(20);
+                match tokio::time::timeout(settle, &mut server).await {
+                    Ok(ended) => ended.map_err(DaemonError::Serve),
+                    Err(_) => {
+                        let _ = stop_accepting.send(());
+                        drain(&mut server, daemon.grace_period, &abort_tx)
+                            .await
+                            .map_err(DaemonError::Serve)
+                    }
+                }
             }
         };
         remove_files(&sockets, &files, lock);

@@ -75,7 +75,10 @@ async fn run_checks(dir: &Path, settings: &Settings) -> Report {
     };
     checks.start();
     let attestation = (!settings.require_health_check)
-        .then(|| Attested::read(&paths.attestation(), target.pid, &target.socket_path))
+        .then(|| {
+            let attestation = paths.attestation();
+            Attested::read(&attestation, target.pid, &target.socket_path, &paths.lock)
+        })
         .flatten();
     let shaken = within(deadline, async {
         let end = ConnectionEnd::ignored();
