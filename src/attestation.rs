@@ -129,13 +129,15 @@ impl Attestation {
     }
 }
 
-/// An attestation read for one daemon, with its file kept open: the daemon removes the file
-/// when it begins to stop, which the open file then shows ([`withdrawn`](Self::withdrawn)).
+/// An attestation read for one daemon, and which file it was read from: the daemon removes the
+/// file when it begins to stop ([`withdrawn`](Self::withdrawn)).
 #[cfg(feature = "client")]
 #[derive(Debug)]
 pub(crate) struct Attested {
     pub(crate) attestation: Attestation,
-    file: std::fs::File,
+    path: std::path::PathBuf,
+    /// The identity of the file read.
+    read: FileIdentity,
 }
 
 #[cfg(feature = "client")]
@@ -171,14 +173,18 @@ impl Attested {
             return None;
         }
         let socket = std::fs::symlink_metadata(socket).ok()?;
-        (FileIdentity::of(&socket) == attestation.socket).then_some(Self { attestation, file })
+        (FileIdentity::of(&socket) == attestation.socket).then(|| Self {
+            attestation,
+            path: path.to_owned(),
+            read: FileIdentity::of(&metadata),
+        })
     }
 
-    /// Whether the daemon withdrew its attestation since it was read: the file has no name left
-    /// (removed, or replaced by a rename).
+    /// Whether the daemon withdrew its attestation since it was read: its name names no file,
+    /// or another one (a rename over it). By name, not by the link count of the file read, which
+    /// a filesystem such as NFS keeps above zero for a removed file that is still open.
     pub(crate) fn withdrawn(&self) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        self.file.metadata().map_or(true, |m| m.nlink() == 0)
+        std::fs::symlink_metadata(&self.path).map_or(true, |m| FileIdentity::of(&m) != self.read)
     }
 }
 

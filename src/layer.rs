@@ -59,7 +59,7 @@ impl LocalDaemonLayer {
     ///
     /// The defaults: mode `auto`, overridden by `HEDDLE_LOCAL_DAEMON`; a daemon running our own
     /// executable as our effective uid; 500 ms for connect plus handshake; `Health/Check` of `""`
-    /// must answer SERVING; a negative decision is re-probed after a second; HTTP/2 keepalive
+    /// must answer SERVING, or the daemon attest itself; a negative decision is re-probed after a second; HTTP/2 keepalive
     /// pings every second, also while idle, with a 2 s timeout.
     pub fn new(state_dir: impl AsRef<Path>) -> Self {
         Self {
@@ -86,15 +86,15 @@ impl LocalDaemonLayer {
         self
     }
 
-    /// The one deadline for connect, peer check and health handshake together (default 500 ms).
+    /// The one deadline for connect, peer check and handshake together (default 500 ms).
     /// In [`Mode::Require`] it is also how long a call waits for a daemon.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.settings.deadline = deadline;
         self
     }
 
-    /// The service names whose `Health/Check` must answer SERVING (default: `""`, the whole
-    /// server; an empty list means the same).
+    /// The service names whose `Health/Check` must answer SERVING, or which the daemon's
+    /// attestation must list (default: `""`, the whole server; an empty list means the same).
     pub fn required_services<I, N>(mut self, names: I) -> Self
     where
         I: IntoIterator<Item = N>,
@@ -155,6 +155,10 @@ impl LocalDaemonLayer {
     ///   `Health/Check`. One that read the attestation just before sends its call to a daemon
     ///   that then finishes it within its grace period, or refuses it unprocessed (GOAWAY), and
     ///   the call runs in-process.
+    /// - **A daemon that dies, or is paused, after its SETTINGS**: asked, that is a failed check,
+    ///   and the call runs in-process. Attested, the call has been written by then; the daemon
+    ///   may have read it, so a call of a method not declared [idempotent](Self::idempotent) fails
+    ///   with `UNAVAILABLE` ("may have run"), as a call on a warm connection does.
     ///
     /// A daemon that writes no attestation (heddle 0.10, another language) is always asked.
     ///

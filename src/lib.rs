@@ -35,7 +35,10 @@
 //!    (`SO_PEERCRED`) are our uid and the pidfile's pid.
 //! 3. **handshake**: HTTP/2 over that one connection, where `grpc.health.v1.Health/Check`
 //!    answers SERVING for each required service and reports serving this very directory, under
-//!    the same deadline as the connect.
+//!    the same deadline as the connect. A daemon of this crate attests the same in a file
+//!    (`grpc.attest`) once it serves: for that very process, the first call skips the round
+//!    trip and waits only for the daemon's HTTP/2 SETTINGS
+//!    ([`LocalDaemonLayer::require_health_check`] says what that gives up).
 //!
 //! Then every call goes over the cached connection. When a check fails, calls go to the wrapped
 //! in-process service. When the daemon's connection ends, calls go in-process at once; a

@@ -244,6 +244,98 @@ async fn an_attestation_of_another_process_socket_or_format_is_not_trusted() {
     );
 }
 
+/// An attested listener that sends `bytes` and closes, or stays open: what the first call says.
+async fn attested_listener_sending(
+    name: &str,
+    bytes: &'static [u8],
+    close: bool,
+) -> FallbackReason {
+    let dir = TestDir::new(name);
+    let paths = DaemonPaths::new(dir.path());
+    std::fs::create_dir_all(&paths.sockets_dir).unwrap();
+    let listener = tokio::net::UnixListener::bind(&paths.socket).unwrap();
+    let server = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut stream, bytes)
+            .await
+            .unwrap();
+        if !close {
+            std::future::pending::<()>().await;
+        }
+    });
+    std::fs::write(&paths.pidfile, Pidfile::new(std::process::id(), 1).render()).unwrap();
+    write_lock_record(dir.path());
+    attest(dir.path(), |text| text);
+    let layer = test_layer(dir.path()).deadline(Duration::from_millis(300));
+    let (served_by, route) = first_call(layer).await;
+    server.abort();
+    assert_eq!(served_by, "in-process");
+    route.unwrap().unwrap_err()
+}
+
+#[tokio::test]
+async fn an_attested_listener_that_sends_no_settings_frame_is_refused() {
+    let handshake_failed = |message: &str| FallbackReason::HandshakeFailed {
+        message: message.to_owned(),
+    };
+    assert_eq!(
+        attested_listener_sending("att-short", b"\0\0\x12\x04", true).await,
+        handshake_failed("the daemon closed the connection within its first frame")
+    );
+    assert_eq!(
+        attested_listener_sending("att-garbage", b"HTTP/1.1 400 Bad Request\r\n", true).await,
+        handshake_failed("the daemon's first bytes are not an HTTP/2 SETTINGS frame")
+    );
+    assert_eq!(
+        attested_listener_sending("att-closed", b"", true).await,
+        handshake_failed("the daemon closed the connection before its HTTP/2 SETTINGS")
+    );
+    // Part of a frame, and then nothing: the deadline, without spinning on the bytes seen.
+    assert_eq!(
+        attested_listener_sending("att-part", b"\0\0", false).await,
+        FallbackReason::DeadlineExceeded
+    );
+}
+
+/// The daemon begins to stop after the client read its attestation, before its SETTINGS come:
+/// the client sees it withdrawn and asks `Health/Check` on the same connection (this daemon has
+/// none, which shows it asked).
+#[tokio::test]
+async fn an_attestation_withdrawn_before_the_settings_arrive_is_not_trusted() {
+    use tokio_stream::StreamExt;
+    let dir = TestDir::new("att-withdrawn");
+    let paths = DaemonPaths::new(dir.path());
+    std::fs::create_dir_all(&paths.sockets_dir).unwrap();
+    let listener = tokio::net::UnixListener::bind(&paths.socket).unwrap();
+    let attestation = paths.sockets_dir.join(ATTESTATION_FILE);
+    let withdrawn = attestation.clone();
+    // Each connection is accepted late, and the attestation removed before the server speaks.
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener).then(move |conn| {
+        let withdrawn = withdrawn.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let _ = std::fs::remove_file(&withdrawn);
+            conn
+        }
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(EchoServer::new(EchoService::new("daemon")))
+            .serve_with_incoming(incoming),
+    );
+    std::fs::write(&paths.pidfile, Pidfile::new(std::process::id(), 1).render()).unwrap();
+    write_lock_record(dir.path());
+    attest(dir.path(), |text| text);
+    assert_eq!(
+        first_call(test_layer(dir.path())).await,
+        (
+            "in-process".to_owned(),
+            Some(Err(FallbackReason::HealthUnimplemented))
+        )
+    );
+    assert!(!attestation.exists());
+}
+
 /// A daemon that accepts and never speaks: the connect passes, no SETTINGS come, and the
 /// deadline ends the wait with nothing sent.
 #[tokio::test]

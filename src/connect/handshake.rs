@@ -186,16 +186,15 @@ pub(crate) async fn handshake(
 async fn settings_frame_arrived(stream: &UnixStream) -> Result<(), FallbackReason> {
     use nix::sys::socket::{MsgFlags, recv};
     use std::os::fd::AsRawFd;
+    use tokio::io::Interest;
     const FRAME_HEADER: usize = 9;
     const SETTINGS: u8 = 0x4;
     let failed = |message: String| FallbackReason::HandshakeFailed { message };
+    let broken = |e: std::io::Error| failed(format!("the connection failed ({e})"));
     let mut header = [0u8; FRAME_HEADER];
     loop {
-        stream
-            .readable()
-            .await
-            .map_err(|e| failed(format!("the connection failed ({e})")))?;
-        let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
+        let ready = stream.ready(Interest::READABLE).await.map_err(broken)?;
+        let peeked = stream.try_io(Interest::READABLE, || {
             let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
             recv(stream.as_raw_fd(), &mut header, flags).map_err(std::io::Error::from)
         });
@@ -205,7 +204,17 @@ async fn settings_frame_arrived(stream: &UnixStream) -> Result<(), FallbackReaso
                     "the daemon closed the connection before its HTTP/2 SETTINGS".to_owned(),
                 ));
             }
-            Ok(n) if n < FRAME_HEADER => tokio::task::yield_now().await,
+            Ok(n) if n < FRAME_HEADER => {
+                if ready.is_read_closed() {
+                    return Err(failed(
+                        "the daemon closed the connection within its first frame".to_owned(),
+                    ));
+                }
+                // Part of a frame: wait for more bytes, not for the ones already seen.
+                let _ = stream.try_io(Interest::READABLE, || {
+                    Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+                });
+            }
             Ok(_) => {
                 let (kind, flags, stream_id) = (header[3], header[4], &header[5..]);
                 return match kind == SETTINGS && flags & 0x1 == 0 && stream_id == [0; 4] {
@@ -216,7 +225,7 @@ async fn settings_frame_arrived(stream: &UnixStream) -> Result<(), FallbackReaso
                 };
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(failed(format!("the connection failed ({e})"))),
+            Err(e) => return Err(broken(e)),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The second and third checks: a connection to the socket whose peer is the pidfile's process
-//! of our uid ([`checked`]), then HTTP/2 over that one connection with
-//! `grpc.health.v1.Health/Check` and the directory and version checks ([`handshake`]), which
-//! leave behind the daemon route's client ([`crate::http2`]). [`upstream`] keeps heddle's
+//! of our uid ([`checked`]), then HTTP/2 over that one connection with the directory, version
+//! and service checks ([`handshake`]): of the daemon's attestation once its SETTINGS arrive, or
+//! of `grpc.health.v1.Health/Check`'s answer. They leave behind the daemon route's client
+//! ([`crate::http2`]). [`upstream`] keeps heddle's
 //! one-call functions.
 //!
 //! A connection never redials: once it ends, a new one must pass every check again, which the

@@ -193,13 +193,11 @@ impl SocketsDir {
     }
 
     /// Writes `name` atomically: a temporary file beside it, then a rename over it. Returns the
-    /// identity of the file written.
-    pub(super) fn write_atomically(
-        &self,
-        name: &str,
-        contents: &str,
-    ) -> io::Result<Option<FileIdentity>> {
+    /// identity of the file written; a file whose identity cannot be read is removed again (the
+    /// daemon could not tell it for its own when it stops) and is an error.
+    pub(super) fn write_atomically(&self, name: &str, contents: &str) -> io::Result<FileIdentity> {
         let tmp = format!("{name}.tmp.{}", std::process::id());
+        let mut renamed = false;
         let result = (|| {
             // A crashed daemon with the same pid may have left the temporary file behind; the
             // directory is the daemon's own (0700), so truncating it is safe.
@@ -207,16 +205,21 @@ impl SocketsDir {
             file.write_all(contents.as_bytes())?;
             file.sync_all()?;
             nix::fcntl::renameat(&self.fd, tmp.as_str(), &self.fd, name)?;
-            Ok(self.identity(name))
+            renamed = true;
+            self.try_identity(name)?.ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, "the file was gone once written")
+            })
         })();
+        // On failure, only what this call made goes: the temporary file, or what it became.
         if result.is_err() {
-            let _ = self.remove(&tmp);
+            let _ = self.remove(if renamed { name } else { &tmp });
         }
         result
     }
 
-    /// Removes a crashed daemon's pidfile, attestation and socket. Called only by the lock holder. A socket
-    /// that still answers belongs to a live daemon that takes no lock: it is left alone.
+    /// Removes a crashed daemon's pidfile, attestation and socket. Called only by the lock
+    /// holder. A socket that still answers belongs to a live daemon that takes no lock: it is
+    /// left alone.
     pub(super) fn remove_leftovers(&self) -> Result<(), DaemonError> {
         let socket = self.display_path(SOCKET_FILE);
         let stat = self

@@ -106,7 +106,8 @@ impl BoundDaemon {
             ..OurFiles::default()
         };
 
-        // Start: health NOT_SERVING, the server running, health SERVING, then the pidfile.
+        // Start: health NOT_SERVING, the server running, health SERVING, the attestation, then
+        // the pidfile.
         let (reporter, health) = tonic_health::server::health_reporter();
         let names: Vec<&'static str> = std::iter::once("")
             .chain(daemon.services.iter().copied())
@@ -159,7 +160,7 @@ impl BoundDaemon {
             .map_or(0, |d| d.as_secs());
         let pidfile = Pidfile::new(std::process::id(), started_at);
         match sockets.write_atomically(PIDFILE_FILE, &pidfile.render_with_marker(&daemon.marker)) {
-            Ok(id) => files.pidfile = id,
+            Ok(id) => files.pidfile = Some(id),
             Err(source) => {
                 remove_files(&sockets, &files, lock);
                 let path = sockets.display_path(PIDFILE_FILE);
@@ -272,7 +273,6 @@ fn write_attestation(
             tracing::warn!(path = %path.display(), error = %e, "could not write the attestation");
         })
         .ok()
-        .flatten()
 }
 
 /// Removes the attestation, the pidfile, the socket and the lock file, in that order, while

@@ -426,6 +426,47 @@ async fn keepalive_keeps_a_quiet_connection_whose_daemon_answers() {
     server.abort();
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_corked_connection_sends_nothing_until_its_first_request_or_ping() {
+    // Released by a request: HTTP/2's preface leaves with it.
+    let (ours, theirs) = tokio::io::duplex(1 << 20);
+    let (mut client, _task) = open(ours, keepalive(), ConnectionEnd::ignored(), true)
+        .await
+        .unwrap();
+    let handshake = tokio::spawn(h2::server::Builder::new().handshake::<_, Bytes>(theirs));
+    tokio::time::sleep(INTERVAL / 2).await;
+    assert!(
+        !handshake.is_finished(),
+        "the preface left before the request"
+    );
+    let call = client.send(unary(b"first"), true).unwrap();
+    let mut server = handshake.await.unwrap().unwrap();
+    let (_request, mut answer) = accept(&mut server).await;
+    answer.send_response(http::Response::new(()), true).unwrap();
+    let _served = drive(server);
+    assert!(call.await.is_ok());
+
+    // Released by the first keepalive ping, with no request: the ping is answered, and the
+    // connection is not taken for an unresponsive one.
+    let (ours, theirs) = tokio::io::duplex(1 << 20);
+    let ended = Ended::default();
+    let (_client, _task) = open(ours, keepalive(), ended.signal(), true).await.unwrap();
+    let handshake = tokio::spawn(h2::server::Builder::new().handshake::<_, Bytes>(theirs));
+    tokio::time::sleep(INTERVAL / 2).await;
+    assert!(
+        !handshake.is_finished(),
+        "the preface left before the first ping"
+    );
+    let server = tokio::time::timeout(INTERVAL, handshake)
+        .await
+        .expect("the first ping released nothing")
+        .unwrap()
+        .unwrap();
+    let _served = drive(server);
+    tokio::time::sleep(INTERVAL + TIMEOUT * 3).await;
+    assert_eq!(ended.cause(), None);
+}
+
 /// An I/O whose reads wait while held, as a socket's do when the runtime has not yet seen
 /// the readiness of bytes that have arrived: writes go on meanwhile.
 struct Held<T> {

@@ -192,7 +192,8 @@ pub enum FallbackReason {
         /// The service name checked (`""` is the whole server).
         service: String,
     },
-    /// The daemon does not host a required service (`Health/Check` answered NOT_FOUND).
+    /// The daemon does not host a required service (`Health/Check` answered NOT_FOUND, or its
+    /// attestation does not list it).
     ServiceNotHosted {
         /// The service name checked.
         service: String,
