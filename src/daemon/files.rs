@@ -202,8 +202,11 @@ impl SocketsDir {
             // A crashed daemon with the same pid may have left the temporary file behind; the
             // directory is the daemon's own (0700), so truncating it is safe.
             let mut file = self.open_file(&tmp, true)?;
+            // No `fsync`: the files describe this boot's running daemon. A crash of the daemon
+            // or the system keeps the kernel's view whole (the rename is atomic in it); after a
+            // power loss a torn file reads as malformed or stale, and the next daemon's start
+            // removes it; an `fsync` would cost each start a flush to disk.
             file.write_all(contents.as_bytes())?;
-            file.sync_all()?;
             nix::fcntl::renameat(&self.fd, tmp.as_str(), &self.fd, name)?;
             renamed = true;
             self.try_identity(name)?.ok_or_else(|| {

@@ -147,7 +147,8 @@ struct Reprobe {
     id: ReprobeId,
     runtime: tokio::runtime::Id,
     started: Instant,
-    /// Calls of that runtime that wait for it: see [`Entry::negative_route`].
+    /// Calls that wait for it: a stalled one's calls of that runtime, and calls that wait for a
+    /// daemon being started. See [`Entry::negative_route`].
     waiters: Waiters,
 }
 
@@ -541,6 +542,11 @@ impl Entry {
                 return Negative::Decided(Poll::Pending);
             }
             if !stalled || runtime.is_none() {
+                // A call that waits for a daemon being started is woken as soon as the
+                // re-probe ends, not at its next tick: the daemon may be serving.
+                if matches!(decision, Decision::AwaitStart) {
+                    reprobe.waiters.register(cx);
+                }
                 return Negative::Decided(self.decided(state, decision));
             }
             // Given up for one on this runtime: its waiting calls go on in-process.
@@ -556,7 +562,9 @@ impl Entry {
         if self.settings.mode != Mode::Auto {
             return Negative::No;
         }
-        // In the background: this call and the next ones go on by the verdict.
+        // In the background: this call and the next ones go on by the verdict (one that waits
+        // for a daemon being started is woken when the re-probe ends).
+        let awaits_start = matches!(decision, Decision::AwaitStart);
         let decided = self.decided(state, decision);
         let Some(handle) = runtime.filter(|h| runtimes::unusable(h).is_none()) else {
             return Negative::Decided(decided);
@@ -566,7 +574,10 @@ impl Entry {
             id,
             runtime: handle.id(),
             started: Instant::now(),
-            waiters: Waiters::default(),
+            waiters: match awaits_start {
+                true => Waiters::of(cx),
+                false => Waiters::default(),
+            },
         });
         Negative::Reprobe(handle.clone(), id, decided)
     }
@@ -822,8 +833,10 @@ impl Entry {
     }
 }
 
-/// How often a daemon being started is looked for while calls wait for it.
-pub(crate) const HANDOFF_TICK: Duration = Duration::from_millis(5);
+/// How often a daemon being started is looked for while calls wait for it: a daemon serves a
+/// few milliseconds after its exec, and a look while it loads is a `stat` and a failed `open`
+/// (a few microseconds each millisecond). A waiting call is also woken when a look ends.
+pub(crate) const HANDOFF_TICK: Duration = Duration::from_millis(1);
 
 /// Clears the probing flag if the inline probe panics, so the first calls waiting for it are
 /// not left waiting (they are woken when their waiters drop).
