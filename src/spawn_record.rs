@@ -81,16 +81,16 @@ impl SpawnRecord {
             .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
             .open(&tmp)
             .and_then(|mut file| {
-                write!(
-                    file,
-                    "{} {} {} {}",
-                    self.last_spawn_ms, self.failures, self.spawns, self.pid
-                )?;
-                match &self.start {
-                    Some(start) => write!(file, " {} {}", start.ticks, start.boot_id)?,
-                    None => write!(file, " - -")?,
-                }
-                writeln!(file, " {}", self.stopped)
+                // One write: `write!` to a file writes each piece with a system call of its own.
+                let start = match &self.start {
+                    Some(start) => format!("{} {}", start.ticks, start.boot_id),
+                    None => "- -".to_owned(),
+                };
+                let line = format!(
+                    "{} {} {} {} {start} {}\n",
+                    self.last_spawn_ms, self.failures, self.spawns, self.pid, self.stopped
+                );
+                file.write_all(line.as_bytes())
             })
             .and_then(|()| std::fs::rename(&tmp, path));
         if written.is_err() {

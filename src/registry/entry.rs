@@ -35,7 +35,7 @@ use super::ids::{ConnectionId, DetectionId, Ids, ReprobeId, Run};
 use super::runtimes;
 use super::stats::{Counters, RouteStats};
 use crate::config::{Mode, Settings};
-use crate::connect::DaemonConnection;
+use crate::connect::{DaemonConnection, Proof};
 use crate::http2::{ConnectionTask, DaemonClient, EndCause};
 use crate::lifecycle::{SpawnedChild, record_served};
 use crate::paths::DaemonPaths;
@@ -713,9 +713,10 @@ impl Entry {
             state.spawned = None;
             state.handoff = None;
             // Only for a daemon that may have been started on a miss, once per verdict (not
-            // per runtime); a file write, so not under this lock: on a task of its own.
+            // per runtime), and not one that attested itself: a daemon of this crate marks its
+            // record itself. A file write, so not under this lock: on a task of its own.
             let paths = self.daemon_paths.clone();
-            if let Ok(handle) = Handle::try_current() {
+            if let (Ok(handle), Proof::HealthCheck) = (Handle::try_current(), connection.proof) {
                 handle.spawn_blocking(move || record_served(&paths));
             }
         }
