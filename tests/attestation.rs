@@ -428,7 +428,7 @@ async fn a_paused_attested_daemon_hits_the_deadline_and_never_runs_the_call() {
     };
     let daemon = DaemonProcess::start_with(dir.path(), options);
     assert!(dir.paths().sockets_dir.join(ATTESTATION_FILE).exists());
-    daemon.signal(Signal::SIGSTOP);
+    daemon.pause().await;
     let layer = test_layer(dir.path()).deadline(Duration::from_millis(300));
     let result = first_call(layer).await;
     daemon.signal(Signal::SIGCONT);

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
 use support::*;
 use tower_local_daemon::{
     AutoStart, FallbackReason, IdentityPolicy, Mode, Pidfile, Route, StopOutcome, Tool,
@@ -228,11 +227,7 @@ async fn hung_daemon_is_noticed_by_keepalive_and_calls_go_in_process() {
         "daemon"
     );
 
-    daemon.signal(Signal::SIGSTOP);
-    let status = format!("/proc/{}/status", daemon.pid());
-    wait_until("the daemon is stopped", || {
-        std::fs::read_to_string(&status).is_ok_and(|s| s.contains("State:\tT"))
-    });
+    daemon.pause().await;
     // Keepalive gives the connection up: the daemon's end, for every runtime. A call sent before
     // that fails with the connection (it may have run).
     let mut failed = 0;

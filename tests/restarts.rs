@@ -144,21 +144,6 @@ fn callers(
         .collect()
 }
 
-/// Stops the daemon with SIGSTOP, and waits until the kernel says it is stopped: a signal is
-/// delivered when its process next runs, and a busy machine may run it a while first.
-async fn pause(daemon: &DaemonProcess) {
-    daemon.signal(Signal::SIGSTOP);
-    let stat = format!("/proc/{}/stat", daemon.pid());
-    wait_until_async("the daemon is stopped", || async {
-        // The state follows the command's closing parenthesis.
-        std::fs::read_to_string(&stat)
-            .ok()
-            .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
-            .unwrap_or(false)
-    })
-    .await;
-}
-
 async fn start_daemon(dir: &Path, options: &DaemonOptions) -> DaemonProcess {
     let (dir, options) = (dir.to_owned(), options.clone());
     tokio::task::spawn_blocking(move || DaemonProcess::start_with(&dir, options))
@@ -446,7 +431,7 @@ async fn a_paused_daemon_given_up_by_keepalive_runs_the_call_in_process_and_may_
     let mut client = EchoClient::new(svc.clone());
     echo(&mut client, 1).await.unwrap();
 
-    pause(&daemon).await;
+    daemon.pause().await;
     let mut request = tonic::Request::new(EchoRequest {
         message: String::new(),
         id: 2,
@@ -498,7 +483,7 @@ async fn a_request_that_exceeds_its_deadline_in_the_rerun_is_cancelled_as_over_a
     let svc = layered(layer);
     let mut client = EchoClient::new(svc.clone());
     echo(&mut client, 1).await.unwrap();
-    pause(&daemon).await;
+    daemon.pause().await;
     // Keepalive gives up within 500 ms; the in-process run then takes longer than what is
     // left of the call's 3 s.
     let mut request = tonic::Request::new(EchoRequest {

@@ -508,6 +508,17 @@ impl DaemonProcess {
         kill(Pid::from_raw(self.pid() as i32), signal).unwrap();
     }
 
+    /// Stops the daemon with SIGSTOP, and waits until the kernel says it is stopped: a signal is
+    /// delivered when its process next runs, and a busy machine may run it a while first.
+    pub async fn pause(&self) {
+        self.signal(Signal::SIGSTOP);
+        let status = format!("/proc/{}/status", self.pid());
+        wait_until_async("the daemon is stopped", || async {
+            std::fs::read_to_string(&status).is_ok_and(|s| s.contains("State:\tT"))
+        })
+        .await;
+    }
+
     /// Waits (bounded) for the process to exit; returns its exit code and stderr.
     pub fn wait_exit(mut self) -> (Option<i32>, String) {
         let deadline = Instant::now() + Duration::from_secs(20);
