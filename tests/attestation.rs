@@ -42,32 +42,33 @@ fn identity(path: &Path) -> String {
     format!("{}:{}", metadata.dev(), metadata.ino())
 }
 
-/// A daemon in this process: the echo service alone (no health service) on `dir`'s socket,
-/// with a pidfile naming this process.
-async fn echo_only_daemon(dir: &Path) {
+/// `dir`'s socket, listened on by this process, which its pidfile and lock record name: a
+/// daemon's files as the probe wants them, for a listener the test drives.
+fn listen_as_daemon(dir: &Path) -> tokio::net::UnixListener {
     let paths = DaemonPaths::new(dir);
     std::fs::create_dir_all(&paths.sockets_dir).unwrap();
     let listener = tokio::net::UnixListener::bind(&paths.socket).unwrap();
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(EchoServer::new(EchoService::new("daemon")))
-            .serve_with_incoming(incoming),
-    );
     let pidfile = Pidfile::new(std::process::id(), 1).render();
     std::fs::write(&paths.pidfile, pidfile).unwrap();
-    write_lock_record(dir);
-}
-
-/// The lock record of this process, as a daemon writes it under its lock: pid, start ticks,
-/// boot id, one a line. An attestation is trusted only for the process it names.
-fn write_lock_record(dir: &Path) {
+    // The lock record, as a daemon writes it under its lock: pid, start ticks, boot id, one a
+    // line. An attestation is trusted only for the process it names.
     let record = format!(
         "{}\n{}\n",
         std::process::id(),
         own_start().replace(' ', "\n")
     );
-    std::fs::write(DaemonPaths::new(dir).lock, record).unwrap();
+    std::fs::write(&paths.lock, record).unwrap();
+    listener
+}
+
+/// A daemon in this process: the echo service alone (no health service) on `dir`'s socket.
+async fn echo_only_daemon(dir: &Path) {
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listen_as_daemon(dir));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(EchoServer::new(EchoService::new("daemon")))
+            .serve_with_incoming(incoming),
+    );
 }
 
 /// The attestation of this process for `dir`, with `edit` applied to its text.
@@ -251,9 +252,7 @@ async fn attested_listener_sending(
     close: bool,
 ) -> FallbackReason {
     let dir = TestDir::new(name);
-    let paths = DaemonPaths::new(dir.path());
-    std::fs::create_dir_all(&paths.sockets_dir).unwrap();
-    let listener = tokio::net::UnixListener::bind(&paths.socket).unwrap();
+    let listener = listen_as_daemon(dir.path());
     let server = tokio::spawn(async move {
         let (mut stream, _) = listener.accept().await.unwrap();
         tokio::io::AsyncWriteExt::write_all(&mut stream, bytes)
@@ -263,8 +262,6 @@ async fn attested_listener_sending(
             std::future::pending::<()>().await;
         }
     });
-    std::fs::write(&paths.pidfile, Pidfile::new(std::process::id(), 1).render()).unwrap();
-    write_lock_record(dir.path());
     attest(dir.path(), |text| text);
     let layer = test_layer(dir.path()).deadline(Duration::from_millis(300));
     let (served_by, route) = first_call(layer).await;
@@ -305,8 +302,7 @@ async fn an_attestation_withdrawn_before_the_settings_arrive_is_not_trusted() {
     use tokio_stream::StreamExt;
     let dir = TestDir::new("att-withdrawn");
     let paths = DaemonPaths::new(dir.path());
-    std::fs::create_dir_all(&paths.sockets_dir).unwrap();
-    let listener = tokio::net::UnixListener::bind(&paths.socket).unwrap();
+    let listener = listen_as_daemon(dir.path());
     let attestation = paths.sockets_dir.join(ATTESTATION_FILE);
     let withdrawn = attestation.clone();
     // Each connection is accepted late, and the attestation removed before the server speaks.
@@ -323,8 +319,6 @@ async fn an_attestation_withdrawn_before_the_settings_arrive_is_not_trusted() {
             .add_service(EchoServer::new(EchoService::new("daemon")))
             .serve_with_incoming(incoming),
     );
-    std::fs::write(&paths.pidfile, Pidfile::new(std::process::id(), 1).render()).unwrap();
-    write_lock_record(dir.path());
     attest(dir.path(), |text| text);
     assert_eq!(
         first_call(test_layer(dir.path())).await,
@@ -341,17 +335,13 @@ async fn an_attestation_withdrawn_before_the_settings_arrive_is_not_trusted() {
 #[tokio::test]
 async fn an_attested_daemon_that_never_sends_its_settings_hits_the_deadline() {
     let dir = TestDir::new("att-silent");
-    let paths = DaemonPaths::new(dir.path());
-    std::fs::create_dir_all(&paths.sockets_dir).unwrap();
-    let listener = tokio::net::UnixListener::bind(&paths.socket).unwrap();
+    let listener = listen_as_daemon(dir.path());
     let accepted = tokio::spawn(async move {
         let (mut stream, _) = listener.accept().await.unwrap();
         let mut read = Vec::new();
         let _ = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut read).await;
         read
     });
-    std::fs::write(&paths.pidfile, Pidfile::new(std::process::id(), 1).render()).unwrap();
-    write_lock_record(dir.path());
     attest(dir.path(), |text| text);
     let layer = test_layer(dir.path()).deadline(Duration::from_millis(300));
     assert_eq!(
