@@ -127,13 +127,7 @@ impl Fixture {
         let demo_daemon_dir = root.join("demo-repo");
         std::fs::create_dir_all(&demo_daemon_dir).unwrap();
         let demo_daemon = demo_binary().map(|demo| {
-            let child = Command::new(demo)
-                .arg("serve")
-                .arg(&demo_daemon_dir)
-                .stdin(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
+            let child = demo_serve(&demo, &demo_daemon_dir);
             // The demo daemon is another executable than this bench: wait for its pidfile.
             let pidfile = demo_daemon_dir.join("sockets/grpc.pid");
             wait_for("the demo daemon", || pidfile.exists());
@@ -749,13 +743,7 @@ fn whole_process(c: &mut Criterion, fixture: &Fixture) {
                 alone.join(sample.to_string())
             },
             |dir| {
-                let child = Command::new(&demo)
-                    .arg("serve")
-                    .arg(&dir)
-                    .stdin(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap();
+                let child = demo_serve(&demo, &dir);
                 let pidfile = dir.join("sockets").join(tower_local_daemon::PIDFILE_FILE);
                 while !pidfile.exists() {
                     std::thread::sleep(Duration::from_micros(20));
@@ -767,6 +755,17 @@ fn whole_process(c: &mut Criterion, fixture: &Fixture) {
     });
     group.finish();
     let _ = std::io::stdout().flush();
+}
+
+/// `demo serve DIR`, quiet, not waited for.
+fn demo_serve(demo: &Path, dir: &Path) -> Child {
+    Command::new(demo)
+        .arg("serve")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 /// A daemon the bench started by hand: stopped (SIGTERM, then waited for) and its directory

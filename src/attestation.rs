@@ -142,40 +142,28 @@ pub(crate) struct Attested {
 
 #[cfg(feature = "client")]
 impl Attested {
-    /// The attestation at `path` of the daemon `pid` listening on `socket`, when its pid and
-    /// start are those of the lock record at `lock`: the record that the probe, just before,
-    /// found to be `pid`'s own (its start is the one the kernel tells), so that no `/proc` read
-    /// is needed again. `None` for no file, a file that is not a regular file of ours with one
-    /// link, one that does not parse, or one of another process or socket (a daemon killed
-    /// before it could remove it).
-    pub(crate) fn read(
-        path: &std::path::Path,
-        pid: u32,
-        socket: &std::path::Path,
-        lock: &std::path::Path,
-    ) -> Option<Self> {
+    /// The attestation among `paths` of the daemon `pid`, when its pid and start are those of
+    /// the lock record beside it (the record that the probe, just before, found to be `pid`'s
+    /// own: its start is the one the kernel tells, so no `/proc` read is needed again) and its
+    /// socket is the one in place. `None` for no file, a file that is not a regular file of ours
+    /// with one link, one that does not parse, or one of another process or socket (a daemon
+    /// killed before it could remove it).
+    pub(crate) fn read(paths: &crate::paths::DaemonPaths, pid: u32) -> Option<Self> {
         use std::os::unix::fs::MetadataExt;
-        let (file, metadata) = crate::pidfile::open_regular(path).ok()?;
+        let path = paths.attestation();
+        let (bytes, metadata) = crate::pidfile::read_bounded(&path, MAX_ATTESTATION_LEN).ok()?;
         if metadata.nlink() != 1 || metadata.uid() != crate::peer::own_uid() {
             return None;
         }
-        // A daemon renames a whole new file into place and never writes to one in place: one
-        // read of the size `stat` gave is the whole file.
-        let len = usize::try_from(metadata.len()).ok()?;
-        if len > MAX_ATTESTATION_LEN {
-            return None;
-        }
-        let mut bytes = vec![0; len];
-        std::io::Read::read_exact(&mut &file, &mut bytes).ok()?;
         let attestation = Attestation::parse(&bytes).filter(|a| a.pid == pid)?;
-        let record = crate::lockfile::LockRecord::read(lock)?;
+        let record = crate::lockfile::LockRecord::read(&paths.lock)?;
         if record.pid != pid || record.start != attestation.start {
             return None;
         }
-        let socket = std::fs::symlink_metadata(socket).ok()?;
+        let socket = std::fs::symlink_metadata(&paths.socket).ok()?;
         (FileIdentity::of(&socket) == attestation.socket).then(|| Self {
             attestation,
-            path: path.to_owned(),
+            path,
             read: FileIdentity::of(&metadata),
         })
     }
@@ -274,41 +262,44 @@ mod read_tests {
     #[test]
     fn an_attestation_is_read_for_its_own_process_and_socket_and_seen_withdrawn() {
         let dir = std::env::temp_dir().join(format!("tld-attested-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("grpc.sock");
-        let _ = std::fs::remove_file(&socket);
-        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let paths = crate::paths::DaemonPaths::new(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&paths.sockets_dir).unwrap();
+        let _listener = std::os::unix::net::UnixListener::bind(&paths.socket).unwrap();
         let pid = std::process::id();
         let attestation = Attestation {
             pid,
             start: crate::process::own_start().unwrap(),
             directory: FileIdentity::following(&dir).unwrap(),
-            socket: FileIdentity::of(&std::fs::symlink_metadata(&socket).unwrap()),
+            socket: FileIdentity::of(&std::fs::symlink_metadata(&paths.socket).unwrap()),
             version: None,
             services: Vec::new(),
         };
-        let path = dir.join("grpc.attest");
+        let path = paths.attestation();
         std::fs::write(&path, attestation.render().unwrap()).unwrap();
-        let lock = dir.join("grpc.lock");
-        let _ = std::fs::remove_file(&lock);
-        let no_record = Attested::read(&path, pid, &socket, &lock);
-        assert!(no_record.is_none(), "no lock record");
+        assert!(Attested::read(&paths, pid).is_none(), "no lock record");
         let record = crate::lockfile::LockRecord {
             pid,
             start: attestation.start.clone(),
         };
-        std::fs::write(&lock, record.render()).unwrap();
-        assert!(Attested::read(&path, pid + 1, &socket, &lock).is_none());
-        let other_socket = Attested::read(&path, pid, &path, &lock);
-        assert!(other_socket.is_none(), "another socket");
-        let attested = Attested::read(&path, pid, &socket, &lock).unwrap();
+        std::fs::write(&paths.lock, record.render()).unwrap();
+        assert!(Attested::read(&paths, pid + 1).is_none());
+        let attested = Attested::read(&paths, pid).unwrap();
         assert_eq!(attested.attestation, attestation);
         assert!(!attested.withdrawn());
+        // Another socket in place: no attestation.
+        std::fs::remove_file(&paths.socket).unwrap();
+        let _other = std::os::unix::net::UnixListener::bind(&paths.socket).unwrap();
+        assert!(Attested::read(&paths, pid).is_none(), "another socket");
         // A stopping daemon removes it; a restarted one renames a new one over it.
         std::fs::remove_file(&path).unwrap();
         assert!(attested.withdrawn());
+        let attestation = Attestation {
+            socket: FileIdentity::of(&std::fs::symlink_metadata(&paths.socket).unwrap()),
+            ..attestation
+        };
         std::fs::write(&path, attestation.render().unwrap()).unwrap();
-        let attested = Attested::read(&path, pid, &socket, &lock).unwrap();
+        let attested = Attested::read(&paths, pid).unwrap();
         std::fs::write(dir.join("next"), "").unwrap();
         std::fs::rename(dir.join("next"), &path).unwrap();
         assert!(attested.withdrawn());

@@ -63,7 +63,7 @@ impl LockRecord {
     /// Reads the record at `path`, as defensively as a pidfile; `None` when there is none.
     #[cfg(feature = "client")]
     pub(crate) fn read(path: &Path) -> Option<Self> {
-        read_bounded(path)
+        read_bounded(path, crate::pidfile::MAX_PIDFILE_LEN)
             .ok()
             .and_then(|(bytes, _)| Self::parse(&bytes))
     }

@@ -18,7 +18,7 @@ use std::fmt;
 use std::{
     fs::OpenOptions,
     io::{self, Read},
-    os::unix::fs::{MetadataExt, OpenOptionsExt},
+    os::unix::fs::OpenOptionsExt,
     path::Path,
 };
 
@@ -174,7 +174,9 @@ impl Pidfile {
     /// Reads and parses the pidfile at `path`: no symlinks, no blocking, bounded, one link.
     #[cfg(feature = "client")]
     pub(crate) fn read(path: &Path, marker: &str) -> Result<Self, ReadError> {
-        let (bytes, links) = read_bounded(path)?;
+        use std::os::unix::fs::MetadataExt;
+        let (bytes, metadata) = read_bounded(path, MAX_PIDFILE_LEN)?;
+        let links = metadata.nlink();
         if links != 1 {
             return Err(ReadError::Linked { links });
         }
@@ -195,20 +197,24 @@ impl Pidfile {
     }
 }
 
-/// Reads at most [`MAX_PIDFILE_LEN`] + 1 bytes of the regular file at `path`, without following
-/// a symlink or blocking on a FIFO; returns them with the file's link count.
-pub(crate) fn read_bounded(path: &Path) -> Result<(Vec<u8>, u64), ReadError> {
+/// Reads at most `max` + 1 bytes of the regular file at `path`, without following a symlink
+/// or blocking on a FIFO; returns them with the file's metadata (its link count, owner and
+/// identity). One byte past `max` says the file is too long.
+pub(crate) fn read_bounded(
+    path: &Path,
+    max: usize,
+) -> Result<(Vec<u8>, std::fs::Metadata), ReadError> {
     let (file, metadata) = open_regular(path)?;
     // The reads stop at the size `stat` gave, past the bound at one byte more (too long): a
     // `take` that reaches its limit answers without asking the file again. A file written while
     // it is read is torn either way (it fails to parse, and the next probe reads it again).
-    let wanted = metadata.len().min(MAX_PIDFILE_LEN as u64 + 1);
+    let wanted = metadata.len().min(max as u64 + 1);
     let mut bytes = Vec::with_capacity(wanted as usize);
     (&file)
         .take(wanted)
         .read_to_end(&mut bytes)
         .map_err(|e| ReadError::Io(e.kind()))?;
-    Ok((bytes, metadata.nlink()))
+    Ok((bytes, metadata))
 }
 
 /// Opens the regular file at `path` for reading, without following a symlink or blocking on a

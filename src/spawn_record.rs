@@ -39,7 +39,8 @@ impl SpawnRecord {
     /// Read as defensively as a pidfile (bounded, no symlink followed, never blocking on a
     /// FIFO): `auto_start_status` reads it in any directory it is given.
     pub(crate) fn read(sockets_dir: &Path) -> Option<Self> {
-        let (bytes, _) = read_bounded(&sockets_dir.join(SPAWN_RECORD_FILE)).ok()?;
+        let path = sockets_dir.join(SPAWN_RECORD_FILE);
+        let (bytes, _) = read_bounded(&path, crate::pidfile::MAX_PIDFILE_LEN).ok()?;
         let text = std::str::from_utf8(&bytes).ok()?;
         let mut fields = text.split_whitespace();
         let mut number = || fields.next()?.parse::<u64>().ok();

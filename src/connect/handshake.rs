@@ -21,7 +21,7 @@ use crate::config::Settings;
 use crate::http2::{
     ConnectionBroke, ConnectionEnd, ConnectionTask, DaemonClient, open, what_broke,
 };
-use crate::paths::FileIdentity;
+use crate::paths::{DaemonPaths, FileIdentity};
 use crate::probe::UdsTarget;
 use crate::protocol::{DIRECTORY_METADATA_KEY, VERSION_METADATA_KEY};
 use crate::reason::FallbackReason;
@@ -49,20 +49,13 @@ pub(crate) struct DaemonConnection {
     pub(crate) end: ConnectionEnd,
 }
 
-/// Where a daemon's attestation is, and the lock file whose record it must match.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct AttestationFiles<'a> {
-    pub(crate) attestation: &'a Path,
-    pub(crate) lock: &'a Path,
-}
-
 /// Connect, peer check, HTTP/2 and the handshake under the one deadline of `settings`; the
-/// daemon must serve `dir`. `attestation` names the daemon's files when `settings` trust an
-/// attestation: it is read once the connect is under way, while the daemon wakes to accept it.
-/// `on_end` fires once when the connection ends.
+/// daemon must serve `dir`. Among `paths` (none: always ask `Health/Check`) the daemon's
+/// attestation is looked for once the connect is under way, while the daemon wakes to accept
+/// it ([`trusted_attestation`]). `on_end` fires once when the connection ends.
 pub(crate) async fn establish(
     target: UdsTarget,
-    attestation: Option<AttestationFiles<'_>>,
+    paths: Option<&DaemonPaths>,
     dir: &Path,
     settings: &Settings,
     on_end: ConnectionEnd,
@@ -78,9 +71,7 @@ pub(crate) async fn establish(
         Ok(stream) => {
             let end = on_end.clone();
             let pid = target.pid;
-            let attested = attestation.and_then(|files| {
-                Attested::read(files.attestation, pid, &target.socket_path, files.lock)
-            });
+            let attested = paths.and_then(|paths| trusted_attestation(paths, pid, settings));
             let shaken = handshake(stream, pid, attested.as_ref(), dir, settings, on_end);
             within(deadline, Box::pin(shaken))
                 .await
@@ -115,6 +106,19 @@ pub(crate) async fn within<T>(
             .await
             .unwrap_or(Err(FallbackReason::DeadlineExceeded)),
         None => future.await,
+    }
+}
+
+/// The attestation of the daemon `pid` among `paths`, unless `settings` require
+/// `Health/Check`: the one rule for the layer and `diagnose`.
+pub(crate) fn trusted_attestation(
+    paths: &DaemonPaths,
+    pid: u32,
+    settings: &Settings,
+) -> Option<Attested> {
+    match settings.require_health_check {
+        true => None,
+        false => Attested::read(paths, pid),
     }
 }
 

@@ -15,7 +15,7 @@ mod upstream;
 
 pub(crate) use self::checked::connect_checked;
 pub(crate) use self::handshake::{
-    AttestationFiles, DaemonConnection, Proof, establish, handshake, within,
+    DaemonConnection, Proof, establish, handshake, trusted_attestation, within,
 };
 #[cfg(feature = "channel")]
 pub use self::upstream::{

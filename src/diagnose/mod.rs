@@ -5,9 +5,8 @@ mod report;
 
 use std::path::Path;
 
-use crate::attestation::Attested;
 use crate::config::{IdentityPolicy, Mode, Settings};
-use crate::connect::{Proof, connect_checked, handshake, within};
+use crate::connect::{Proof, connect_checked, handshake, trusted_attestation, within};
 use crate::http2::ConnectionEnd;
 use crate::lifecycle::auto_start_status_of;
 use crate::paths::{DaemonPaths, FileIdentity};
@@ -74,12 +73,7 @@ async fn run_checks(dir: &Path, settings: &Settings) -> Report {
         return checks.finish();
     };
     checks.start();
-    let attestation = (!settings.require_health_check)
-        .then(|| {
-            let attestation = paths.attestation();
-            Attested::read(&attestation, target.pid, &target.socket_path, &paths.lock)
-        })
-        .flatten();
+    let attestation = trusted_attestation(&paths, target.pid, settings);
     let shaken = within(deadline, async {
         let end = ConnectionEnd::ignored();
         let shaken = handshake(stream, target.pid, attestation.as_ref(), dir, settings, end);

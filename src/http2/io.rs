@@ -134,8 +134,11 @@ impl Cork {
         Arc::new(Self(AtomicBool::new(held)))
     }
 
+    /// Releases it; a read, and no write, once it is released (every call asks).
     pub(crate) fn release(&self) {
-        self.0.store(false, Ordering::Release);
+        if self.held() {
+            self.0.store(false, Ordering::Release);
+        }
     }
 
     fn held(&self) -> bool {

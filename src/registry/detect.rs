@@ -15,7 +15,7 @@ use super::entry::{Entry, Outcome, RunEnd};
 use super::ids::{ConnectionId, Run};
 use super::runtimes;
 use crate::config::{AutoStart, Mode};
-use crate::connect::{AttestationFiles, establish, within};
+use crate::connect::{establish, within};
 use crate::http2::ConnectionEnd;
 use crate::lifecycle::{SpawnOutcome, StopOutcome, maybe_spawn, stop_own_stalled, stop_with};
 use crate::lockfile::{lock_held, record_names};
@@ -211,13 +211,8 @@ impl Entry {
         let id = self.ids.connection();
         let end = self.connection_end(id, runtime);
         let pid = target.pid;
-        let attestation = self.paths.attestation();
-        let files = AttestationFiles {
-            attestation: &attestation,
-            lock: &self.paths.lock,
-        };
-        let files = (!self.settings.require_health_check).then_some(files);
-        match establish(target, files, &self.dir, &self.settings, end).await {
+        let paths = Some(&self.paths);
+        match establish(target, paths, &self.dir, &self.settings, end).await {
             Ok(connection) => Ok((id, connection)),
             // A copy of another directory's files, whose daemon holds no lock here: a miss.
             Err(FallbackReason::ConnectionRefused)
